@@ -1,0 +1,8 @@
+"""shardlm: an LLM inference engine for Llama-family models."""
+
+from shardlm.engine.llm import LLM
+from shardlm.engine.outputs import CompletionOutput, RequestOutput
+from shardlm.engine.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]

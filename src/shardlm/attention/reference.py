@@ -1,0 +1,74 @@
+"""Plain-PyTorch attention: the reference every faster path is tested against.
+
+``partial_attention`` attends a block of queries to *some* of the keys (a shard) and returns,
+besides the normalised output, lse = log Σ_j exp(s_j) over the keys it saw (s = q·kᵀ·scale,
+masked entries -inf). Two shards A and B of the same query merge exactly:
+
+    lse   = log(exp(lse_A) + exp(lse_B))
+    out   = exp(lse_A − lse) · out_A + exp(lse_B − lse) · out_B
+
+because out_X = Σ_{j∈X} exp(s_j − lse_X) v_j, so exp(lse_X − lse) · out_X re-weights X's
+softmax to the softmax over A ∪ B. A shard that sees no key has lse = −inf and weight 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visibility_mask(
+    q_positions: torch.Tensor,
+    kv_positions: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Bool [Tq, Tk]: query at position p sees key at position j iff j ≤ p (and j > p − window)."""
+    q = q_positions[:, None]
+    k = kv_positions[None, :]
+    visible = k <= q
+    if sliding_window is not None:
+        visible &= k > q - sliding_window
+    return visible
+
+
+def partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    visible: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [Tq, Hq, D] over k, v [Tk, Hkv, D] (Hq a multiple of Hkv: GQA/MQA).
+
+    Returns out [Tq, Hq, D] in q's dtype and lse [Tq, Hq] in float32. Rows with no visible
+    key get out = 0 and lse = −inf. Math in float32.
+    """
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    group = hq // hkv
+    # [Hkv, group·Tq, D] so each KV head multiplies with the query heads that share it.
+    qg = q.float().reshape(tq, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * tq, d)
+    scores = torch.bmm(qg, k.float().permute(1, 2, 0)) * scale  # [Hkv, group·Tq, Tk]
+    scores = scores.view(hkv, group, tq, tk)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hkv, group, Tq]
+    # exp(s − lse) is the softmax; rows with lse = −inf would give NaN, so zero them instead.
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse.unsqueeze(-1))
+    out = torch.bmm(probs.view(hkv, group * tq, tk), v.float().permute(1, 0, 2))
+    out = out.view(hkv, group, tq, d).permute(2, 0, 1, 3).reshape(tq, hq, d)
+    lse = lse.permute(2, 0, 1).reshape(tq, hq)
+    return out.to(q.dtype), lse
+
+
+def merge_partials(
+    outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor | list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of S partial attentions: outs [S, Tq, H, D], lses [S, Tq, H] → (out, lse)."""
+    outs = torch.stack(list(outs)) if isinstance(outs, list) else outs
+    lses = torch.stack(list(lses)) if isinstance(lses, list) else lses
+    lse = torch.logsumexp(lses, dim=0)  # −inf where every shard saw nothing
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(lses - safe_lse.unsqueeze(0))  # exp(−inf) = 0 for empty shards
+    out = (weights.unsqueeze(-1) * outs.float()).sum(dim=0)
+    return out.to(outs.dtype), lse

@@ -1,0 +1,203 @@
+"""Model configuration read from a Hugging Face ``config.json``.
+
+One dataclass covers Llama, Mistral and Qwen2: they differ only in flags (QKV bias, sliding
+window, tied embeddings), so the model code stays a single implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardlm.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, normalised from either HF spelling.
+
+    transformers < 5 writes ``rope_theta`` + ``rope_scaling``; transformers >= 5 writes a single
+    ``rope_parameters`` dict. Checkpoints in the wild use both.
+    """
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # Per-layer sliding-window size (None = full attention).
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        """Parameter count, for sizing reports and benchmarks."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        per_layer = attn + 3 * h * i + 2 * h
+        heads = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + heads + h
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"no config.json in {path} (expected a Hugging Face checkpoint directory)")
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_file} is not valid JSON: {e}") from None
+        generation = {}
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                generation = json.loads(gen_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{gen_file} is not valid JSON: {e}") from None
+        return cls.from_dict(raw, generation, source=str(config_file))
+
+    @classmethod
+    def from_dict(
+        cls, raw: dict[str, Any], generation: dict[str, Any] | None = None, source: str = "config"
+    ) -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: architecture {arch!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in raw or raw[key] is None:
+                raise ConfigError(f"{source}: missing required field {key!r}")
+            return raw[key]
+
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported; supported: 'silu'")
+
+        hidden = int(need("hidden_size"))
+        n_heads = int(need("num_attention_heads"))
+        n_kv = int(raw.get("num_key_value_heads") or n_heads)
+        head_dim = raw.get("head_dim") or hidden // n_heads
+        if n_heads % n_kv != 0:
+            raise ConfigError(
+                f"{source}: num_attention_heads={n_heads} is not a multiple of "
+                f"num_key_value_heads={n_kv}"
+            )
+        n_layers = int(need("num_hidden_layers"))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+
+        generation = generation or {}
+        eos = generation.get("eos_token_id", raw.get("eos_token_id"))
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+        bos = generation.get("bos_token_id", raw.get("bos_token_id"))
+
+        return cls(
+            architecture=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            rope=_parse_rope(raw, source),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=True if is_qwen2 else bool(raw.get("attention_bias", False)),
+            o_bias=False if is_qwen2 else bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            sliding_windows=_parse_sliding_windows(raw, n_layers, is_qwen2),
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_ids=eos_ids,
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            raw=raw,
+        )
+
+
+def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: rope type {rope_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    factor = float(params.get("factor", 1.0))
+    if rope_type != "default" and not (factor > 0 and math.isfinite(factor)):
+        raise ConfigError(f"{source}: rope scaling factor must be > 0, got {factor}")
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=factor,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))
+        ),
+    )
+
+
+def _parse_sliding_windows(
+    raw: dict[str, Any], n_layers: int, is_qwen2: bool
+) -> tuple[int | None, ...]:
+    """Which layers attend through a sliding window, and how wide it is.
+
+    Mistral: ``sliding_window`` applies to every layer. Qwen2: only when ``use_sliding_window``
+    is set, to the layers from ``max_window_layers`` on (or as ``layer_types`` says).
+    """
+    window = raw.get("sliding_window")
+    if not window:
+        return (None,) * n_layers
+    layer_types = raw.get("layer_types")
+    if layer_types and len(layer_types) == n_layers:
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if is_qwen2:
+        if not raw.get("use_sliding_window", False):
+            return (None,) * n_layers
+        first = int(raw.get("max_window_layers", n_layers))
+        return tuple(int(window) if i >= first else None for i in range(n_layers))
+    return (int(window),) * n_layers

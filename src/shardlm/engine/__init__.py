@@ -1,0 +1,1 @@
+"""Request handling: sampling parameters, the model runner, the LLM API."""

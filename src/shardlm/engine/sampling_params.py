@@ -1,0 +1,67 @@
+"""Per-request generation settings, validated up front (shaped like vLLM's SamplingParams)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    temperature 0 means greedy. ``top_k`` 0 or -1 disables top-k; ``top_p`` 1 and ``min_p`` 0
+    disable theirs. ``seed`` makes a request's sampling reproducible on its own; without it
+    the LLM's seeded generator is used. ``max_tokens`` None means "until the context is full".
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check_number("temperature", self.temperature, "a number ≥ 0", lambda v: v >= 0)
+        _check_number("top_p", self.top_p, "a number in (0, 1]", lambda v: 0 < v <= 1)
+        _check_number("min_p", self.min_p, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_int("top_k", self.top_k, "an integer ≥ 1, or 0 / -1 to disable", lambda v: v >= -1)
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is not None:
+            _check_int("seed", self.seed, "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, "an integer ≥ 1", lambda v: v >= 1)
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(
+                f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}"
+            )
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, "a list of integers ≥ 0", lambda v: v >= 0)
+        self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _check_number(name: str, value: object, allowed: str, ok) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: object, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")

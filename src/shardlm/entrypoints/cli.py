@@ -1,0 +1,113 @@
+"""The ``shardlm`` command. ``shardlm generate`` streams a completion to stdout.
+
+Errors caused by the input (bad checkpoint, bad flag values) print one line and exit 2;
+set SHARDLM_DEBUG=1 to see the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from shardlm.errors import ShardlmError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardlm", description="LLM inference for Llama-family checkpoints."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream a completion of one prompt to stdout")
+    gen.add_argument(
+        "--model",
+        help="Hugging Face checkpoint directory (default: the built-in demo model, random weights)",
+    )
+    gen.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shardlm import LLM, SamplingParams
+    from shardlm.demo import DEMO_NOTICE, demo_checkpoint
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos,
+    )
+    model = args.model
+    if model is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+        model = demo_checkpoint()
+    with LLM(
+        model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
+    ) as llm:
+        prompt_tokens = len(llm.encode_prompt(args.prompt))
+        start = time.perf_counter()
+        first = None
+        generated = 0
+        reason = None
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        for event in llm.stream(args.prompt, params):
+            if first is None:
+                first = time.perf_counter()
+            generated += 1
+            reason = event.finish_reason
+            if event.text_delta:
+                sys.stdout.write(event.text_delta)
+                sys.stdout.flush()
+        end = time.perf_counter()
+        sys.stdout.write("\n")
+        decode_rate = (generated - 1) / (end - first) if first and generated > 1 else 0.0
+        print(
+            f"[shardlm] prompt tokens: {prompt_tokens}, generated tokens: {generated} "
+            f"(finish: {reason}), time to first token: {(first or end) - start:.3f}s, "
+            f"decode: {decode_rate:.1f} tokens/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ShardlmError, ValueError) as e:
+        if os.environ.get("SHARDLM_DEBUG"):
+            raise
+        print(f"shardlm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Errors users see. Each carries a one-line message naming what was wrong and what is allowed.
+
+The CLI prints ``str(error)`` for these and exits non-zero without a traceback; anything else
+is a bug in shardlm and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ShardlmError(ValueError):
+    """Base for errors caused by the user's input (checkpoint, config, arguments)."""
+
+
+class ConfigError(ShardlmError):
+    """config.json describes a model shardlm cannot run, or is malformed."""
+
+
+class CheckpointError(ShardlmError):
+    """The weights on disk do not match what the config promises."""

@@ -1,0 +1,1 @@
+"""Pure math of a Llama layer: norms, rotary embeddings, activations, linears."""

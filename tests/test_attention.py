@@ -1,0 +1,102 @@
+"""The attention primitive: partial attention (out, lse), exact merges, the SDPA fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardlm.attention import merge_partials, partial_attention, visibility_mask
+from shardlm.attention.contiguous import ContiguousAttention
+from shardlm.cache.contiguous import ContiguousKVCache
+
+
+def naive(q, k, v, scale, visible):
+    """Textbook softmax attention, one head at a time, for comparison."""
+    tq, hq, d = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(tq, hq, d, dtype=torch.float64)
+    for h in range(hq):
+        s = (q[:, h].double() @ k[:, h // group].double().T) * scale
+        s = s.masked_fill(~visible, float("-inf"))
+        out[:, h] = torch.softmax(s, -1) @ v[:, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
+def test_partial_attention_matches_naive_softmax(hq, hkv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, hq, 8, generator=g)
+    k = torch.randn(9, hkv, 8, generator=g)
+    v = torch.randn(9, hkv, 8, generator=g)
+    visible = visibility_mask(torch.arange(4, 9), torch.arange(9))
+    out, lse = partial_attention(q, k, v, 0.3, visible)
+    torch.testing.assert_close(out.double(), naive(q, k, v, 0.3, visible), rtol=1e-5, atol=1e-5)
+    assert lse.shape == (5, hq)
+
+
+def test_merge_of_token_shards_is_exact_including_empty_shards():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 16, generator=g)
+    k = torch.randn(20, 2, 16, generator=g)
+    v = torch.randn(20, 2, 16, generator=g)
+    q_pos, kv_pos = torch.arange(17, 20), torch.arange(20)
+    whole, whole_lse = partial_attention(q, k, v, 0.25, visibility_mask(q_pos, kv_pos))
+    # R-shard the keys round-robin in chunks of 4 over 3 shards; a 4th shard holds keys no
+    # query may see (positions beyond every query), so its lse must be -inf.
+    outs, lses = [], []
+    for shard in range(3):
+        idx = torch.tensor([p for p in range(20) if (p // 4) % 3 == shard])
+        o, l = partial_attention(q, k[idx], v[idx], 0.25, visibility_mask(q_pos, kv_pos[idx]))
+        outs.append(o)
+        lses.append(l)
+    future = torch.tensor([50, 51])
+    o, l = partial_attention(q, k[:2], v[:2], 0.25, visibility_mask(q_pos, future))
+    assert torch.isinf(l).all() and (l < 0).all() and (o == 0).all()
+    outs.append(o)
+    lses.append(l)
+    out, lse = merge_partials(outs, lses)
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, whole_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_of_only_empty_shards_gives_zero_and_minus_inf():
+    outs = torch.zeros(2, 1, 2, 4)
+    lses = torch.full((2, 1, 2), float("-inf"))
+    out, lse = merge_partials(outs, lses)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("start,n", [(0, 6), (6, 1), (4, 3)])
+def test_contiguous_sdpa_path_matches_reference(window, start, n):
+    """The fast path (cache write + SDPA) against partial_attention over the same keys."""
+    g = torch.Generator().manual_seed(2)
+    hq, hkv, d = 4, 2, 8
+    cache = ContiguousKVCache(1, hkv, d, 16, torch.float32, "cpu")
+    attn = ContiguousAttention(cache, 0.35, (window,))
+    keys = torch.randn(start + n, hkv, d, generator=g)
+    vals = torch.randn(start + n, hkv, d, generator=g)
+    if start:
+        attn.begin_step(0, start)
+        attn.attend(0, torch.randn(start, hq, d, generator=g), keys[:start], vals[:start])
+    q = torch.randn(n, hq, d, generator=g)
+    attn.begin_step(start, n)
+    fast = attn.attend(0, q, keys[start:], vals[start:])
+    visible = visibility_mask(torch.arange(start, start + n), torch.arange(start + n), window)
+    ref, _ = partial_attention(q, keys, vals, 0.35, visible)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_visibility_mask_sliding_window():
+    m = visibility_mask(torch.tensor([5]), torch.arange(8), sliding_window=3)
+    assert m[0].tolist() == [False, False, False, True, True, True, False, False]
+
+
+def test_sdpa_agrees_with_reference_without_mask():
+    q, k, v = torch.randn(1, 2, 4), torch.randn(6, 2, 4), torch.randn(6, 2, 4)
+    ref, _ = partial_attention(q, k, v, 0.5, None)
+    fast = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=0.5
+    ).transpose(0, 1)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
