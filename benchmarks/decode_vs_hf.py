@@ -36,6 +36,18 @@ def make_checkpoint(path: str, args: argparse.Namespace) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def read_bandwidth() -> float:
+    """Bytes/s of streaming a 512 MiB tensor (a sum): what a decode step's weight reads can hope
+    for on this machine."""
+    a = torch.ones(128 * 2**20)
+    for _ in range(2):
+        a.sum()
+    start = time.perf_counter()
+    for _ in range(5):
+        a.sum()
+    return a.nbytes * 5 / (time.perf_counter() - start)
+
+
 def time_it(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -65,7 +77,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as path:
         n_params = make_checkpoint(path, args)
-        prompt = torch.randint(0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+        prompt = torch.randint(
+            0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)
+        ).tolist()
         n = args.new_tokens
 
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -74,7 +88,7 @@ def main() -> None:
         def run_hf() -> list[int]:
             with torch.inference_mode():
                 out = hf.generate(hf_input, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return out[0, len(prompt):].tolist()
+            return out[0, len(prompt) :].tolist()
 
         llm = LLM(path, dtype="float32", device="cpu", skip_tokenizer_init=True)
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -87,12 +101,20 @@ def main() -> None:
         t_ours = time_it(run_ours, args.repeats)
 
     weight_bytes = n_params * 4
-    print(f"model: {n_params / 1e6:.1f}M parameters, float32 ({weight_bytes / 2**20:.0f} MiB); "
-          f"prompt {args.prompt_tokens} tokens, {n} new tokens, batch 1, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'engine':<14}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'transformers':<14}{t_hf:>10.3f}{n / t_hf:>12.1f}")
-    print(f"{'shardlm':<14}{t_ours:>10.3f}{n / t_ours:>12.1f}")
+    bandwidth = read_bandwidth()
+    roofline = bandwidth / weight_bytes
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters, float32 ({weight_bytes / 2**20:.0f} MiB); "
+        f"prompt {args.prompt_tokens} tokens, {n} new tokens, batch 1, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    print(
+        f"roofline: {bandwidth / 1e9:.1f} GB/s read bandwidth / weight bytes = "
+        f"{roofline:.0f} tokens/s"
+    )
+    print(f"{'engine':<14}{'seconds':>10}{'tokens/s':>12}{'% roofline':>12}")
+    for name, t in (("transformers", t_hf), ("shardlm", t_ours)):
+        print(f"{name:<14}{t:>10.3f}{n / t:>12.1f}{100 * n / t / roofline:>11.0f}%")
     print(f"ratio shardlm / transformers: {t_hf / t_ours:.2f}x   (greedy tokens identical: {same})")
 
 

@@ -42,7 +42,9 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def llms(checkpoints):
-    loaded = {name: LLM(path, dtype="float32", device="cpu") for name, (path, _) in checkpoints.items()}
+    loaded = {
+        name: LLM(path, dtype="float32", device="cpu") for name, (path, _) in checkpoints.items()
+    }
     yield loaded
     for llm in loaded.values():
         llm.shutdown()
@@ -80,7 +82,9 @@ def test_text_prompt_uses_tokenizer_and_matches(checkpoints, llms):
     path, hf = checkpoints["llama-gqa"]
     tok = AutoTokenizer.from_pretrained(path)
     text = "def fib(n): 🙂 héllo"
-    out = llms["llama-gqa"].generate(text, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0]
+    out = llms["llama-gqa"].generate(
+        text, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    )[0]
     assert out.prompt == text
     assert out.prompt_token_ids == tok(text)["input_ids"]
     expected = hf_greedy(hf, out.prompt_token_ids, 16)
@@ -124,7 +128,9 @@ def test_sharded_index_checkpoint_loads_identically(tmp_path, llms, checkpoints)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)]
+)
 def test_half_precision_dtypes_load_and_stay_close(dtype, torch_dtype, llama_ckpt, llms):
     path, _ = llama_ckpt
     ids = prompts(258)[0]

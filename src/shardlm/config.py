@@ -79,7 +79,9 @@ class ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ConfigError(f"no config.json in {path} (expected a Hugging Face checkpoint directory)")
+            raise ConfigError(
+                f"no config.json in {path} (expected a Hugging Face checkpoint directory)"
+            )
         try:
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:

@@ -89,7 +89,7 @@ def load_weights(model: LlamaForCausalLM, path: str | Path, dtype: torch.dtype) 
     total_bytes = sum(params[s.param].nbytes for s in specs)
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(f, framework="pt", device="cpu")) for f in files]
-        where = {name: (f, h) for f, h in zip(files, handles, strict=True) for name in h.keys()}
+        where = {name: (f, h) for f, h in zip(files, handles, strict=True) for name in h.keys()}  # noqa: SIM118 (safe_open is no dict)
         bar = tqdm(
             total=total_bytes,
             unit="B",

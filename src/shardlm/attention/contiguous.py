@@ -49,9 +49,7 @@ class ContiguousAttention:
             else:
                 self._masks[window] = None
 
-    def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k, v [T, Hkv, D] into the cache; attend q [T, Hq, D]; → [T, Hq, D]."""
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_cache[:, self.start : self.end] = k.transpose(0, 1)

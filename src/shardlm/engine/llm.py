@@ -7,7 +7,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -23,7 +22,7 @@ from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 # A prompt is text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": ...}.
-Prompt = Union[str, Sequence[int], dict]
+Prompt = str | Sequence[int] | dict
 
 
 @dataclass
@@ -58,7 +57,9 @@ class LLM:
     ) -> None:
         path = Path(model)
         if not path.is_dir():
-            raise ShardlmError(f"model {str(model)!r} is not a directory (expected a checkpoint dir)")
+            raise ShardlmError(
+                f"model {str(model)!r} is not a directory (expected a checkpoint dir)"
+            )
         self.model_path = path
         self.config = ModelConfig.from_pretrained(path)
         self.device = _resolve_device(device)
@@ -66,15 +67,19 @@ class LLM:
         limit = self.config.max_position_embeddings
         if max_model_len is None:
             max_model_len = limit
-        elif isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not (
-            1 <= max_model_len <= limit
+        elif (
+            isinstance(max_model_len, bool)
+            or not isinstance(max_model_len, int)
+            or not (1 <= max_model_len <= limit)
         ):
             raise ValueError(
                 f"max_model_len must be an integer in [1, {limit}] "
                 f"(max_position_embeddings), got {max_model_len!r}"
             )
         self.max_model_len = max_model_len
-        self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or path)
+        self.tokenizer = (
+            None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or path)
+        )
         self.eos_token_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -133,7 +138,7 @@ class LLM:
         return results
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
-        """Yield each token as it is generated, with its text delta; the last has a finish_reason."""
+        """Yield each token as it is generated with its text delta; the last has finish_reason."""
         _, ids = self._encode(prompt)
         return self._stream_ids(ids, params or SamplingParams())
 
@@ -218,7 +223,8 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     for p in prompts:
         if not isinstance(p, (str, dict, list, tuple)):
             raise ValueError(
-                f"each prompt must be a string, a list of token ids or a dict, got {type(p).__name__}"
+                "each prompt must be a string, a list of token ids or a dict, "
+                f"got {type(p).__name__}"
             )
     return prompts
 

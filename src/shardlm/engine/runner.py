@@ -52,7 +52,12 @@ class ModelRunner:
     def _attention(self, capacity: int) -> ContiguousAttention:
         c = self.config
         cache = ContiguousKVCache(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, self.dtype, self.device
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+            self.dtype,
+            self.device,
         )
         return ContiguousAttention(cache, self.scale, c.sliding_windows)
 
@@ -88,9 +93,7 @@ class ModelRunner:
                 return
             pos = n + step
             attn.begin_step(pos, 1)
-            hidden = self.model(
-                token.view(1), torch.tensor([pos], device=self.device), attn
-            )
+            hidden = self.model(token.view(1), torch.tensor([pos], device=self.device), attn)
             token = pick(self.model.compute_logits(hidden)[0])
 
 

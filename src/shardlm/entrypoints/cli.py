@@ -61,9 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if model is None:
         print(DEMO_NOTICE, file=sys.stderr)
         model = demo_checkpoint()
-    with LLM(
-        model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
-    ) as llm:
+    with LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len) as llm:
         prompt_tokens = len(llm.encode_prompt(args.prompt))
         start = time.perf_counter()
         first = None

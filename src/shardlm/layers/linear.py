@@ -1,9 +1,18 @@
 """Linear layers whose weights are filled by the loader.
 
-The weight is stored transposed, as ``weight_t`` [in_features, out_features], so the forward
-is ``x @ weight_t``. For decode (one row of x), CPU BLAS streams that layout at about 1.5x
-the bandwidth of x @ Wᵀ with W [out, in] (measured: 16 vs 11 GB/s on the dev machine, see
-docs/benchmarks.md); on GPUs both layouts are equally fast.
+Layout: the weight is stored transposed, as ``weight_t`` [in_features, out_features], and the
+forward is ``x @ weight_t``. For decode (one row of x), CPU BLAS streams that layout at about
+twice the bandwidth of x @ Wᵀ with W [out, in]; on GPUs both layouts are equally fast.
+
+Split-K on CPU: BLAS runs a single-row product (GEMV) on one core, which cannot saturate the
+memory bus. Viewing the weight as ``splits`` row blocks [S, in/S, out] (a free view of the
+same memory) turns it into a batched GEMM over S cores, each reading 1/S of the weight:
+
+    x W = Σ_s x[:, s-th block of in] · W[s-th block of rows]
+
+and the S partial products are summed. Measured on the 2-core dev machine: 23 → 33 GB/s on
+a 512×32000 head, 11 → 20 GB/s on 1536×512 (docs/benchmarks.md). The sum reorders float
+additions, so results differ from the plain product by rounding only.
 
 Weights are created uninitialised (``torch.empty``): the loader overwrites every element, and
 random initialisation of a multi-GB model would cost seconds for nothing.
@@ -13,6 +22,27 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def split_k_matmul(x: torch.Tensor, weight_t: torch.Tensor, splits: int) -> torch.Tensor:
+    """x [T, in] @ weight_t [in, out], computed as ``splits`` partial products summed."""
+    t, k = x.shape
+    out = weight_t.shape[1]
+    parts = torch.bmm(
+        x.reshape(t, splits, k // splits).transpose(0, 1),
+        weight_t.view(splits, k // splits, out),
+    )
+    return parts.sum(0)
+
+
+def choose_splits(in_features: int, device: torch.device) -> int:
+    """How many row blocks to split a weight into: one per CPU thread, 1 on accelerators."""
+    if device.type != "cpu":
+        return 1
+    splits = max(1, torch.get_num_threads())
+    while in_features % splits:
+        splits -= 1
+    return splits
 
 
 class Linear(nn.Module):
@@ -25,8 +55,12 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.splits = choose_splits(in_features, self.weight_t.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.splits > 1:
+            y = split_k_matmul(x, self.weight_t, self.splits)
+            return y if self.bias is None else y + self.bias
         if self.bias is None:
             return x @ self.weight_t
         return torch.addmm(self.bias, x, self.weight_t)
