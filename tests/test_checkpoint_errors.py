@@ -110,3 +110,14 @@ def test_old_style_rope_scaling_is_read(ckpt_copy):
     config["rope_scaling"] = {"type": "linear", "factor": 2.0}
     cfg = ModelConfig.from_dict(config)
     assert (cfg.rope.theta, cfg.rope.rope_type, cfg.rope.factor) == (500000.0, "linear", 2.0)
+
+
+def test_progress_bar_shows_for_large_checkpoints(llama_ckpt, monkeypatch, capsys):
+    import shardlm.loader as loader
+
+    path, _ = llama_ckpt
+    LLM(path, device="cpu")
+    assert "Loading weights" not in capsys.readouterr().err  # small: no bar
+    monkeypatch.setattr(loader, "PROGRESS_MIN_BYTES", 0)
+    LLM(path, device="cpu")
+    assert "Loading weights" in capsys.readouterr().err
