@@ -147,4 +147,4 @@ def test_half_precision_dtypes_load_and_stay_close(dtype, torch_dtype, llama_ckp
 def test_auto_dtype_is_float32_on_cpu(llama_ckpt):
     path, _ = llama_ckpt
     with LLM(path, device="cpu") as llm:
-        assert llm.dtype == torch.float32
+        assert llm.engine.dtype == torch.float32

@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
-from shardlm.config import ModelConfig
+from shardlm.engine.llm_engine import LLMEngine, Prompt
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
-from shardlm.engine.runner import ModelRunner
-from shardlm.engine.sampler import sample_token
 from shardlm.engine.sampling_params import SamplingParams
-from shardlm.errors import ShardlmError
-from shardlm.loader import resolve_dtype
-from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
-
-logger = logging.getLogger(__name__)
-
-# A prompt is text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": ...}.
-Prompt = str | Sequence[int] | dict
 
 
 @dataclass
 class StreamEvent:
-    """One generated token as it is produced (what ``LLM.stream`` yields)."""
+    """New output of one request as it is produced (what ``LLM.stream`` yields)."""
 
-    token_id: int
+    token_ids: list[int]
     text_delta: str
     finish_reason: str | None
-    stop_reason: int | None = None
+    stop_reason: int | str | None = None
 
 
 class LLM:
@@ -40,52 +28,28 @@ class LLM:
 
     ``dtype``: auto | float32 | bfloat16 | float16 (auto = the checkpoint's dtype on GPU,
     float32 on CPU). ``device``: auto (CUDA if available) | cpu | cuda[:N].
-    ``max_model_len``: the longest sequence (prompt + output) allowed; defaults to the
-    model's max_position_embeddings. ``seed`` seeds sampling of requests without a seed.
+    ``max_model_len``: the longest sequence (prompt + output); default max_position_embeddings.
+    ``seed`` seeds sampling of requests without a seed. Engine options: ``kv_cache_tokens``
+    (exact pool size) or ``memory_utilization`` (fraction of free memory, default 0.9 on GPU,
+    0.3 on CPU), ``block_size`` (16), ``max_num_batched_tokens`` (2048 per step),
+    ``max_num_seqs`` (256 running at once), ``enable_prefix_caching`` (True).
     """
 
-    def __init__(
-        self,
-        model: str | Path,
-        *,
-        tokenizer: str | Path | None = None,
-        dtype: str | torch.dtype = "auto",
-        device: str = "auto",
-        seed: int = 0,
-        max_model_len: int | None = None,
-        skip_tokenizer_init: bool = False,
-    ) -> None:
-        path = Path(model)
-        if not path.is_dir():
-            raise ShardlmError(
-                f"model {str(model)!r} is not a directory (expected a checkpoint dir)"
-            )
-        self.model_path = path
-        self.config = ModelConfig.from_pretrained(path)
-        self.device = _resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.config.torch_dtype, self.device)
-        limit = self.config.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = limit
-        elif (
-            isinstance(max_model_len, bool)
-            or not isinstance(max_model_len, int)
-            or not (1 <= max_model_len <= limit)
-        ):
-            raise ValueError(
-                f"max_model_len must be an integer in [1, {limit}] "
-                f"(max_position_embeddings), got {max_model_len!r}"
-            )
-        self.max_model_len = max_model_len
-        self.tokenizer = (
-            None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or path)
-        )
-        self.eos_token_ids = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.runner = ModelRunner(path, self.config, self.dtype, self.device, max_model_len)
-        self._generator = torch.Generator(self.device).manual_seed(seed)
+    def __init__(self, model: str, **engine_args) -> None:
+        self.engine = LLMEngine(model, **engine_args)
         self._request_ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def runner(self):
+        return self.engine.runner
 
     # -- lifecycle (no workers yet: these exist so user code is ready for them) --
     def shutdown(self) -> None:
@@ -102,13 +66,12 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for each prompt; outputs come back in prompt order."""
+        """Generate for every prompt, batched continuously; outputs in prompt order."""
         prompt_list = _as_prompt_list(prompts)
-        if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompt_list)
-        elif isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompt_list)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
@@ -116,102 +79,70 @@ class LLM:
                     f"sampling_params has {len(params_list)} entries but there are "
                     f"{len(prompt_list)} prompts; pass one, or one per prompt"
                 )
-        # Validate every prompt before generating anything, so bad input fails fast.
-        encoded = [self._encode(p) for p in prompt_list]
-        results = []
-        for (text, ids), params in zip(encoded, params_list, strict=True):
-            completion = CompletionOutput(index=0, text="", token_ids=[])
-            for event in self._stream_ids(ids, params):
-                completion.token_ids.append(event.token_id)
-                completion.text += event.text_delta
-                completion.finish_reason = event.finish_reason
-                completion.stop_reason = event.stop_reason
-            results.append(
-                RequestOutput(
-                    request_id=str(next(self._request_ids)),
-                    prompt=text,
-                    prompt_token_ids=ids,
-                    outputs=[completion],
-                    finished=True,
-                )
-            )
-        return results
+        # Validate every prompt before queueing any, so bad input fails without side effects.
+        for p in prompt_list:
+            self.engine.encode_prompt(p)
+        ids = [f"gen-{next(self._request_ids)}" for _ in prompt_list]
+        results: dict[str, RequestOutput] = {}
+        try:
+            for rid, prompt, params in zip(ids, prompt_list, params_list, strict=True):
+                self.engine.add_request(rid, prompt, params)
+            bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 8)
+            with bar:
+                while self.engine.has_unfinished_requests():
+                    for delta in self.engine.step():
+                        _accumulate(results, delta)
+                        if delta.finished:
+                            bar.update(1)
+        finally:
+            for rid in ids:  # on error (or Ctrl-C), leave nothing running
+                if rid in self.engine.requests:
+                    self.engine.abort(rid)
+        return [results[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
-        """Yield each token as it is generated with its text delta; the last has finish_reason."""
-        _, ids = self._encode(prompt)
-        return self._stream_ids(ids, params or SamplingParams())
+        """Yield one request's new tokens and text as they are produced (n must be 1)."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"stream supports n=1 only, got n={params.n}")
+        rid = f"stream-{next(self._request_ids)}"
+        self.engine.add_request(rid, prompt, params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    c = out.outputs[0]
+                    yield StreamEvent(c.token_ids, c.text, c.finish_reason, c.stop_reason)
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort(rid)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        return self._encode(prompt)[1]
+        return self.engine.encode_prompt(prompt)[1]
 
-    # -- internals --
-    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a dict prompt needs a 'prompt' or 'prompt_token_ids' key")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was set)")
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, list(prompt)
-            vocab = self.config.vocab_size
-            for t in ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise ValueError(
-                        f"prompt token id {t!r} is outside the vocabulary [0, {vocab})"
-                    )
-        if not ids:
-            raise ValueError("prompt is empty (it must have at least one token)")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which must leave room for at least one generated token"
-            )
-        return text, ids
 
-    def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
-        room = self.max_model_len - len(ids)
-        budget = room if params.max_tokens is None else min(params.max_tokens, room)
-        generator = (
-            self._generator
-            if params.seed is None
-            else torch.Generator(self.device).manual_seed(params.seed)
+def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
+    """Fold a step's delta output into the cumulative output of its request."""
+    out = results.get(delta.request_id)
+    if out is None:
+        out = results[delta.request_id] = RequestOutput(
+            delta.request_id, delta.prompt, delta.prompt_token_ids
         )
-        detok = (
-            IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            if self.tokenizer is not None
-            else None
-        )
-        stop_ids = set(params.stop_token_ids)
-        eos_ids = set() if params.ignore_eos else self.eos_token_ids
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            return sample_token(logits, params, generator)
-
-        for count, token in enumerate(self.runner.generate(ids, budget, pick), start=1):
-            finish, stop_reason = None, None
-            if token in stop_ids:
-                finish, stop_reason = "stop", token
-            elif token in eos_ids:
-                finish = "stop"
-            elif count == budget:
-                finish = "length"
-            delta = ""
-            if detok is not None:
-                # EOS and stop tokens end the text; they are not part of it.
-                if finish != "stop":
-                    delta = detok.add(token)
-                if finish is not None:
-                    delta += detok.flush()
-            yield StreamEvent(token, delta, finish, stop_reason)
-            if finish is not None:
-                return
+    by_index = {c.index: c for c in out.outputs}
+    for d in delta.outputs:
+        c = by_index.get(d.index)
+        if c is None:
+            c = CompletionOutput(d.index, "", [], logprobs=[] if d.logprobs is not None else None)
+            out.outputs.append(c)
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            c.logprobs.extend(d.logprobs)
+        c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+    out.outputs.sort(key=lambda c: c.index)
+    out.finished = delta.finished
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -220,24 +151,4 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     prompts = list(prompts)
     if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
         return [prompts]  # one prompt given as token ids
-    for p in prompts:
-        if not isinstance(p, (str, dict, list, tuple)):
-            raise ValueError(
-                "each prompt must be a string, a list of token ids or a dict, "
-                f"got {type(p).__name__}"
-            )
     return prompts
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return dev

@@ -1,8 +1,15 @@
-"""What generation returns (shaped like vLLM's RequestOutput / CompletionOutput)."""
+"""What generation returns (shaped like vLLM's RequestOutput / CompletionOutput).
+
+``LLM.generate`` returns cumulative outputs (all tokens, all text). ``LLMEngine.step`` returns
+deltas: each CompletionOutput then holds only the tokens and text produced since the last
+output for that sequence.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from shardlm.engine.sampler import Logprob
 
 
 @dataclass
@@ -10,10 +17,13 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    # "stop" (EOS or a stop token), "length" (max_tokens or the context limit), or None.
+    # "stop" (EOS, a stop token or a stop string), "length" (max_tokens, the context limit,
+    # or a KV pool smaller than the sequence), "abort", or None while running.
     finish_reason: str | None = None
-    # The stop token id that ended generation, None for EOS or length.
-    stop_reason: int | None = None
+    # The stop token id or stop string that ended generation; None for EOS or length.
+    stop_reason: int | str | None = None
+    # Per generated token when SamplingParams.logprobs is set: token id → Logprob.
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass

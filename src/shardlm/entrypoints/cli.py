@@ -72,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for event in llm.stream(args.prompt, params):
             if first is None:
                 first = time.perf_counter()
-            generated += 1
+            generated += len(event.token_ids)
             reason = event.finish_reason
             if event.text_delta:
                 sys.stdout.write(event.text_delta)

@@ -1,0 +1,146 @@
+"""Attention over the paged KV pool, in plain PyTorch.
+
+Two entry points:
+
+* ``paged_partial_attention`` — the reference primitive on a paged cache: gathers one
+  sequence's keys through its block table and returns ``partial_attention``'s (out, lse).
+  Kernels and attention nodes are tested against it.
+* ``PagedAttention`` — the engine's backend for a step: writes the step's K/V through the slot
+  mapping, then attends all decode queries at once (keys gathered into a padded batch, one
+  SDPA call) and each prefill chunk on its own. Tested against the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shardlm.attention.reference import partial_attention, visibility_mask
+from shardlm.cache.paged import PagedKVCache
+
+
+def sequence_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Slots of positions [0, length) of a sequence, from its block table."""
+    pos = torch.arange(length, device=block_table.device)
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
+def paged_partial_attention(
+    q: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    block_size: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of queries q [Tq, Hq, D] at ``q_positions`` over one sequence's first
+    ``context_len`` cached tokens. k_pool / v_pool: one layer's pool [slots, Hkv, D]."""
+    slots = sequence_slots(block_table, context_len, block_size)
+    kv_pos = torch.arange(context_len, device=q.device)
+    visible = visibility_mask(q_positions, kv_pos, sliding_window)
+    return partial_attention(q, k_pool[slots], v_pool[slots], scale, visible)
+
+
+@dataclass
+class PrefillChunk:
+    """Tokens [start, end) of the flat batch: one sequence's chunk at positions
+    [context_len − (end − start), context_len)."""
+
+    start: int
+    end: int
+    context_len: int
+    slots: torch.Tensor  # [context_len] slots of the sequence's positions 0..context_len-1
+
+
+@dataclass
+class PagedStep:
+    """What one step's attention needs; built by the model runner."""
+
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    num_decodes: int  # the first num_decodes tokens are single-token decodes, one per sequence
+    decode_slots: torch.Tensor | None  # [B, Lmax] slots of each decode sequence's keys
+    decode_context_lens: torch.Tensor | None  # [B]
+    prefills: list[PrefillChunk]
+
+
+class PagedAttention:
+    """The attention backend for a batch of sequences over the paged pool."""
+
+    def __init__(
+        self, cache: PagedKVCache, scale: float, sliding_windows: tuple[int | None, ...]
+    ) -> None:
+        self.cache = cache
+        self.scale = scale
+        self.sliding_windows = sliding_windows
+        self.step: PagedStep | None = None
+        self._decode_masks: dict[int | None, torch.Tensor] = {}
+        self._prefill_masks: list[dict[int | None, torch.Tensor | None]] = []
+
+    def begin_step(self, step: PagedStep) -> None:
+        self.step = step
+        windows = set(self.sliding_windows)
+        self._decode_masks = {}
+        if step.num_decodes:
+            lens = step.decode_context_lens
+            lmax = step.decode_slots.shape[1]
+            j = torch.arange(lmax, device=lens.device)[None, :]
+            last = (lens - 1)[:, None]
+            for w in windows:
+                visible = j <= last
+                if w is not None:
+                    visible &= j > last - w
+                self._decode_masks[w] = visible[:, None, None, :]  # [B, 1, 1, Lmax]
+        self._prefill_masks = []
+        for chunk in step.prefills:
+            n = chunk.end - chunk.start
+            masks: dict[int | None, torch.Tensor | None] = {}
+            for w in windows:
+                if chunk.context_len == n and (w is None or n <= w):
+                    masks[w] = None  # whole prompt at once, no window cut: plain causal
+                else:
+                    device = chunk.slots.device
+                    q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=device)
+                    kv_pos = torch.arange(chunk.context_len, device=device)
+                    masks[w] = visibility_mask(q_pos, kv_pos, w)
+            self._prefill_masks.append(masks)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        step = self.step
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        k_pool.index_copy_(0, step.slot_mapping, k)
+        v_pool.index_copy_(0, step.slot_mapping, v)
+        window = self.sliding_windows[layer]
+        out = torch.empty_like(q)
+        b = step.num_decodes
+        if b:
+            keys = k_pool[step.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            vals = v_pool[step.decode_slots].transpose(1, 2)
+            out[:b] = F.scaled_dot_product_attention(
+                q[:b].unsqueeze(2),  # [B, Hq, 1, D]
+                keys,
+                vals,
+                attn_mask=self._decode_masks[window],
+                scale=self.scale,
+                enable_gqa=True,
+            ).squeeze(2)
+        for chunk, masks in zip(step.prefills, self._prefill_masks, strict=True):
+            mask = masks[window]
+            out[chunk.start : chunk.end] = (
+                F.scaled_dot_product_attention(
+                    q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0),
+                    k_pool[chunk.slots].transpose(0, 1).unsqueeze(0),
+                    v_pool[chunk.slots].transpose(0, 1).unsqueeze(0),
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )
+                .squeeze(0)
+                .transpose(0, 1)
+            )
+        return out

@@ -1,0 +1,384 @@
+"""The serving core: requests in, incremental outputs out, one scheduler step at a time.
+
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():      # deltas: new token ids and new text per sequence
+            ...
+    engine.abort("r2")                 # frees its KV blocks at once
+
+Each step: the scheduler picks decodes and prefill chunks within the token budget, the model
+runner executes them in one forward, the sampler picks the next tokens on device (the only
+host sync is reading those ids), and each sequence's stop rules and text are updated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shardlm.cache.block_manager import BlockManager
+from shardlm.cache.paged import PagedKVCache
+from shardlm.config import ModelConfig
+from shardlm.engine.outputs import CompletionOutput, RequestOutput
+from shardlm.engine.runner import ModelRunner
+from shardlm.engine.sampler import SamplingRow, sample
+from shardlm.engine.sampling_params import SamplingParams
+from shardlm.engine.scheduler import Scheduler
+from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
+from shardlm.errors import ShardlmError
+from shardlm.loader import resolve_dtype
+from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | tuple[int, ...] | dict
+
+DEFAULT_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.3}
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (for tests and /metrics)."""
+
+    preemptions: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_query_tokens: int
+    prefill_tokens: int
+    decode_tokens: int
+    blocks_in_use: int
+    num_blocks: int
+    num_running: int
+    num_waiting: int
+
+
+class LLMEngine:
+    """Owns the model runner, KV pool, scheduler and requests. Not thread-safe: one caller
+    drives ``step``; a server runs it in one background loop."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        tokenizer: str | Path | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        skip_tokenizer_init: bool = False,
+        kv_cache_tokens: int | None = None,
+        memory_utilization: float | None = None,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        path = Path(model)
+        if not path.is_dir():
+            raise ShardlmError(
+                f"model {str(model)!r} is not a directory (expected a checkpoint dir)"
+            )
+        _check_int("block_size", block_size, 1, 1024)
+        _check_int("max_num_batched_tokens", max_num_batched_tokens, 1, 2**20)
+        _check_int("max_num_seqs", max_num_seqs, 1, 2**16)
+        if kv_cache_tokens is not None:
+            _check_int("kv_cache_tokens", kv_cache_tokens, block_size, 2**40)
+        if memory_utilization is not None and not (
+            isinstance(memory_utilization, (int, float)) and 0 < memory_utilization <= 1
+        ):
+            raise ValueError(
+                f"memory_utilization must be a number in (0, 1], got {memory_utilization!r}"
+            )
+        self.model_path = path
+        self.config = ModelConfig.from_pretrained(path)
+        self.device = _resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.config.torch_dtype, self.device)
+        limit = self.config.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = limit
+        else:
+            _check_int("max_model_len", max_model_len, 1, limit, "(max_position_embeddings)")
+        self.max_model_len = max_model_len
+        self.tokenizer = (
+            None if skip_tokenizer_init else Tokenizer.from_pretrained(tokenizer or path)
+        )
+        self.eos_token_ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+
+        self.runner = ModelRunner(path, self.config, self.dtype, self.device, max_model_len)
+        num_blocks = self._pool_blocks(
+            kv_cache_tokens, memory_utilization, block_size, max_num_seqs
+        )
+        self.runner.init_kv_cache(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._prefill_tokens = 0
+        self._decode_tokens = 0
+        self._aborted_outputs: list[RequestOutput] = []
+
+    # -- KV pool sizing --
+    def _pool_blocks(
+        self,
+        kv_cache_tokens: int | None,
+        memory_utilization: float | None,
+        block_size: int,
+        max_num_seqs: int,
+    ) -> int:
+        c = self.config
+        per_token = PagedKVCache.bytes_per_token(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype
+        )
+        if kv_cache_tokens is not None:
+            tokens = kv_cache_tokens
+            how = "kv_cache_tokens"
+        else:
+            util = memory_utilization or DEFAULT_MEMORY_UTILIZATION[self.device.type]
+            budget = _memory_budget(self.device, util)
+            # More than every sequence at full length can never be used.
+            tokens = min(budget // per_token, max_num_seqs * self.max_model_len)
+            how = f"memory_utilization={util} of free memory"
+        num_blocks = max(1, tokens // block_size)
+        logger.info(
+            "KV cache: %d blocks × %d tokens = %d tokens, %.2f GiB (%s)",
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            num_blocks * block_size * per_token / 2**30,
+            how,
+        )
+        return num_blocks
+
+    # -- requests --
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
+    ) -> None:
+        """Queue a request. Raises ValueError (and queues nothing) if it can never run."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.encode_prompt(prompt)
+        pool_tokens = self.blocks.num_blocks * self.blocks.block_size
+        if len(ids) + 1 > pool_tokens:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the KV cache holds only {pool_tokens}; "
+                "raise kv_cache_tokens or memory_utilization"
+            )
+        request = Request(request_id, text, ids, params, next(self._arrivals))
+        for i in range(params.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request=request,
+                index=i,
+                token_ids=list(ids),
+                num_prompt_tokens=len(ids),
+                generator=self._generator_for(params.seed, i),
+                detokenizer=(
+                    IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                    if self.tokenizer is not None
+                    else None
+                ),
+            )
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. Its final output (finish_reason "abort")
+        comes from the next ``step``. False if no such unfinished request."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                finish_sequence(seq, "abort")
+        request.aborted = True
+        self._aborted_outputs.append(self._output(request, request.seqs))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._aborted_outputs)
+
+    def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """Validate a prompt and return (text or None, token ids)."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs a 'prompt' or 'prompt_token_ids' key")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was set)")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+            vocab = self.config.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(
+                        f"prompt token id {t!r} is outside the vocabulary [0, {vocab})"
+                    )
+        else:
+            raise ValueError(
+                "a prompt must be a string, a list of token ids or a dict, "
+                f"got {type(prompt).__name__}"
+            )
+        if not ids:
+            raise ValueError("prompt is empty (it must have at least one token)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        return text, ids
+
+    # -- the step --
+    def step(self) -> list[RequestOutput]:
+        """Advance every scheduled sequence by one step; return what changed (as deltas)."""
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        batch = self.scheduler.schedule()
+        touched: dict[str, list[Sequence]] = {}
+        for seq in batch.finished:  # could never fit: finished by the scheduler
+            touched.setdefault(seq.request.request_id, []).append(seq)
+        if batch:
+            self._prefill_tokens += sum(n for _, n in batch.prefills)
+            self._decode_tokens += len(batch.decodes)
+            seqs, logits = self.runner.execute(batch)
+            for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
+                seq.num_computed_tokens += n
+                self._register_full_blocks(seq)
+            if seqs:
+                rows = [
+                    SamplingRow(
+                        s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_ids
+                    )
+                    for s in seqs
+                ]
+                result = sample(logits, rows)
+                tokens = result.token_ids.tolist()  # the one host sync of the step
+                for seq, token, lps in zip(seqs, tokens, result.logprobs, strict=True):
+                    append_token(
+                        seq, token, lps, self.eos_token_ids, self.max_model_len, self.tokenizer
+                    )
+                    touched.setdefault(seq.request.request_id, []).append(seq)
+        for request_id, seqs in touched.items():
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            for seq in seqs:
+                if seq.is_finished:
+                    self.scheduler.remove(seq)
+            outputs.append(self._output(request, seqs))
+            if request.is_finished:
+                del self.requests[request_id]
+        return outputs
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer the blocks this step filled to the prefix cache."""
+        bs = self.blocks.block_size
+        for j in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(
+                self.blocks.register_full_block(
+                    seq.block_table[j], parent, seq.token_ids[j * bs : (j + 1) * bs]
+                )
+            )
+
+    def _output(self, request: Request, seqs: list[Sequence]) -> RequestOutput:
+        completions = []
+        for seq in dict.fromkeys(seqs):  # each once, in order
+            new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
+            new_logprobs = (
+                seq.logprobs[seq.num_emitted_tokens :] if seq.params.logprobs is not None else None
+            )
+            seq.num_emitted_tokens = seq.num_output_tokens
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.pending_text(),
+                    token_ids=new_ids,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=new_logprobs,
+                )
+            )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=request.is_finished,
+        )
+
+    def _generator_for(self, seed: int | None, index: int) -> torch.Generator:
+        """Seeded requests get their own generator per sample, so their draws do not depend
+        on what else is batched; others share the engine's generator."""
+        if seed is None:
+            return self.generator
+        return torch.Generator(self.device).manual_seed((seed + index * 0x9E3779B97F4A7C15) % 2**63)
+
+    @property
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            preemptions=self.scheduler.stats.preemptions,
+            prefix_cache_hit_tokens=self.blocks.stats.prefix_hit_tokens,
+            prefix_cache_query_tokens=self.blocks.stats.prefix_queries_tokens,
+            prefill_tokens=self._prefill_tokens,
+            decode_tokens=self._decode_tokens,
+            blocks_in_use=self.blocks.num_used_blocks,
+            num_blocks=self.blocks.num_blocks,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+        )
+
+
+def _memory_budget(device: torch.device, utilization: float) -> int:
+    """Bytes the KV pool may take: ``utilization`` of what is free now (after the weights)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        return max(0, int(total * utilization) - used)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return int(available * utilization)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(
+            f"{name} must be an integer in [{lo}, {hi}]{' ' + note if note else ''}, got {value!r}"
+        )
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available")
+    return dev

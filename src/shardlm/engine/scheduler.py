@@ -1,0 +1,164 @@
+"""Continuous batching: which sequences run this step, and how many tokens of each.
+
+Every step has a token budget (``max_num_batched_tokens``). It is spent in this order:
+
+1. one token for every running sequence that is decoding, so streams never stall;
+2. the next chunk of every running sequence still in prefill (chunked prefill: a long prompt
+   is computed over several steps and never blocks the decodes);
+3. new sequences from the waiting queue (FIFO), each starting with its longest cached prefix
+   and as much of the rest of its prompt as the budget allows.
+
+When the pool has no block for a running sequence's next tokens, the most recently admitted
+running sequence is preempted: its blocks are freed and it goes back to the front of the
+waiting queue, keeping the tokens it generated; when readmitted they are recomputed (often
+from the prefix cache). No step admits new work after it had to preempt.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from shardlm.cache.block_manager import BlockManager
+from shardlm.engine.sequence import Sequence, SequenceStatus, finish_sequence
+
+
+@dataclass
+class ScheduledBatch:
+    """Sequences to run this step with the number of new tokens each computes. Decodes
+    (one token each) come first, then prefill chunks."""
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+    # Sequences finished by the scheduler itself (no room ever), to be reported.
+    finished: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+        self.blocks = blocks
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.stats = SchedulerStats()
+        self._admissions = itertools.count()
+
+    # -- queue management --
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and free its blocks (finish or abort)."""
+        if seq.status is SequenceStatus.RUNNING or seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step --
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+
+        # 1 + 2: running sequences, decodes first, then continuing prefills.
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            before = self.stats.preemptions
+            fits = self._make_room(seq, seq.num_computed_tokens + n, batch)
+            preempted |= self.stats.preemptions != before
+            if not fits:
+                continue
+            if n == 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+            # Recomputed, not decremented: a preemption may have removed scheduled work.
+            budget = self.max_num_batched_tokens - batch.num_tokens
+
+        # 3: admit waiting sequences.
+        while (
+            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            # Reuse cached full blocks, but always leave at least one token to compute: its
+            # logits are needed to sample the next token.
+            cached, hashes = self.blocks.acquire_prefix(seq.token_ids, seq.num_tokens - 1)
+            computed = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - computed, budget)
+            need = self.blocks.blocks_needed(computed + n) - len(cached)
+            if need > self.blocks.num_free_blocks:
+                self.blocks.free(cached)
+                break
+            self.waiting.popleft()
+            seq.block_table = cached + self.blocks.allocate(need)
+            seq.block_hashes = hashes
+            seq.num_computed_tokens = computed
+            seq.status = SequenceStatus.RUNNING
+            seq.admitted_at = next(self._admissions)
+            self.running.append(seq)
+            batch.prefills.append((seq, n))
+            budget -= n
+        return batch
+
+    # -- helpers --
+    def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Ensure ``seq`` has blocks for ``num_tokens`` tokens, preempting the most recently
+        admitted sequences if needed. False if ``seq`` itself had to give way."""
+        need = self.blocks.blocks_needed(num_tokens) - len(seq.block_table)
+        while need > self.blocks.num_free_blocks:
+            if self.running == [seq]:
+                # Alone and still no room: the pool is smaller than this sequence. Stop it
+                # rather than loop; its output so far is kept.
+                self.running.remove(seq)
+                self._release(seq)
+                finish_sequence(seq, "length")
+                batch.finished.append(seq)
+                return False
+            victim = max(self.running, key=lambda s: s.admitted_at)
+            self._preempt(victim, batch)
+            if victim is seq:
+                return False
+        seq.block_table += self.blocks.allocate(max(need, 0))
+        return True
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        # It may already be in this step's batch (scheduled before the sequence that needed
+        # room): take it out again, its blocks are going away.
+        if seq in batch.decodes:
+            batch.decodes.remove(seq)
+        batch.prefills = [(s, n) for s, n in batch.prefills if s is not seq]
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
