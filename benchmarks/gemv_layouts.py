@@ -7,9 +7,11 @@ cycled through enough copies to defeat the caches (as in a real decode step):
   x @ W      W stored [in, out]            (shardlm's ``weight_t``)
   split-K    [in, out] as S row blocks, one batched GEMM, partial sums added (shardlm on CPU)
 
-Prints GB/s of weight streamed and the split-K / F.linear ratio. Usage:
+Prints GB/s of weight streamed and the split-K / F.linear ratio. ``--rows`` repeats the table
+for x with more rows (a decode batch or a prefill chunk), where split-K stops paying.
+Usage:
 
-    python benchmarks/gemv_layouts.py [--mib 200]
+    python benchmarks/gemv_layouts.py [--mib 200] [--rows 1 16 64 512]
 """
 
 from __future__ import annotations
@@ -44,15 +46,21 @@ def bandwidth(fn, weights: list[torch.Tensor], repeats: int = 5) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mib", type=int, default=200, help="weight bytes cycled per shape")
+    p.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x (default 1)")
     args = p.parse_args()
     splits = torch.get_num_threads()
-    print(f"{torch.get_num_threads()} threads, split-K S={splits}, float32, batch 1")
+    for rows in args.rows:
+        table(rows, splits, args.mib)
+
+
+def table(rows: int, splits: int, mib: int) -> None:
+    print(f"{torch.get_num_threads()} threads, split-K S={splits}, float32, x has {rows} row(s)")
     print(f"{'weight':<10}{'in×out':>12}{'F.linear':>10}{'x @ W':>10}{'split-K':>10}{'ratio':>8}")
     for k, n, name in SHAPES:
-        copies = max(1, args.mib * 2**20 // (k * n * 4))
+        copies = max(1, mib * 2**20 // (k * n * 4))
         w_t = [torch.randn(k, n) for _ in range(copies)]  # [in, out]
         w = [t.t().contiguous() for t in w_t]  # [out, in]
-        x = torch.randn(1, k)
+        x = torch.randn(rows, k)
         linear = bandwidth(lambda x=x, w=w: [F.linear(x, m) for m in w], w)
         plain = bandwidth(lambda x=x, w_t=w_t: [x @ m for m in w_t], w_t)
         split = bandwidth(lambda x=x, w_t=w_t: [split_k_matmul(x, m, splits) for m in w_t], w_t)

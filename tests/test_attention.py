@@ -100,3 +100,68 @@ def test_sdpa_agrees_with_reference_without_mask():
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=0.5
     ).transpose(0, 1)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_paged_backend_matches_paged_reference():
+    """The engine's batched paged attention vs paged_partial_attention per sequence:
+    two decodes of different lengths and one prefill chunk continuing a cached prefix."""
+    from shardlm.attention.paged import (
+        PagedAttention,
+        PagedStep,
+        PrefillChunk,
+        paged_partial_attention,
+        sequence_slots,
+    )
+    from shardlm.cache.paged import PagedKVCache
+
+    g = torch.Generator().manual_seed(3)
+    bs, hq, hkv, d = 4, 4, 2, 8
+    for window in (None, 5):
+        cache = PagedKVCache(1, 16, bs, hkv, d, torch.float32, "cpu")
+        cache.k.normal_(generator=g)
+        cache.v.normal_(generator=g)
+        attn = PagedAttention(cache, 0.3, (window,))
+        tables = [torch.tensor([3, 7, 1]), torch.tensor([0, 9]), torch.tensor([5, 2, 11, 4])]
+        lens = [10, 6]  # decode context lengths (including the new token)
+        chunk_start, chunk_len = 7, 6  # prefill chunk: positions 7..12 of sequence 2
+        slots_d = [sequence_slots(t, n, bs) for t, n in zip(tables[:2], lens, strict=True)]
+        lmax = max(lens)
+        padded = torch.stack([torch.cat([s, s[:1].expand(lmax - len(s))]) for s in slots_d])
+        chunk_slots = sequence_slots(tables[2], chunk_start + chunk_len, bs)
+        step = PagedStep(
+            slot_mapping=torch.cat([padded[0, 9:10], padded[1, 5:6], chunk_slots[chunk_start:]]),
+            num_decodes=2,
+            decode_slots=padded,
+            decode_context_lens=torch.tensor(lens),
+            prefills=[PrefillChunk(2, 2 + chunk_len, chunk_start + chunk_len, chunk_slots)],
+        )
+        q = torch.randn(2 + chunk_len, hq, d, generator=g)
+        k = torch.randn(2 + chunk_len, hkv, d, generator=g)
+        v = torch.randn(2 + chunk_len, hkv, d, generator=g)
+        attn.begin_step(step)
+        fast = attn.attend(0, q, k, v)
+        for i, n in enumerate(lens):
+            ref, _ = paged_partial_attention(
+                q[i : i + 1],
+                torch.tensor([n - 1]),
+                cache.k[0],
+                cache.v[0],
+                tables[i],
+                n,
+                bs,
+                0.3,
+                window,
+            )
+            torch.testing.assert_close(fast[i : i + 1], ref, rtol=1e-5, atol=1e-5)
+        ref, _ = paged_partial_attention(
+            q[2:],
+            torch.arange(chunk_start, chunk_start + chunk_len),
+            cache.k[0],
+            cache.v[0],
+            tables[2],
+            chunk_start + chunk_len,
+            bs,
+            0.3,
+            window,
+        )
+        torch.testing.assert_close(fast[2:], ref, rtol=1e-5, atol=1e-5)

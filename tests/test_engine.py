@@ -307,3 +307,16 @@ def test_engine_argument_validation(llama_ckpt):
     engine.add_request("a", [1, 2], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="request_id 'a' is already in use"):
         engine.add_request("a", [1, 2])
+
+
+def test_pool_sized_from_memory_when_no_token_count_is_given(llama_ckpt, caplog):
+    import logging
+
+    path, _ = llama_ckpt
+    with caplog.at_level(logging.INFO, logger="shardlm"):
+        engine = LLMEngine(path, device="cpu", max_model_len=128, max_num_seqs=4)
+    # Free memory here is far more than 4 sequences × 128 tokens need: the cap applies.
+    assert engine.blocks.num_blocks == 4 * 128 // 16
+    assert any("KV cache: 32 blocks" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match=r"memory_utilization=1e-12 leaves .* less than one block"):
+        LLMEngine(path, device="cpu", memory_utilization=1e-12)

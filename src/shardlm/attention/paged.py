@@ -130,11 +130,16 @@ class PagedAttention:
             ).squeeze(2)
         for chunk, masks in zip(step.prefills, self._prefill_masks, strict=True):
             mask = masks[window]
+            if chunk.context_len == chunk.end - chunk.start:
+                # Nothing cached before this chunk: its own k, v are all the keys there are.
+                keys, vals = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
+            else:
+                keys, vals = k_pool[chunk.slots], v_pool[chunk.slots]
             out[chunk.start : chunk.end] = (
                 F.scaled_dot_product_attention(
                     q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0),
-                    k_pool[chunk.slots].transpose(0, 1).unsqueeze(0),
-                    v_pool[chunk.slots].transpose(0, 1).unsqueeze(0),
+                    keys.transpose(0, 1).unsqueeze(0),
+                    vals.transpose(0, 1).unsqueeze(0),
                     attn_mask=mask,
                     is_causal=mask is None,
                     scale=self.scale,

@@ -146,7 +146,13 @@ class LLMEngine:
             # More than every sequence at full length can never be used.
             tokens = min(budget // per_token, max_num_seqs * self.max_model_len)
             how = f"memory_utilization={util} of free memory"
-        num_blocks = max(1, tokens // block_size)
+            if tokens < block_size:
+                raise ValueError(
+                    f"memory_utilization={util} leaves {budget / 2**30:.2f} GiB for the KV "
+                    f"cache, less than one block ({block_size} tokens × {per_token} bytes); "
+                    "raise memory_utilization or set kv_cache_tokens"
+                )
+        num_blocks = tokens // block_size
         logger.info(
             "KV cache: %d blocks × %d tokens = %d tokens, %.2f GiB (%s)",
             num_blocks,

@@ -12,7 +12,9 @@ same memory) turns it into a batched GEMM over S cores, each reading 1/S of the 
 
 and the S partial products are summed. Measured on the 2-core dev machine: 23 → 33 GB/s on
 a 512×32000 head, 11 → 20 GB/s on 1536×512 (docs/benchmarks.md). The sum reorders float
-additions, so results differ from the plain product by rounding only.
+additions, so results differ from the plain product by rounding only. It pays only while the
+product is bandwidth-bound: from ~64 rows of x on, BLAS's own threading is as fast, so larger
+batches (prefill) take the plain path.
 
 Weights are created uninitialised (``torch.empty``): the loader overwrites every element, and
 random initialisation of a multi-GB model would cost seconds for nothing.
@@ -33,6 +35,10 @@ def split_k_matmul(x: torch.Tensor, weight_t: torch.Tensor, splits: int) -> torc
         weight_t.view(splits, k // splits, out),
     )
     return parts.sum(0)
+
+
+# Rows of x up to which split-K beats the plain product (benchmarks/gemv_layouts.py --rows).
+SPLIT_K_MAX_ROWS = 32
 
 
 def choose_splits(in_features: int, device: torch.device) -> int:
@@ -58,7 +64,7 @@ class Linear(nn.Module):
         self.splits = choose_splits(in_features, self.weight_t.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.splits > 1:
+        if self.splits > 1 and x.shape[0] <= SPLIT_K_MAX_ROWS:
             y = split_k_matmul(x, self.weight_t, self.splits)
             return y if self.bias is None else y + self.bias
         if self.bias is None:
