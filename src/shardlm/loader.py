@@ -16,7 +16,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from shardlm.errors import CheckpointError
-from shardlm.models.llama import LlamaForCausalLM
+from shardlm.models.llama import LlamaForCausalLM, WeightSource
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -80,6 +80,28 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {path}")
 
 
+def _read(source: WeightSource, where: dict, path: Path) -> torch.Tensor:
+    """The tensor (or this rank's slice of it) named by ``source``, shape-checked."""
+    if source.name not in where:
+        raise CheckpointError(
+            f"checkpoint {path} is missing tensor {source.name!r} "
+            f"(expected shape {list(source.shape)})"
+        )
+    file, handle = where[source.name]
+    lazy = handle.get_slice(source.name)
+    shape = tuple(lazy.get_shape())
+    if shape != source.shape:
+        raise CheckpointError(
+            f"tensor {source.name!r} in {file.name} has shape {list(shape)}, "
+            f"expected {list(source.shape)}"
+        )
+    if source.narrow is None:
+        return handle.get_tensor(source.name)
+    dim, start, length = source.narrow
+    index = (slice(None),) * dim + (slice(start, start + length),)
+    return lazy[index]
+
+
 def load_weights(model: LlamaForCausalLM, path: str | Path, dtype: torch.dtype) -> None:
     """Fill every parameter of ``model`` from the checkpoint at ``path``."""
     path = Path(path)
@@ -102,23 +124,16 @@ def load_weights(model: LlamaForCausalLM, path: str | Path, dtype: torch.dtype) 
                 param = params[spec.param]
                 row = 0
                 for source in spec.sources:
-                    if source.name not in where:
-                        raise CheckpointError(
-                            f"checkpoint {path} is missing tensor {source.name!r} "
-                            f"(expected shape {list(source.shape)})"
-                        )
-                    file, handle = where[source.name]
-                    shape = tuple(handle.get_slice(source.name).get_shape())
-                    if shape != source.shape:
-                        raise CheckpointError(
-                            f"tensor {source.name!r} in {file.name} has shape {list(shape)}, "
-                            f"expected {list(source.shape)}"
-                        )
-                    rows = shape[0]
-                    tensor = handle.get_tensor(source.name).to(dtype)
+                    tensor = _read(source, where, path).to(dtype)
+                    rows = tensor.shape[0]
                     if spec.transposed:
                         param[:, row : row + rows].copy_(tensor.t())
                     else:
                         param[row : row + rows].copy_(tensor)
                     row += rows
+                # Vocabulary padding beyond the checkpoint's rows (tensor parallelism).
+                if spec.transposed:
+                    param[:, row:].zero_()
+                else:
+                    param[row:].zero_()
                 bar.update(param.nbytes)

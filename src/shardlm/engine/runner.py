@@ -14,12 +14,15 @@ from pathlib import Path
 import torch
 
 from shardlm.attention.contiguous import ContiguousAttention
-from shardlm.attention.paged import PagedAttention, PagedStep, PrefillChunk, sequence_slots
+from shardlm.attention.paged import PagedAttention
 from shardlm.cache.contiguous import ContiguousKVCache
 from shardlm.cache.paged import PagedKVCache
 from shardlm.config import ModelConfig
+from shardlm.distributed import protocol
+from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine.scheduler import ScheduledBatch
 from shardlm.engine.sequence import Sequence
+from shardlm.engine.step_inputs import StepInputs, build_step_inputs
 from shardlm.loader import load_weights
 from shardlm.models.llama import LlamaForCausalLM
 from shardlm.models.registry import model_class
@@ -28,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    """Holds this rank's shard of the model and KV pool, and runs steps.
+
+    On the driver, ``execute`` flattens a scheduled batch and, under tensor parallelism,
+    broadcasts it to the workers first; every rank then runs the same ``run``. Workers call
+    ``run`` / ``score`` from their command loop (distributed/worker.py).
+    """
+
     def __init__(
         self,
         path: str | Path,
@@ -35,22 +45,33 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         max_model_len: int,
+        tp: TPContext | None = None,
     ) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
         self.max_model_len = max_model_len
+        self.tp = tp or TPContext.single()
         start = time.perf_counter()
-        self.model = build_model(config, dtype, device, max_model_len)
+        self.model = build_model(config, dtype, device, max_model_len, self.tp)
         load_weights(self.model, path, dtype)
         self.load_seconds = time.perf_counter() - start
         self.scale = config.head_dim**-0.5
+        self.weight_bytes = sum(p.nbytes for p in self.model.parameters())
         logger.info(
-            "loaded %s (%.1fM parameters, %s) in %.2fs",
+            "rank %d: loaded %s (%.1fM parameters in this shard, %s) in %.2fs",
+            self.tp.rank,
             path,
-            config.num_parameters() / 1e6,
+            self.weight_bytes / dtype.itemsize / 1e6,
             dtype,
             self.load_seconds,
+        )
+
+    # -- KV pool --
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return PagedKVCache.bytes_per_token(
+            c.num_hidden_layers, self.model.shard.kv_heads, c.head_dim, self.dtype
         )
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -60,109 +81,65 @@ class ModelRunner:
             c.num_hidden_layers,
             num_blocks,
             block_size,
-            c.num_key_value_heads,
+            self.model.shard.kv_heads,
             c.head_dim,
             self.dtype,
             self.device,
         )
         self.attention = PagedAttention(self.kv_cache, self.scale, c.sliding_windows)
 
-    @torch.inference_mode()
+    # -- steps --
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """Run one step. Returns the sequences that reached the end of their known tokens (in
-        batch order) and their next-token logits [N, vocab] (float32)."""
-        step, input_ids, positions, sample_rows, to_sample = self._prepare(batch)
-        self.attention.begin_step(step)
-        hidden = self.model(input_ids, positions, self.attention)
-        if not to_sample:
-            return [], hidden.new_empty(0, self.config.vocab_size, dtype=torch.float32)
-        return to_sample, self.model.compute_logits(hidden[sample_rows])
-
-    def _prepare(self, batch: ScheduledBatch):
-        """Flatten a scheduled batch into token/position tensors and attention metadata."""
-        bs, dev = self.block_size, self.device
-        ids: list[int] = []
-        pos: list[int] = []
-        slot_mapping: list[torch.Tensor] = []
-        rows: list[int] = []
-        to_sample: list[Sequence] = []
-
-        decode_slots = decode_lens = None
-        if batch.decodes:
-            lens = [s.num_computed_tokens + 1 for s in batch.decodes]
-            width = max(len(s.block_table) for s in batch.decodes)
-            tables = torch.tensor(
-                [
-                    s.block_table + [s.block_table[0]] * (width - len(s.block_table))
-                    for s in batch.decodes
-                ],
-                device=dev,
-            )
-            decode_lens = torch.tensor(lens, device=dev)
-            lmax = max(lens)
-            p = torch.arange(lmax, device=dev)
-            slots = tables[:, p // bs] * bs + p % bs  # [B, Lmax]
-            # Padding points at position 0's slot: always written, so never garbage.
-            decode_slots = torch.where(p[None, :] < decode_lens[:, None], slots, slots[:, :1])
-            slot_mapping.append(slots.gather(1, (decode_lens - 1)[:, None]).squeeze(1))
-            for i, s in enumerate(batch.decodes):
-                ids.append(s.token_ids[s.num_computed_tokens])
-                pos.append(s.num_computed_tokens)
-                rows.append(i)
-                to_sample.append(s)
-
-        prefills = []
-        for seq, n in batch.prefills:
-            start = len(ids)
-            c = seq.num_computed_tokens
-            ids.extend(seq.token_ids[c : c + n])
-            pos.extend(range(c, c + n))
-            table = torch.tensor(seq.block_table, device=dev)
-            slots = sequence_slots(table, c + n, bs)
-            slot_mapping.append(slots[c:])
-            prefills.append(PrefillChunk(start, start + n, c + n, slots))
-            if c + n == seq.num_tokens:
-                rows.append(start + n - 1)
-                to_sample.append(seq)
-
-        step = PagedStep(
-            slot_mapping=torch.cat(slot_mapping),
-            num_decodes=len(batch.decodes),
-            decode_slots=decode_slots,
-            decode_context_lens=decode_lens,
-            prefills=prefills,
-        )
-        input_ids = torch.tensor(ids, device=dev)
-        positions = torch.tensor(pos, device=dev)
-        return step, input_ids, positions, torch.tensor(rows, device=dev), to_sample
+        """Driver: run one step. Returns the sequences that reached the end of their known
+        tokens (in batch order) and their next-token logits [N, vocab] (float32)."""
+        inputs, to_sample = build_step_inputs(batch, self.device)
+        if self.tp.enabled:
+            protocol.send(self.tp, protocol.Command.STEP, inputs.header(), inputs.payload())
+        return to_sample, self.run(inputs)
 
     @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Every rank: one forward over the step's tokens; logits on the driver."""
+        self.attention.begin_step(inputs.paged_step(self.block_size))
+        hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Float32 logits [T, vocab] at every prompt position (for scoring and tests).
+        """Driver: float32 logits [T, vocab] at every prompt position (scoring and tests).
 
         Runs on a private contiguous cache, independent of the paged pool and the scheduler.
         """
+        ids = torch.tensor(prompt_ids, dtype=torch.long)
+        if self.tp.enabled:
+            protocol.send(self.tp, protocol.Command.SCORE, [], ids)
+        return self.score(ids)
+
+    @torch.inference_mode()
+    def score(self, ids: torch.Tensor) -> torch.Tensor | None:
         c = self.config
-        n = len(prompt_ids)
+        n = ids.shape[0]
         cache = ContiguousKVCache(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, n, self.dtype, self.device
+            c.num_hidden_layers, self.model.shard.kv_heads, c.head_dim, n, self.dtype, self.device
         )
         attn = ContiguousAttention(cache, self.scale, c.sliding_windows)
         attn.begin_step(0, n)
-        ids = torch.tensor(prompt_ids, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), attn)
+        hidden = self.model(ids.to(self.device), torch.arange(n, device=self.device), attn)
         return self.model.compute_logits(hidden)
 
 
 def build_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    tp: TPContext | None = None,
 ) -> LlamaForCausalLM:
-    """Allocate the model's (uninitialised) parameters directly in dtype on device."""
+    """Allocate this rank's (uninitialised) parameters directly in dtype on device."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = model_class(config)(config, max_positions, dtype)
+            model = model_class(config)(config, max_positions, dtype, tp)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardlm.distributed.parallel_state import TPContext
+
 
 def split_k_matmul(x: torch.Tensor, weight_t: torch.Tensor, splits: int) -> torch.Tensor:
     """x [T, in] @ weight_t [in, out], computed as ``splits`` partial products summed."""
@@ -53,20 +55,34 @@ def choose_splits(in_features: int, device: torch.device) -> int:
 
 class Linear(nn.Module):
     """y = x W (+ b). ``out_features`` may be the concatenation of several checkpoint
-    projections (q|k|v or gate|up) so one matmul replaces several."""
+    projections (q|k|v or gate|up) so one matmul replaces several.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    Tensor parallelism (figure 1) uses it two ways. Column-parallel: this rank holds a slice of
+    the output features and its output stays sharded (no communication). Row-parallel
+    (``tp`` given): this rank holds a slice of the *input* features, so x W is a partial sum
+    over ranks, completed by an AllReduce before the bias is added.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        tp: TPContext | None = None,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.splits = choose_splits(in_features, self.weight_t.device)
+        self.tp = tp  # set: row-parallel, AllReduce the partial sums
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.splits > 1 and x.shape[0] <= SPLIT_K_MAX_ROWS:
             y = split_k_matmul(x, self.weight_t, self.splits)
-            return y if self.bias is None else y + self.bias
-        if self.bias is None:
-            return x @ self.weight_t
-        return torch.addmm(self.bias, x, self.weight_t)
+        else:
+            y = x @ self.weight_t
+        if self.tp is not None:
+            self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias

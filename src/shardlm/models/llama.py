@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from shardlm.config import ModelConfig
+from shardlm.distributed.parallel_state import TPContext
+from shardlm.errors import ConfigError
 from shardlm.layers.activation import silu_and_mul
-from shardlm.layers.embedding import Embedding, TiedEmbedding
+from shardlm.layers.embedding import TiedEmbedding, VocabParallelEmbedding
 from shardlm.layers.linear import Linear
 from shardlm.layers.norm import RMSNorm
 from shardlm.layers.rotary import RotaryEmbedding
@@ -34,15 +36,21 @@ class AttentionBackend(Protocol):
 
 @dataclass(frozen=True)
 class WeightSource:
-    """One checkpoint tensor feeding (part of) a parameter, with the shape it must have."""
+    """One checkpoint tensor feeding (part of) a parameter.
+
+    ``shape`` is the tensor's full shape in the checkpoint (checked); ``narrow`` =
+    (dim, start, length) is the slice this rank reads, through safetensors' lazy slicing.
+    """
 
     name: str
     shape: tuple[int, ...]
+    narrow: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """A parameter and the checkpoint tensors concatenated (along dim 0) to fill it.
+    """A parameter and the checkpoint tensors concatenated (along dim 0) to fill it; rows of
+    the parameter beyond the sources (vocabulary padding) are zero.
 
     ``transposed``: the parameter holds the transpose of that concatenation (Linear's
     ``weight_t``), so the sources are concatenated along dim 1 of the parameter instead.
@@ -53,17 +61,80 @@ class WeightSpec:
     transposed: bool = False
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """This rank's share of heads, MLP and vocabulary (figure 1).
+
+    Query heads and the MLP's intermediate features divide evenly. KV heads divide when there
+    are at least as many as ranks; otherwise (GQA/MQA with few KV heads) each rank keeps the
+    one KV head its query heads use, replicated across the ranks that share it. The
+    vocabulary is padded up to a multiple of the world size; padded rows are zero.
+    """
+
+    heads: int
+    kv_heads: int
+    kv_head_start: int
+    intermediate: int
+    vocab_start: int
+    vocab_end: int
+
+    @classmethod
+    def for_rank(cls, config: ModelConfig, rank: int, world_size: int) -> ShardLayout:
+        check_tensor_parallel(config, world_size)
+        heads = config.num_attention_heads // world_size
+        if config.num_key_value_heads >= world_size:
+            kv_heads = config.num_key_value_heads // world_size
+            kv_start = rank * kv_heads
+        else:
+            kv_heads = 1
+            group = config.num_attention_heads // config.num_key_value_heads
+            kv_start = rank * heads // group  # the KV head of this rank's first query head
+        vocab_per_rank = -(-config.vocab_size // world_size)
+        return cls(
+            heads=heads,
+            kv_heads=kv_heads,
+            kv_head_start=kv_start,
+            intermediate=config.intermediate_size // world_size,
+            vocab_start=rank * vocab_per_rank,
+            vocab_end=(rank + 1) * vocab_per_rank,
+        )
+
+
+def check_tensor_parallel(config: ModelConfig, world_size: int) -> None:
+    """Refuse, before anything loads, a model that cannot be split over ``world_size``."""
+    h, kv, i = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    problems = []
+    if h % world_size:
+        problems.append(f"num_attention_heads={h}")
+    if kv >= world_size and kv % world_size:
+        problems.append(f"num_key_value_heads={kv}")
+    if kv < world_size and world_size % kv:
+        problems.append(f"num_key_value_heads={kv} (fewer than ranks must divide the ranks)")
+    if i % world_size:
+        problems.append(f"intermediate_size={i}")
+    if problems:
+        raise ConfigError(
+            f"tensor_parallel_size={world_size} does not divide the model: "
+            f"{', '.join(problems)}; choose a size that divides them"
+        )
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, shard: ShardLayout, tp: TPContext
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = shard.heads
+        self.num_kv_heads = shard.kv_heads
         self.head_dim = config.head_dim
-        self.q_size = config.q_size
-        self.kv_size = config.kv_size
+        self.q_size = shard.heads * config.head_dim
+        self.kv_size = shard.kv_heads * config.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_bias)
+        # W^B of figure 1: row-parallel, its partial sums AllReduced.
+        self.o_proj = Linear(
+            self.q_size, config.hidden_size, config.o_bias, tp if tp.enabled else None
+        )
 
     def forward(
         self,
@@ -84,24 +155,27 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: ShardLayout, tp: TPContext) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(
-            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias
+        # W^C (gate|up) column-parallel, W^D (down) row-parallel + AllReduce.
+        self.gate_up_proj = Linear(config.hidden_size, 2 * shard.intermediate, config.mlp_bias)
+        self.down_proj = Linear(
+            shard.intermediate, config.hidden_size, config.mlp_bias, tp if tp.enabled else None
         )
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, shard: ShardLayout, tp: TPContext
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, shard, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, shard, tp)
 
     def forward(
         self,
@@ -115,17 +189,26 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_positions: int,
+        dtype: torch.dtype,
+        tp: TPContext | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.tp = tp = tp or TPContext.single()
+        self.shard = shard = ShardLayout.for_rank(config, tp.rank, tp.world_size)
+        vocab_local = shard.vocab_end - shard.vocab_start
+        self.lm_head = Linear(config.hidden_size, vocab_local)
         self.embed_tokens: nn.Module = (
-            TiedEmbedding(self.lm_head)
+            TiedEmbedding(self.lm_head, shard.vocab_start, shard.vocab_end, tp)
             if config.tie_word_embeddings
-            else Embedding(config.vocab_size, config.hidden_size)
+            else VocabParallelEmbedding(shard.vocab_start, shard.vocab_end, config.hidden_size, tp)
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, shard, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions, dtype)
@@ -139,70 +222,87 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, self.rotary, attn)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, vocab] for the selected hidden states."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [N, vocab] for the selected hidden states, on the driver; each rank
+        computes its vocabulary slice and the driver gathers them (None on other ranks)."""
+        logits = self.tp.gather_to_driver(self.lm_head(hidden))
+        if logits is None:
+            return None
+        return logits[:, : self.config.vocab_size].float()
 
     def weight_specs(self) -> Iterator[WeightSpec]:
-        """Where each parameter comes from in a Hugging Face checkpoint."""
-        c = self.config
-        h, i = c.hidden_size, c.intermediate_size
+        """Where each of this rank's parameters comes from in a Hugging Face checkpoint."""
+        c, shard, rank = self.config, self.shard, self.tp.rank
+        h, d = c.hidden_size, c.head_dim
+        q_rows = (rank * shard.heads * d, shard.heads * d)
+        kv_rows = (shard.kv_head_start * d, shard.kv_heads * d)
+        mlp_rows = (rank * shard.intermediate, shard.intermediate)
+        vocab_rows = (
+            shard.vocab_start,
+            max(0, min(shard.vocab_end, c.vocab_size) - shard.vocab_start),
+        )
 
-        def one(param: str, name: str, shape: tuple[int, ...]) -> WeightSpec:
+        def src(
+            name: str, shape: tuple[int, ...], dim: int | None = None, rows=None
+        ) -> WeightSource:
+            return WeightSource(name, shape, None if dim is None else (dim, *rows))
+
+        def spec(param: str, *sources: WeightSource) -> WeightSpec:
             # Linear weights ([out, in] in the checkpoint) are stored transposed.
-            transposed = param.endswith(".weight_t")
-            return WeightSpec(param, (WeightSource(name, shape),), transposed)
+            return WeightSpec(param, sources, transposed=param.endswith(".weight_t"))
 
+        embed = src("model.embed_tokens.weight", (c.vocab_size, h), 0, vocab_rows)
         if not c.tie_word_embeddings:
-            yield one("embed_tokens.weight", "model.embed_tokens.weight", (c.vocab_size, h))
+            yield spec("embed_tokens.weight", embed)
         for n in range(c.num_hidden_layers):
-            src, dst = f"model.layers.{n}", f"layers.{n}"
-            yield one(f"{dst}.input_layernorm.weight", f"{src}.input_layernorm.weight", (h,))
-            yield one(
+            pre, dst = f"model.layers.{n}", f"layers.{n}"
+            attn, mlp = f"{pre}.self_attn", f"{pre}.mlp"
+            yield spec(f"{dst}.input_layernorm.weight", src(f"{pre}.input_layernorm.weight", (h,)))
+            yield spec(
                 f"{dst}.post_attention_layernorm.weight",
-                f"{src}.post_attention_layernorm.weight",
-                (h,),
+                src(f"{pre}.post_attention_layernorm.weight", (h,)),
             )
-            qkv = (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size))
-            for kind, has_bias in (("weight", True), ("bias", c.qkv_bias)):
-                if has_bias:
-                    yield WeightSpec(
-                        f"{dst}.self_attn.qkv_proj.{_param_name(kind)}",
-                        tuple(
-                            WeightSource(
-                                f"{src}.self_attn.{name}.{kind}",
-                                (rows, h) if kind == "weight" else (rows,),
-                            )
-                            for name, rows in qkv
-                        ),
-                        transposed=kind == "weight",
-                    )
-            yield one(
-                f"{dst}.self_attn.o_proj.weight_t", f"{src}.self_attn.o_proj.weight", (h, c.q_size)
+            qkv = (
+                ("q_proj", c.q_size, q_rows),
+                ("k_proj", c.kv_size, kv_rows),
+                ("v_proj", c.kv_size, kv_rows),
+            )
+            yield spec(
+                f"{dst}.self_attn.qkv_proj.weight_t",
+                *(src(f"{attn}.{name}.weight", (rows, h), 0, part) for name, rows, part in qkv),
+            )
+            if c.qkv_bias:
+                yield spec(
+                    f"{dst}.self_attn.qkv_proj.bias",
+                    *(src(f"{attn}.{name}.bias", (rows,), 0, part) for name, rows, part in qkv),
+                )
+            yield spec(
+                f"{dst}.self_attn.o_proj.weight_t",
+                src(f"{attn}.o_proj.weight", (h, c.q_size), 1, q_rows),
             )
             if c.o_bias:
-                yield one(f"{dst}.self_attn.o_proj.bias", f"{src}.self_attn.o_proj.bias", (h,))
-            for kind, has in (("weight", True), ("bias", c.mlp_bias)):
-                if has:
-                    yield WeightSpec(
-                        f"{dst}.mlp.gate_up_proj.{_param_name(kind)}",
-                        tuple(
-                            WeightSource(
-                                f"{src}.mlp.{name}.{kind}", (i, h) if kind == "weight" else (i,)
-                            )
-                            for name in ("gate_proj", "up_proj")
-                        ),
-                        transposed=kind == "weight",
-                    )
-            yield one(f"{dst}.mlp.down_proj.weight_t", f"{src}.mlp.down_proj.weight", (h, i))
+                yield spec(f"{dst}.self_attn.o_proj.bias", src(f"{attn}.o_proj.bias", (h,)))
+            i = c.intermediate_size
+            gate_up = ("gate_proj", "up_proj")
+            yield spec(
+                f"{dst}.mlp.gate_up_proj.weight_t",
+                *(src(f"{mlp}.{name}.weight", (i, h), 0, mlp_rows) for name in gate_up),
+            )
             if c.mlp_bias:
-                yield one(f"{dst}.mlp.down_proj.bias", f"{src}.mlp.down_proj.bias", (h,))
-        yield one("norm.weight", "model.norm.weight", (h,))
+                yield spec(
+                    f"{dst}.mlp.gate_up_proj.bias",
+                    *(src(f"{mlp}.{name}.bias", (i,), 0, mlp_rows) for name in gate_up),
+                )
+            yield spec(
+                f"{dst}.mlp.down_proj.weight_t", src(f"{mlp}.down_proj.weight", (h, i), 1, mlp_rows)
+            )
+            if c.mlp_bias:
+                yield spec(f"{dst}.mlp.down_proj.bias", src(f"{mlp}.down_proj.bias", (h,)))
+        yield spec("norm.weight", src("model.norm.weight", (h,)))
         # Tied checkpoints keep only the embedding (some also store an identical lm_head).
-        head_source = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        yield one("lm_head.weight_t", head_source, (c.vocab_size, h))
-
-
-def _param_name(kind: str) -> str:
-    """Checkpoint ``weight`` → our transposed ``weight_t``; ``bias`` stays."""
-    return "weight_t" if kind == "weight" else kind
+        head = (
+            embed
+            if c.tie_word_embeddings
+            else src("lm_head.weight", (c.vocab_size, h), 0, vocab_rows)
+        )
+        yield spec("lm_head.weight_t", head)

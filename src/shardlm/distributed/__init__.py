@@ -1,0 +1,1 @@
+"""Process groups, roles and launch for tensor parallelism (all over torch.distributed)."""

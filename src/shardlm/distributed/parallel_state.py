@@ -1,0 +1,60 @@
+"""Who this process is in a tensor-parallel job, and the groups it talks through.
+
+Two process groups span the same ranks:
+
+* ``group`` carries the model's collectives (the AllReduces of figure 1, the embedding sum,
+  the logits gather). Its timeout is the failure timeout: a rank that stops answering
+  mid-step makes the others fail within it.
+* ``control_group`` carries the driver's per-step broadcast. Workers wait on it between
+  steps, possibly for a long time (an idle server), so its timeout is long.
+
+A single-process run uses ``TPContext.single()``: every collective becomes a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TPContext:
+    rank: int = 0
+    world_size: int = 1
+    group: dist.ProcessGroup | None = None
+    control_group: dist.ProcessGroup | None = None
+
+    @classmethod
+    def single(cls) -> TPContext:
+        return cls()
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over ranks, in place (the partial sums of row-parallel layers)."""
+        if self.enabled:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_to_driver(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate every rank's ``x`` along the last dim on the driver (None elsewhere)."""
+        if not self.enabled:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_driver else None
+        dist.gather(x, parts, dst=0, group=self.group)
+        return torch.cat(parts, dim=-1) if self.is_driver else None
+
+
+def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of an evenly divided dimension (``total`` must divide by world_size)."""
+    size = total // world_size
+    return rank * size, (rank + 1) * size
