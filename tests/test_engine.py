@@ -318,5 +318,8 @@ def test_pool_sized_from_memory_when_no_token_count_is_given(llama_ckpt, caplog)
     # Free memory here is far more than 4 sequences × 128 tokens need: the cap applies.
     assert engine.blocks.num_blocks == 4 * 128 // 16
     assert any("KV cache: 32 blocks" in r.message for r in caplog.records)
-    with pytest.raises(ValueError, match=r"memory_utilization=1e-12 leaves .* less than one block"):
+    with pytest.raises(
+        ValueError,
+        match=r"memory_utilization=1e-12 of free memory .* leaves room for 0 KV-cache tokens, less than one block",
+    ):
         LLMEngine(path, device="cpu", memory_utilization=1e-12)

@@ -17,3 +17,7 @@ class ConfigError(ShardlmError):
 
 class CheckpointError(ShardlmError):
     """The weights on disk do not match what the config promises."""
+
+
+class WorkerFailure(RuntimeError):
+    """A tensor-parallel rank died or stopped answering; every rank has been stopped."""

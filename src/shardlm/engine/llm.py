@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
 from shardlm.engine.llm_engine import LLMEngine, Prompt
@@ -33,6 +34,9 @@ class LLM:
     (exact pool size) or ``memory_utilization`` (fraction of free memory, default 0.9 on GPU,
     0.3 on CPU), ``block_size`` (16), ``max_num_batched_tokens`` (2048 per step),
     ``max_num_seqs`` (256 running at once), ``enable_prefix_caching`` (True).
+    ``tensor_parallel_size`` N > 1 splits the model over N processes (spawned here, or the
+    ranks of a torchrun job); ``tp_timeout_s`` bounds how long a dead or hung rank can stall
+    a step before WorkerFailure is raised (default 60).
     """
 
     def __init__(self, model: str, **engine_args) -> None:
@@ -51,9 +55,10 @@ class LLM:
     def runner(self):
         return self.engine.runner
 
-    # -- lifecycle (no workers yet: these exist so user code is ready for them) --
+    # -- lifecycle --
     def shutdown(self) -> None:
-        """Release resources. A no-op on one device; tensor parallelism gives it work."""
+        """Stop tensor-parallel workers, if any, and release the process groups."""
+        self.engine.shutdown()
 
     def __enter__(self) -> LLM:
         return self
@@ -118,6 +123,10 @@ class LLM:
                         return
         finally:
             self.engine.abort(rid)
+
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Float32 logits [T, vocab] at every position of the prompt (for scoring)."""
+        return self.engine.prompt_logits(self.encode_prompt(prompt))
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.engine.encode_prompt(prompt)[1]

@@ -15,30 +15,41 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from shardlm.cache.block_manager import BlockManager
-from shardlm.cache.paged import PagedKVCache
 from shardlm.config import ModelConfig
+from shardlm.distributed import protocol
+from shardlm.distributed.launch import (
+    WorkerArgs,
+    WorkerGroup,
+    device_for_rank,
+    init_groups,
+    spawn_workers,
+    threads_per_rank,
+    torchrun_rank,
+    under_torchrun,
+)
+from shardlm.distributed.parallel_state import TPContext
+from shardlm.distributed.worker import join_startup
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
 from shardlm.engine.runner import ModelRunner
 from shardlm.engine.sampler import SamplingRow, sample
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.scheduler import Scheduler
 from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
-from shardlm.errors import ShardlmError
+from shardlm.errors import ShardlmError, WorkerFailure
 from shardlm.loader import resolve_dtype
+from shardlm.models.llama import check_tensor_parallel
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int] | tuple[int, ...] | dict
-
-DEFAULT_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.3}
 
 
 @dataclass
@@ -76,6 +87,8 @@ class LLMEngine:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
+        tensor_parallel_size: int = 1,
+        tp_timeout_s: float = 60.0,
     ) -> None:
         path = Path(model)
         if not path.is_dir():
@@ -85,6 +98,7 @@ class LLMEngine:
         _check_int("block_size", block_size, 1, 1024)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1, 2**20)
         _check_int("max_num_seqs", max_num_seqs, 1, 2**16)
+        _check_int("tensor_parallel_size", tensor_parallel_size, 1, 1024)
         if kv_cache_tokens is not None:
             _check_int("kv_cache_tokens", kv_cache_tokens, block_size, 2**40)
         if memory_utilization is not None and not (
@@ -93,8 +107,11 @@ class LLMEngine:
             raise ValueError(
                 f"memory_utilization must be a number in (0, 1], got {memory_utilization!r}"
             )
+        if not (isinstance(tp_timeout_s, (int, float)) and 1 <= tp_timeout_s <= 3600):
+            raise ValueError(f"tp_timeout_s must be a number in [1, 3600], got {tp_timeout_s!r}")
         self.model_path = path
         self.config = ModelConfig.from_pretrained(path)
+        check_tensor_parallel(self.config, tensor_parallel_size)  # before anything loads
         self.device = _resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.config.torch_dtype, self.device)
         limit = self.config.max_position_embeddings
@@ -110,11 +127,34 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
 
-        self.runner = ModelRunner(path, self.config, self.dtype, self.device, max_model_len)
-        num_blocks = self._pool_blocks(
-            kv_cache_tokens, memory_utilization, block_size, max_num_seqs
+        self.workers: WorkerGroup | None = None
+        self._closed = False
+        self._threads = torch.get_num_threads()
+        tp = TPContext.single()
+        args = WorkerArgs(
+            model=str(path),
+            dtype=str(self.dtype).removeprefix("torch."),
+            device_type=self.device.type,
+            max_model_len=max_model_len,
+            kv_cache_tokens=kv_cache_tokens,
+            memory_utilization=memory_utilization,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            world_size=tensor_parallel_size,
+            timeout_s=float(tp_timeout_s),
         )
-        self.runner.init_kv_cache(num_blocks, block_size)
+        if tensor_parallel_size > 1:
+            tp, self.workers = start_driver(args)
+            self._tp_owned = True
+            torch.set_num_threads(threads_per_rank(tensor_parallel_size))
+            if self.device.type == "cuda":
+                self.device = device_for_rank("cuda")
+        try:
+            self.runner = ModelRunner(path, self.config, self.dtype, self.device, max_model_len, tp)
+            num_blocks, self.rank_weight_bytes = self._guarded(join_startup, tp, self.runner, args)
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -125,43 +165,48 @@ class LLMEngine:
         self._decode_tokens = 0
         self._aborted_outputs: list[RequestOutput] = []
 
-    # -- KV pool sizing --
-    def _pool_blocks(
-        self,
-        kv_cache_tokens: int | None,
-        memory_utilization: float | None,
-        block_size: int,
-        max_num_seqs: int,
-    ) -> int:
-        c = self.config
-        per_token = PagedKVCache.bytes_per_token(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype
-        )
-        if kv_cache_tokens is not None:
-            tokens = kv_cache_tokens
-            how = "kv_cache_tokens"
-        else:
-            util = memory_utilization or DEFAULT_MEMORY_UTILIZATION[self.device.type]
-            budget = _memory_budget(self.device, util)
-            # More than every sequence at full length can never be used.
-            tokens = min(budget // per_token, max_num_seqs * self.max_model_len)
-            how = f"memory_utilization={util} of free memory"
-            if tokens < block_size:
-                raise ValueError(
-                    f"memory_utilization={util} leaves {budget / 2**30:.2f} GiB for the KV "
-                    f"cache, less than one block ({block_size} tokens × {per_token} bytes); "
-                    "raise memory_utilization or set kv_cache_tokens"
-                )
-        num_blocks = tokens // block_size
-        logger.info(
-            "KV cache: %d blocks × %d tokens = %d tokens, %.2f GiB (%s)",
-            num_blocks,
-            block_size,
-            num_blocks * block_size,
-            num_blocks * block_size * per_token / 2**30,
-            how,
-        )
-        return num_blocks
+    # -- tensor parallelism: lifecycle and failures --
+    @property
+    def tp(self) -> TPContext:
+        return self.runner.tp
+
+    def _guarded(self, fn, *args):
+        """Run something that talks to the workers; a failed collective becomes a
+        WorkerFailure naming the rank, with every rank stopped."""
+        if self._closed:
+            raise WorkerFailure("the engine was shut down")
+        if self.workers is None:
+            return fn(*args)
+        self.workers.check_alive()
+        try:
+            return fn(*args)
+        except WorkerFailure:
+            raise
+        except Exception as e:  # a collective failed or timed out
+            self.workers.diagnose(e)
+            raise  # diagnose always raises; this keeps the flow explicit
+
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Float32 logits at every prompt position (scoring; tests compare with HF)."""
+        return self._guarded(self.runner.prompt_logits, prompt_ids)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers (if any) and release the process groups. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.workers is not None:
+            if graceful and self.workers.failed is None:
+                try:
+                    protocol.send(self.runner.tp, protocol.Command.SHUTDOWN, [], None)
+                except Exception:
+                    logger.warning("could not tell the workers to shut down; killing them")
+                self.workers.join(timeout=10)
+            else:
+                self.workers.kill()
+        if getattr(self, "_tp_owned", False) and dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(self._threads)
 
     # -- requests --
     def add_request(
@@ -262,7 +307,7 @@ class LLMEngine:
         if batch:
             self._prefill_tokens += sum(n for _, n in batch.prefills)
             self._decode_tokens += len(batch.decodes)
-            seqs, logits = self.runner.execute(batch)
+            seqs, logits = self._guarded(self.runner.execute, batch)
             for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
                 seq.num_computed_tokens += n
                 self._register_full_blocks(seq)
@@ -351,24 +396,6 @@ class LLMEngine:
         )
 
 
-def _memory_budget(device: torch.device, utilization: float) -> int:
-    """Bytes the KV pool may take: ``utilization`` of what is free now (after the weights)."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        return max(0, int(total * utilization) - used)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    return int(available * utilization)
-
-
 def _check_int(name: str, value: object, lo: int, hi: int, note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(
@@ -388,3 +415,16 @@ def _resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available")
     return dev
+
+
+def start_driver(args: WorkerArgs) -> tuple[TPContext, WorkerGroup | None]:
+    """Become rank 0: join a torchrun job, or spawn the workers ourselves."""
+    if under_torchrun():
+        rank, world = torchrun_rank()
+        if world != args.world_size or rank != 0:
+            raise ValueError(
+                f"under torchrun, tensor_parallel_size ({args.world_size}) must equal "
+                f"WORLD_SIZE ({world}), and only RANK 0 builds the engine (this is {rank})"
+            )
+        return init_groups(0, world, args.device_type, args.timeout_s, None), None
+    return spawn_workers(args)

@@ -12,7 +12,9 @@ import os
 import sys
 import time
 
-from shardlm.errors import ShardlmError
+from shardlm.distributed.launch import torchrun_rank, under_torchrun
+from shardlm.distributed.worker import run_torchrun_worker
+from shardlm.errors import ShardlmError, WorkerFailure
 
 EXIT_USAGE = 2
 
@@ -40,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument(
+        "--tensor-parallel-size",
+        "--tp",
+        type=int,
+        default=None,
+        help="split the model over N processes (default 1; under torchrun: WORLD_SIZE)",
+    )
+    gen.add_argument(
+        "--tp-timeout", type=float, default=60.0, help="seconds before a dead rank is reported"
+    )
+    gen.add_argument("--kv-cache-tokens", type=int, default=None, help="exact KV pool size")
     gen.set_defaults(func=cmd_generate)
     return parser
 
@@ -57,11 +70,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
     )
+    engine_args = dict(
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        tensor_parallel_size=tensor_parallel_size(args.tensor_parallel_size),
+        tp_timeout_s=args.tp_timeout,
+    )
     model = args.model
+    if under_torchrun() and torchrun_rank()[0] > 0:
+        # A torchrun worker: same command line as the driver, but it only runs the model.
+        return run_torchrun_worker(model or demo_checkpoint(), **engine_args)
     if model is None:
         print(DEMO_NOTICE, file=sys.stderr)
         model = demo_checkpoint()
-    with LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len) as llm:
+    with LLM(model, **engine_args) as llm:
         prompt_tokens = len(llm.encode_prompt(args.prompt))
         start = time.perf_counter()
         first = None
@@ -89,6 +113,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def tensor_parallel_size(requested: int | None) -> int:
+    """--tp, or under torchrun the job's WORLD_SIZE (they must agree when both are given)."""
+    if not under_torchrun():
+        return 1 if requested is None else requested
+    world = torchrun_rank()[1]
+    if requested not in (None, world):
+        raise ValueError(
+            f"--tensor-parallel-size {requested} differs from torchrun's WORLD_SIZE {world}; "
+            "omit it under torchrun"
+        )
+    return world
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -98,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ShardlmError, ValueError) as e:
+    except (ShardlmError, ValueError, WorkerFailure) as e:
         if os.environ.get("SHARDLM_DEBUG"):
             raise
         print(f"shardlm: error: {e}", file=sys.stderr)

@@ -1,0 +1,219 @@
+"""Starting, watching and stopping the ranks of a tensor-parallel job.
+
+Two ways in, one code path after:
+
+* Spawned (``LLM(..., tensor_parallel_size=N)`` or ``shardlm generate --tp N``): the calling
+  process becomes rank 0, the driver, and starts ranks 1..N-1 as fresh Python processes
+  (``python -m shardlm.distributed.worker``; unlike multiprocessing's spawn this never
+  re-imports the user's script, so no ``if __name__ == "__main__"`` guard is needed). They
+  rendezvous through a TCPStore the driver opens on a port the OS picks, so two jobs on one
+  host never collide.
+* torchrun (``torchrun --nproc-per-node N -m shardlm generate ...``, one or many hosts):
+  every rank runs the same command; RANK 0 is the driver, the others enter the worker loop.
+
+Failure handling. Each worker's heartbeat thread writes a timestamp into the store every
+second and exits the process if its parent (the driver, when spawned) disappears. The model's
+collectives run with the failure timeout, so a rank that dies or hangs mid-step makes the
+driver's collective fail within it; the driver then names the rank (dead process, or stale
+heartbeat), kills every worker, and raises WorkerFailure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from shardlm.distributed.parallel_state import TPContext
+from shardlm.errors import WorkerFailure
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+# Workers wait on the control group between steps, for as long as the driver is idle.
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass
+class WorkerArgs:
+    """Everything a worker needs to build its shard; picklable (sent once, at spawn)."""
+
+    model: str
+    dtype: str  # a resolved dtype name, e.g. "float32"
+    device_type: str  # "cpu" | "cuda"
+    max_model_len: int
+    kv_cache_tokens: int | None
+    memory_utilization: float | None
+    block_size: int
+    max_num_seqs: int
+    world_size: int
+    timeout_s: float
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    )
+
+
+def torchrun_rank() -> tuple[int, int]:
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def threads_per_rank(world_size: int) -> int:
+    """CPU threads each rank may use, so N ranks on one host do not oversubscribe its cores."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+def device_for_rank(device_type: str) -> torch.device:
+    if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SHARDLM_LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_groups(
+    rank: int, world_size: int, device_type: str, timeout_s: float, store: dist.Store | None
+) -> TPContext:
+    """Join the job: the default group for the model's collectives, a gloo control group."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return TPContext(rank, world_size, dist.group.WORLD, control)
+
+
+class WorkerGroup:
+    """The driver's view of the workers it spawned (or, under torchrun, of none)."""
+
+    def __init__(
+        self, processes: list[subprocess.Popen], store: dist.TCPStore | None, timeout_s: float
+    ):
+        self.processes = processes  # index i is rank i + 1
+        self.store = store
+        self.timeout_s = timeout_s
+        self.failed: WorkerFailure | None = None
+
+    def check_alive(self) -> None:
+        """Fail fast, before a step, if a spawned worker has already exited."""
+        if self.failed is not None:
+            raise self.failed
+        for rank, proc in enumerate(self.processes, start=1):
+            if proc.poll() is not None:
+                self.fail(f"tensor-parallel rank {rank} died (exit code {proc.returncode})")
+
+    def diagnose(self, error: BaseException) -> None:
+        """After a failed collective: name the rank responsible, stop everything, raise."""
+        if self.failed is not None:
+            raise self.failed
+        deadline = time.monotonic() + 2.0  # let a dying process finish dying
+        while time.monotonic() < deadline:
+            for rank, proc in enumerate(self.processes, start=1):
+                if proc.poll() is not None:
+                    self.fail(f"tensor-parallel rank {rank} died (exit code {proc.returncode})")
+            time.sleep(0.1)
+        stale = self._stale_ranks()
+        if stale:
+            ranks = ", ".join(f"{r} (no heartbeat for {age:.0f} s)" for r, age in stale)
+            self.fail(f"tensor-parallel rank {ranks} stopped answering")
+        self.fail(f"a tensor-parallel collective failed: {str(error).splitlines()[0]}")
+
+    def fail(self, reason: str) -> None:
+        self.failed = WorkerFailure(
+            f"{reason}; all ranks were stopped (failure timeout {self.timeout_s:g} s)"
+        )
+        logger.error("%s", self.failed)
+        self.kill()
+        raise self.failed
+
+    def _stale_ranks(self) -> list[tuple[int, float]]:
+        if self.store is None:
+            return []
+        now = time.time()
+        stale = []
+        for rank in range(1, len(self.processes) + 1):
+            key = f"shardlm/heartbeat/{rank}"
+            try:
+                beat = float(self.store.get(key)) if self.store.check([key]) else 0.0
+            except Exception:  # the store itself is unreachable: say nothing more
+                return []
+            if now - beat > 3 * HEARTBEAT_SECONDS:
+                stale.append((rank, now - beat))
+        return stale
+
+    def kill(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.processes:
+            proc.wait()
+
+    def join(self, timeout: float) -> None:
+        """Wait for workers to exit after SHUTDOWN; kill the ones that do not."""
+        deadline = time.monotonic() + timeout
+        for proc in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self.kill()
+
+
+def spawn_workers(args: WorkerArgs) -> tuple[TPContext, WorkerGroup]:
+    """Driver side of a spawned job: open the store, start ranks 1..N-1, join the groups."""
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,  # the OS picks a free port: concurrent jobs never collide
+        world_size=args.world_size,
+        is_master=True,
+        timeout=datetime.timedelta(seconds=args.timeout_s),
+        wait_for_workers=False,
+    )
+    processes = []
+    for rank in range(1, args.world_size):
+        command = [
+            sys.executable, "-m", "shardlm.distributed.worker",
+            "--rank", str(rank),
+            "--port", str(store.port),
+            "--parent", str(os.getpid()),
+            "--args", json.dumps(asdict(args)),
+        ]  # fmt: skip
+        processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
+    group = WorkerGroup(processes, store, args.timeout_s)
+    try:
+        tp = init_groups(0, args.world_size, args.device_type, args.timeout_s, store)
+    except Exception as e:
+        group.diagnose(e)
+    return tp, group
+
+
+def start_heartbeat(rank: int, host: str, port: int, parent_pid: int | None) -> None:
+    """Worker side: publish liveness; exit if the spawning driver is gone."""
+
+    def beat() -> None:
+        client = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
+        while True:
+            if parent_pid is not None and os.getppid() != parent_pid:
+                os._exit(1)  # the driver died: never outlive it
+            try:
+                client.set(f"shardlm/heartbeat/{rank}", str(time.time()))
+            except Exception:
+                os._exit(1)  # the driver's store is gone
+            time.sleep(HEARTBEAT_SECONDS)
+
+    threading.Thread(target=beat, name="shardlm-heartbeat", daemon=True).start()
