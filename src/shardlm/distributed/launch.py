@@ -4,7 +4,7 @@ Two ways in, one code path after:
 
 * Spawned (``LLM(..., tensor_parallel_size=N)`` or ``shardlm generate --tp N``): the calling
   process becomes rank 0, the driver, and starts ranks 1..N-1 as fresh Python processes
-  (``python -m shardlm.distributed.worker``; unlike multiprocessing's spawn this never
+  (``python -m shardlm.distributed.worker_main``; unlike multiprocessing's spawn this never
   re-imports the user's script, so no ``if __name__ == "__main__"`` guard is needed). They
   rendezvous through a TCPStore the driver opens on a port the OS picks, so two jobs on one
   host never collide.
@@ -97,7 +97,7 @@ def init_groups(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return TPContext(rank, world_size, dist.group.WORLD, control)
+    return TPContext(rank, world_size, dist.group.WORLD, control, timeout)
 
 
 class WorkerGroup:
@@ -187,7 +187,7 @@ def spawn_workers(args: WorkerArgs) -> tuple[TPContext, WorkerGroup]:
     processes = []
     for rank in range(1, args.world_size):
         command = [
-            sys.executable, "-m", "shardlm.distributed.worker",
+            sys.executable, "-m", "shardlm.distributed.worker_main",
             "--rank", str(rank),
             "--port", str(store.port),
             "--parent", str(os.getpid()),

@@ -13,6 +13,7 @@ A single-process run uses ``TPContext.single()``: every collective becomes a no-
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ class TPContext:
     world_size: int = 1
     group: dist.ProcessGroup | None = None
     control_group: dist.ProcessGroup | None = None
+    # The failure timeout: how long the driver waits on any rank before declaring it lost.
+    timeout: datetime.timedelta = datetime.timedelta(seconds=60)
 
     @classmethod
     def single(cls) -> TPContext:

@@ -26,14 +26,16 @@ class Command(enum.IntEnum):
 
 
 def send(tp: TPContext, command: Command, sizes: list[int], payload: torch.Tensor | None) -> None:
-    """Driver side."""
+    """Driver side. Waits at most the failure timeout: the control group's own timeout is
+    long (workers idle on it), so a stopped worker must not stall the driver for days."""
     n = 0 if payload is None else payload.numel()
     header = torch.zeros(HEADER_SIZE, dtype=torch.long)
     values = [int(command), n, *sizes]
     header[: len(values)] = torch.tensor(values)
-    dist.broadcast(header, src=0, group=tp.control_group)
+    dist.broadcast(header, src=0, group=tp.control_group, async_op=True).wait(tp.timeout)
     if n:
-        dist.broadcast(payload.contiguous(), src=0, group=tp.control_group)
+        work = dist.broadcast(payload.contiguous(), src=0, group=tp.control_group, async_op=True)
+        work.wait(tp.timeout)
 
 
 def receive(tp: TPContext) -> tuple[Command, list[int], torch.Tensor | None]:

@@ -7,11 +7,9 @@ process with a non-zero exit code, which the driver reports by rank.
 
 from __future__ import annotations
 
-import argparse
-import json
+import datetime
 import logging
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -22,7 +20,6 @@ from shardlm.distributed.launch import (
     WorkerArgs,
     device_for_rank,
     init_groups,
-    start_heartbeat,
     threads_per_rank,
     torchrun_rank,
 )
@@ -33,30 +30,6 @@ from shardlm.engine.step_inputs import StepInputs
 from shardlm.loader import DTYPES
 
 logger = logging.getLogger(__name__)
-
-
-def spawned_worker_main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker the driver started (``python -m shardlm.distributed.worker``)."""
-    parser = argparse.ArgumentParser(description="shardlm tensor-parallel worker (internal)")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--args", required=True, help="WorkerArgs as JSON")
-    ns = parser.parse_args(argv)
-    args = WorkerArgs(**json.loads(ns.args))
-    logging.basicConfig(level=logging.WARNING, format=f"[rank {ns.rank}] %(levelname)s %(message)s")
-    os.environ["SHARDLM_LOCAL_RANK"] = str(ns.rank)
-    try:
-        start_heartbeat(ns.rank, "127.0.0.1", ns.port, ns.parent)
-        store = dist.TCPStore("127.0.0.1", ns.port, is_master=False)
-        tp = init_groups(ns.rank, args.world_size, args.device_type, args.timeout_s, store)
-        serve(tp, args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception:
-        logger.exception("tensor-parallel rank %d failed", ns.rank)
-        return 1
-    return 0
 
 
 def run_torchrun_worker(
@@ -115,6 +88,11 @@ def serve(tp: TPContext, args: WorkerArgs) -> None:
     dist.destroy_process_group()
 
 
+def startup_timeout(tp: TPContext) -> datetime.timedelta:
+    """Ranks load at different speeds: start-up waits longer than a step may."""
+    return max(tp.timeout * 10, datetime.timedelta(minutes=10))
+
+
 def join_startup(tp: TPContext, runner: ModelRunner, args: WorkerArgs) -> tuple[int, list[int]]:
     """The start-up collectives every rank makes, in this order: agree on the KV pool size
     (the smallest any rank can hold) and report the weight bytes each rank holds."""
@@ -125,9 +103,8 @@ def join_startup(tp: TPContext, runner: ModelRunner, args: WorkerArgs) -> tuple[
     if not tp.enabled:
         return num_blocks, [runner.weight_bytes]
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(tp.world_size)]
-    dist.all_gather(sizes, torch.tensor([runner.weight_bytes]), group=tp.control_group)
+    work = dist.all_gather(
+        sizes, torch.tensor([runner.weight_bytes]), group=tp.control_group, async_op=True
+    )
+    work.wait(startup_timeout(tp))
     return num_blocks, [int(s) for s in sizes]
-
-
-if __name__ == "__main__":
-    sys.exit(spawned_worker_main())

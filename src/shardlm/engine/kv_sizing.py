@@ -38,7 +38,12 @@ def plan_kv_blocks(
         how = f"memory_utilization={util} of free memory ({budget / 2**30:.2f} GiB)"
     if runner.tp.enabled:
         agreed = torch.tensor([tokens], dtype=torch.long)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=runner.tp.control_group)
+        from shardlm.distributed.worker import startup_timeout
+
+        work = dist.all_reduce(
+            agreed, op=dist.ReduceOp.MIN, group=runner.tp.control_group, async_op=True
+        )
+        work.wait(startup_timeout(runner.tp))
         tokens = int(agreed)
     if tokens < block_size:
         raise ValueError(

@@ -129,6 +129,7 @@ class LLMEngine:
 
         self.workers: WorkerGroup | None = None
         self._closed = False
+        self._tp_owned = False
         self._threads = torch.get_num_threads()
         tp = TPContext.single()
         args = WorkerArgs(
@@ -195,16 +196,20 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
+        runner = getattr(self, "runner", None)
+        failed = self.workers is not None and self.workers.failed is not None
+        if graceful and not failed and runner is not None and runner.tp.enabled:
+            try:
+                protocol.send(runner.tp, protocol.Command.SHUTDOWN, [], None)
+            except Exception:
+                logger.warning("could not tell the workers to shut down; stopping them")
+                graceful = False
         if self.workers is not None:
-            if graceful and self.workers.failed is None:
-                try:
-                    protocol.send(self.runner.tp, protocol.Command.SHUTDOWN, [], None)
-                except Exception:
-                    logger.warning("could not tell the workers to shut down; killing them")
+            if graceful:
                 self.workers.join(timeout=10)
             else:
                 self.workers.kill()
-        if getattr(self, "_tp_owned", False) and dist.is_initialized():
+        if self._tp_owned and dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(self._threads)
 
@@ -419,6 +424,11 @@ def _resolve_device(device: str) -> torch.device:
 
 def start_driver(args: WorkerArgs) -> tuple[TPContext, WorkerGroup | None]:
     """Become rank 0: join a torchrun job, or spawn the workers ourselves."""
+    if dist.is_initialized():
+        raise ValueError(
+            "a tensor-parallel engine (or another torch.distributed job) is already running in "
+            "this process; shut it down first (one tensor-parallel engine per process)"
+        )
     if under_torchrun():
         rank, world = torchrun_rank()
         if world != args.world_size or rank != 0:
