@@ -28,6 +28,9 @@ class TPContext:
     control_group: dist.ProcessGroup | None = None
     # The failure timeout: how long the driver waits on any rank before declaring it lost.
     timeout: datetime.timedelta = datetime.timedelta(seconds=60)
+    # Counters of the model's AllReduces (for benchmarks and tests).
+    all_reduce_calls: int = 0
+    all_reduce_bytes: int = 0
 
     @classmethod
     def single(cls) -> TPContext:
@@ -45,6 +48,8 @@ class TPContext:
         """Sum ``x`` over ranks, in place (the partial sums of row-parallel layers)."""
         if self.enabled:
             dist.all_reduce(x, group=self.group)
+            self.all_reduce_calls += 1
+            self.all_reduce_bytes += x.nbytes
         return x
 
     def gather_to_driver(self, x: torch.Tensor) -> torch.Tensor | None:
