@@ -75,7 +75,8 @@ def main() -> None:
 
     print(
         f"random Llama: hidden {args.hidden}, {args.layers} layers, "
-        f"{args.heads}q/{args.kv_heads}kv heads, intermediate {args.intermediate}, vocab {args.vocab}; float32, CPU, gloo; "
+        f"{args.heads}q/{args.kv_heads}kv heads, intermediate {args.intermediate}, "
+        f"vocab {args.vocab}; float32, CPU, gloo; "
         f"{args.new_tokens} new tokens; {torch.get_num_threads()} cores shared by all ranks"
     )
     header = (
