@@ -48,6 +48,14 @@ def child_pids() -> set[int]:
     return pids
 
 
+def is_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 @pytest.fixture(scope="module")
 def tp_checkpoints(tmp_path_factory):
     out = {}
@@ -272,3 +280,26 @@ def test_torchrun_across_two_hosts(tp_checkpoints, two_hosts):
     outputs = [finish(p) for p in procs]
     # Whichever host the rendezvous made rank 0 prints the text; the other prints nothing.
     assert sorted(outputs) == ["", single]
+
+
+def test_workers_exit_when_the_driver_is_killed(tp_checkpoints):
+    """A driver killed with SIGKILL cannot clean up: its workers must notice and exit."""
+    path, _ = tp_checkpoints["llama-mqa"]
+    script = (
+        "import sys, time\n"
+        "from shardlm import LLM\n"
+        f"llm = LLM({str(path)!r}, device='cpu', tensor_parallel_size=2)\n"
+        "print(llm.engine.workers.processes[0].pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(driver.stdout.readline())
+        driver.kill()
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and is_alive(worker_pid):
+            time.sleep(0.2)
+        assert not is_alive(worker_pid), "the worker outlived its driver"
+    finally:
+        driver.kill()
