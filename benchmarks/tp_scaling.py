@@ -17,21 +17,7 @@ import time
 
 import torch
 
-
-def make_checkpoint(path: str, args: argparse.Namespace) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+from common import add_model_args, make_checkpoint
 
 
 def measure(path: str, tp: int, batch: int, new_tokens: int) -> dict:
@@ -58,12 +44,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as path:

@@ -59,6 +59,34 @@ class WorkerArgs:
     world_size: int
     timeout_s: float
 
+    @classmethod
+    def of(
+        cls,
+        model: str | os.PathLike,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        kv_cache_tokens: int | None,
+        memory_utilization: float | None,
+        block_size: int,
+        max_num_seqs: int,
+        world_size: int,
+        timeout_s: float,
+    ) -> WorkerArgs:
+        """From resolved engine arguments (the driver's, or a torchrun worker's own)."""
+        return cls(
+            str(model),
+            str(dtype).removeprefix("torch."),
+            device.type,
+            max_model_len,
+            kv_cache_tokens,
+            memory_utilization,
+            block_size,
+            max_num_seqs,
+            world_size,
+            float(timeout_s),
+        )
+
 
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or (

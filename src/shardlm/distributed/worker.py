@@ -52,17 +52,17 @@ def run_torchrun_worker(
 
     config = ModelConfig.from_pretrained(model)
     dev = _resolve_device(device)
-    args = WorkerArgs(
-        model=str(model),
-        dtype=str(resolve_dtype(dtype, config.torch_dtype, dev)).removeprefix("torch."),
-        device_type=dev.type,
-        max_model_len=max_model_len or config.max_position_embeddings,
-        kv_cache_tokens=kv_cache_tokens,
-        memory_utilization=memory_utilization,
-        block_size=block_size,
-        max_num_seqs=max_num_seqs,
-        world_size=tensor_parallel_size,
-        timeout_s=float(tp_timeout_s),
+    args = WorkerArgs.of(
+        model,
+        resolve_dtype(dtype, config.torch_dtype, dev),
+        dev,
+        max_model_len or config.max_position_embeddings,
+        kv_cache_tokens,
+        memory_utilization,
+        block_size,
+        max_num_seqs,
+        tensor_parallel_size,
+        tp_timeout_s,
     )
     rank, world = torchrun_rank()
     tp = init_groups(rank, world, args.device_type, args.timeout_s, None)

@@ -132,17 +132,17 @@ class LLMEngine:
         self._tp_owned = False
         self._threads = torch.get_num_threads()
         tp = TPContext.single()
-        args = WorkerArgs(
-            model=str(path),
-            dtype=str(self.dtype).removeprefix("torch."),
-            device_type=self.device.type,
-            max_model_len=max_model_len,
-            kv_cache_tokens=kv_cache_tokens,
-            memory_utilization=memory_utilization,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            world_size=tensor_parallel_size,
-            timeout_s=float(tp_timeout_s),
+        args = WorkerArgs.of(
+            path,
+            self.dtype,
+            self.device,
+            max_model_len,
+            kv_cache_tokens,
+            memory_utilization,
+            block_size,
+            max_num_seqs,
+            tensor_parallel_size,
+            tp_timeout_s,
         )
         if tensor_parallel_size > 1:
             tp, self.workers = start_driver(args)

@@ -1,0 +1,38 @@
+"""What the benchmarks share: the model-shape flags and a random checkpoint made with
+transformers' save_pretrained (so both engines load the very same files)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Shape of the random Llama (default: ~58M parameters, the docs' CPU model)."""
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+
+
+def make_checkpoint(path: str, args: argparse.Namespace) -> int:
+    """Save a seeded random LlamaForCausalLM of that shape to ``path``; return its size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
