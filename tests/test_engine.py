@@ -323,3 +323,57 @@ def test_pool_sized_from_memory_when_no_token_count_is_given(llama_ckpt, caplog)
         match=r"memory_utilization=1e-12 of free memory .* leaves room for 0 KV-cache tokens",
     ):
         LLMEngine(path, device="cpu", memory_utilization=1e-12)
+
+
+@pytest.mark.parametrize("budget", [2, 3, 5])
+def test_tiny_token_budgets_never_sample_mid_prompt(llama_ckpt, alone, budget):
+    """A prefill chunk of one token that is not the prompt's last must not be sampled."""
+    path, _ = llama_ckpt
+    prompts = [[1], [1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13], [4, 4]]
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (6, 5, 4, 7)]
+    expected = run_alone(alone, prompts, params)
+    with LLM(path, device="cpu", kv_cache_tokens=1024, max_num_batched_tokens=budget) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+
+
+def test_interleaved_streams_and_generate_each_get_their_own_output(alone):
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (12, 20)]
+    prompts = [[5, 6], [9, 10, 11]]
+    expected = run_alone(alone, prompts, params)
+    a = alone.stream(prompts[0], params[0])
+    b = alone.stream(prompts[1], params[1])
+    got_a, got_b = [], []
+    for _ in range(3):  # a and b advance each other's requests
+        got_a += next(a).token_ids
+        got_b += next(b).token_ids
+    middle = alone.generate([[3, 3, 3]], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+    assert len(middle[0].outputs[0].token_ids) == 4
+    got_a += [t for e in a for t in e.token_ids]
+    got_b += [t for e in b for t in e.token_ids]
+    assert [got_a, got_b] == expected
+    assert not alone._pending and not alone._waited_on
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda llm: llm.generate(None), "prompts must be a string"),
+        (lambda llm: llm.generate(123), "prompts must be a string"),
+        (lambda llm: llm.generate({"prompt_token_ids": 5}), "prompt_token_ids must be a list"),
+        (lambda llm: llm.engine.add_request(7, [1, 2]), "request_id must be a string"),
+        (lambda llm: llm.prompt_logits([1, 999]), "outside the vocabulary"),
+    ],
+)
+def test_bad_calls_raise_one_line_value_errors(alone, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(alone)
+
+
+def test_stop_strings_without_tokenizer_are_refused(llama_ckpt):
+    path, _ = llama_ckpt
+    engine = LLMEngine(path, device="cpu", kv_cache_tokens=256, skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        engine.add_request("a", [1, 2], SamplingParams(stop=["x"]))
+    with pytest.raises(ValueError, match="memory_utilization must be a number"):
+        LLMEngine(path, device="cpu", memory_utilization=True)

@@ -303,3 +303,10 @@ def test_workers_exit_when_the_driver_is_killed(tp_checkpoints):
         assert not is_alive(worker_pid), "the worker outlived its driver"
     finally:
         driver.kill()
+
+
+def test_startup_error_keeps_its_message_under_tp(tp_checkpoints):
+    path, _ = tp_checkpoints["llama-mqa"]
+    with pytest.raises(ValueError, match="less than one block"):
+        LLM(path, device="cpu", tensor_parallel_size=2, memory_utilization=1e-12)
+    assert not child_pids()

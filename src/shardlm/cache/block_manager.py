@@ -137,9 +137,12 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self._evictable[block]
             self.ref_counts[block] += 1
-        self.stats.prefix_queries_tokens += full * bs
-        self.stats.prefix_hit_tokens += len(blocks) * bs
         return blocks, hashes
+
+    def record_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        """Count a lookup that led to an admission (retries of a waiting one do not count)."""
+        self.stats.prefix_queries_tokens += queried_tokens
+        self.stats.prefix_hit_tokens += hit_tokens
 
     def register_full_block(
         self, block: int, parent: bytes | None, token_ids: Sequence[int]

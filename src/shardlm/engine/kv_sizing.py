@@ -33,6 +33,9 @@ def plan_kv_blocks(
     else:
         util = memory_utilization or DEFAULT_MEMORY_UTILIZATION[runner.device.type]
         budget = memory_budget(runner.device, util)
+        if runner.device.type == "cpu":
+            # Ranks on one host share its RAM: each takes its part of the fraction.
+            budget //= int(os.environ.get("LOCAL_WORLD_SIZE", runner.tp.world_size))
         # More than every sequence at full length can never be used.
         tokens = min(budget // per_token, max_num_seqs * runner.max_model_len)
         how = f"memory_utilization={util} of free memory ({budget / 2**30:.2f} GiB)"

@@ -42,6 +42,10 @@ class LLM:
     def __init__(self, model: str, **engine_args) -> None:
         self.engine = LLMEngine(model, **engine_args)
         self._request_ids = itertools.count()
+        # Step outputs not yet collected, per request: whoever drives the engine (a generate
+        # call or any open stream) files every request's output here for its owner.
+        self._pending: dict[str, list[RequestOutput]] = {}
+        self._waited_on: set[str] = set()  # request ids some caller is collecting
 
     @property
     def tokenizer(self):
@@ -92,17 +96,23 @@ class LLM:
         try:
             for rid, prompt, params in zip(ids, prompt_list, params_list, strict=True):
                 self.engine.add_request(rid, prompt, params)
+                self._waited_on.add(rid)
             bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 8)
             with bar:
-                while self.engine.has_unfinished_requests():
-                    for delta in self.engine.step():
-                        _accumulate(results, delta)
-                        if delta.finished:
-                            bar.update(1)
+                unfinished = set(ids)
+                while unfinished:
+                    self._step()
+                    for rid in list(unfinished):
+                        for delta in self._pending.pop(rid, []):
+                            _accumulate(results, delta)
+                            if delta.finished:
+                                unfinished.discard(rid)
+                                bar.update(1)
         finally:
             for rid in ids:  # on error (or Ctrl-C), leave nothing running
-                if rid in self.engine.requests:
-                    self.engine.abort(rid)
+                self.engine.abort(rid)
+                self._pending.pop(rid, None)
+                self._waited_on.discard(rid)
         return [results[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
@@ -112,17 +122,28 @@ class LLM:
             raise ValueError(f"stream supports n=1 only, got n={params.n}")
         rid = f"stream-{next(self._request_ids)}"
         self.engine.add_request(rid, prompt, params)
+        self._waited_on.add(rid)
         try:
             while True:
-                for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
+                outs = self._pending.pop(rid, [])
+                if not outs:
+                    self._step()
+                    continue
+                for out in outs:
                     c = out.outputs[0]
                     yield StreamEvent(c.token_ids, c.text, c.finish_reason, c.stop_reason)
                     if out.finished:
                         return
         finally:
             self.engine.abort(rid)
+            self._pending.pop(rid, None)
+            self._waited_on.discard(rid)
+
+    def _step(self) -> None:
+        """Advance the engine one step and file each request's output for its owner."""
+        for out in self.engine.step():
+            if out.request_id in self._waited_on:  # else: abandoned (e.g. an abort's echo)
+                self._pending.setdefault(out.request_id, []).append(out)
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Float32 logits [T, vocab] at every position of the prompt (for scoring)."""
@@ -157,6 +178,11 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(
+            "prompts must be a string, a list of token ids, a dict, or a list of those; "
+            f"got {type(prompts).__name__}"
+        )
     prompts = list(prompts)
     if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
         return [prompts]  # one prompt given as token ids

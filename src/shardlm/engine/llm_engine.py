@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,9 @@ class LLMEngine:
         if kv_cache_tokens is not None:
             _check_int("kv_cache_tokens", kv_cache_tokens, block_size, 2**40)
         if memory_utilization is not None and not (
-            isinstance(memory_utilization, (int, float)) and 0 < memory_utilization <= 1
+            isinstance(memory_utilization, (int, float))
+            and not isinstance(memory_utilization, bool)
+            and 0 < memory_utilization <= 1
         ):
             raise ValueError(
                 f"memory_utilization must be a number in (0, 1], got {memory_utilization!r}"
@@ -147,6 +150,8 @@ class LLMEngine:
         if tensor_parallel_size > 1:
             tp, self.workers = start_driver(args)
             self._tp_owned = True
+            # An engine dropped without shutdown() must not leave its workers running.
+            self._finalizer = weakref.finalize(self, _stop_tensor_parallel, self.workers)
             torch.set_num_threads(threads_per_rank(tensor_parallel_size))
             if self.device.type == "cuda":
                 self.device = device_for_rank("cuda")
@@ -172,24 +177,48 @@ class LLMEngine:
         return self.runner.tp
 
     def _guarded(self, fn, *args):
-        """Run something that talks to the workers; a failed collective becomes a
-        WorkerFailure naming the rank, with every rank stopped."""
+        """Run something that talks to the workers. A failed collective becomes a
+        WorkerFailure naming the rank, with every rank stopped. Anything else that interrupts
+        a step half-way (bad input found late, Ctrl-C) also stops the workers, since they
+        would otherwise be left inside that step's collectives: the engine is then failed."""
         if self._closed:
             raise WorkerFailure("the engine was shut down")
-        if self.workers is None:
+        tp = self.runner.tp if hasattr(self, "runner") else None
+        if self.workers is None and (tp is None or not tp.enabled):
             return fn(*args)
-        self.workers.check_alive()
+        if self.workers is not None:
+            self.workers.check_alive()
         try:
             return fn(*args)
         except WorkerFailure:
             raise
+        except (ShardlmError, ValueError, KeyboardInterrupt) as e:
+            self._abandon(f"interrupted by {type(e).__name__}")
+            raise
         except Exception as e:  # a collective failed or timed out
+            if self.workers is None:  # torchrun: it stops the other ranks itself
+                raise WorkerFailure(
+                    f"a tensor-parallel collective failed: {str(e).splitlines()[0]}; "
+                    "torchrun stops the other ranks"
+                ) from e
             self.workers.diagnose(e)
             raise  # diagnose always raises; this keeps the flow explicit
+        except BaseException:
+            self._abandon("interrupted")
+            raise
+
+    def _abandon(self, why: str) -> None:
+        """Stop every worker and mark the engine failed (without raising)."""
+        if self.workers is not None and self.workers.failed is None:
+            self.workers.failed = WorkerFailure(
+                f"the engine was {why} during a tensor-parallel step; all ranks were stopped"
+            )
+            self.workers.kill()
 
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """Float32 logits at every prompt position (scoring; tests compare with HF)."""
-        return self._guarded(self.runner.prompt_logits, prompt_ids)
+        _, ids = self.encode_prompt(list(prompt_ids))  # validated before any rank sees them
+        return self._guarded(self.runner.prompt_logits, ids)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the workers (if any) and release the process groups. Idempotent."""
@@ -209,8 +238,10 @@ class LLMEngine:
                 self.workers.join(timeout=10)
             else:
                 self.workers.kill()
-        if self._tp_owned and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._tp_owned:
+            self._finalizer.detach()
+            if dist.is_initialized():
+                dist.destroy_process_group()
         torch.set_num_threads(self._threads)
 
     # -- requests --
@@ -221,8 +252,15 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                "stop strings need a tokenizer (skip_tokenizer_init=True was set); "
+                "use stop_token_ids instead"
+            )
         text, ids = self.encode_prompt(prompt)
         pool_tokens = self.blocks.num_blocks * self.blocks.block_size
         if len(ids) + 1 > pool_tokens:
@@ -270,7 +308,11 @@ class LLMEngine:
         """Validate a prompt and return (text or None, token ids)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
+                prompt = prompt["prompt_token_ids"]
+                if not isinstance(prompt, (list, tuple)):
+                    raise ValueError(
+                        f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}"
+                    )
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -312,20 +354,12 @@ class LLMEngine:
         if batch:
             self._prefill_tokens += sum(n for _, n in batch.prefills)
             self._decode_tokens += len(batch.decodes)
-            seqs, logits = self._guarded(self.runner.execute, batch)
+            seqs, tokens, logprobs = self._guarded(self._execute_and_sample, batch)
             for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
                 seq.num_computed_tokens += n
                 self._register_full_blocks(seq)
             if seqs:
-                rows = [
-                    SamplingRow(
-                        s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_ids
-                    )
-                    for s in seqs
-                ]
-                result = sample(logits, rows)
-                tokens = result.token_ids.tolist()  # the one host sync of the step
-                for seq, token, lps in zip(seqs, tokens, result.logprobs, strict=True):
+                for seq, token, lps in zip(seqs, tokens, logprobs, strict=True):
                     append_token(
                         seq, token, lps, self.eos_token_ids, self.max_model_len, self.tokenizer
                     )
@@ -341,6 +375,19 @@ class LLMEngine:
             if request.is_finished:
                 del self.requests[request_id]
         return outputs
+
+    def _execute_and_sample(self, batch) -> tuple[list[Sequence], list[int], list]:
+        """Forward + sampling. Reading the sampled ids is the step's one host sync; it stays
+        inside the guarded call because on CUDA a failed collective surfaces only there."""
+        seqs, logits = self.runner.execute(batch)
+        if not seqs:
+            return [], [], []
+        rows = [
+            SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_ids)
+            for s in seqs
+        ]
+        result = sample(logits, rows)
+        return seqs, result.token_ids.tolist(), result.logprobs
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Offer the blocks this step filled to the prefix cache."""
@@ -419,7 +466,20 @@ def _resolve_device(device: str) -> torch.device:
         raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} does not exist: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
     return dev
+
+
+def _stop_tensor_parallel(workers: WorkerGroup | None) -> None:
+    """Last resort for an engine garbage-collected (or a process exiting) without shutdown."""
+    if workers is not None:
+        workers.kill()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def start_driver(args: WorkerArgs) -> tuple[TPContext, WorkerGroup | None]:

@@ -92,8 +92,8 @@ class Scheduler:
             preempted |= self.stats.preemptions != before
             if not fits:
                 continue
-            if n == 1:
-                batch.decodes.append(seq)
+            if seq.num_tokens - seq.num_computed_tokens == 1:
+                batch.decodes.append(seq)  # its last known token: a decode, sampled
             else:
                 batch.prefills.append((seq, n))
             # Recomputed, not decremented: a preemption may have removed scheduled work.
@@ -114,6 +114,8 @@ class Scheduler:
                 self.blocks.free(cached)
                 break
             self.waiting.popleft()
+            full_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+            self.blocks.record_prefix_lookup(full_blocks * self.blocks.block_size, computed)
             seq.block_table = cached + self.blocks.allocate(need)
             seq.block_hashes = hashes
             seq.num_computed_tokens = computed
