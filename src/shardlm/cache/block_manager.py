@@ -163,10 +163,3 @@ class BlockManager:
         if h is not None:
             del self.cached[h]
             self.hashes[block] = None
-
-    def reset_prefix_cache(self) -> None:
-        """Forget all cached content of unreferenced blocks."""
-        for block in list(self._evictable):
-            self._forget(block)
-            self._free.append(block)
-        self._evictable.clear()

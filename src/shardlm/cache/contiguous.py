@@ -24,6 +24,3 @@ class ContiguousKVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.capacity = capacity
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes

@@ -32,6 +32,3 @@ class PagedKVCache:
         num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes

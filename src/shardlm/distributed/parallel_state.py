@@ -60,9 +60,3 @@ class TPContext:
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_driver else None
         dist.gather(x, parts, dst=0, group=self.group)
         return torch.cat(parts, dim=-1) if self.is_driver else None
-
-
-def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of an evenly divided dimension (``total`` must divide by world_size)."""
-    size = total // world_size
-    return rank * size, (rank + 1) * size

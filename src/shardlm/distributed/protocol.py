@@ -22,7 +22,6 @@ class Command(enum.IntEnum):
     STEP = 1  # payload: StepInputs
     SCORE = 2  # payload: prompt token ids (prompt_logits)
     SHUTDOWN = 3
-    INIT_CACHE = 4  # header: [num_blocks, block_size]
 
 
 def send(tp: TPContext, command: Command, sizes: list[int], payload: torch.Tensor | None) -> None:

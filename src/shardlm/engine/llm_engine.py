@@ -297,7 +297,6 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 finish_sequence(seq, "abort")
-        request.aborted = True
         self._aborted_outputs.append(self._output(request, request.seqs))
         return True
 

@@ -91,7 +91,6 @@ class Request:
     params: SamplingParams
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
-    aborted: bool = False
 
     @property
     def is_finished(self) -> bool:
