@@ -377,3 +377,21 @@ def test_stop_strings_without_tokenizer_are_refused(llama_ckpt):
         engine.add_request("a", [1, 2], SamplingParams(stop=["x"]))
     with pytest.raises(ValueError, match="memory_utilization must be a number"):
         LLMEngine(path, device="cpu", memory_utilization=True)
+
+
+def test_n_samples_compute_the_prompt_once(llama_ckpt):
+    path, _ = llama_ckpt
+    prompt = random_prompts(1, 100, 100, seed=9)[0]  # 6 full blocks + 4 tokens
+    params = SamplingParams(n=4, temperature=1.0, seed=2, max_tokens=3, ignore_eos=True)
+    outs = {}
+    for caching in (True, False):
+        with LLM(path, device="cpu", kv_cache_tokens=2048, enable_prefix_caching=caching) as llm:
+            outs[caching] = llm.generate([prompt], params, use_tqdm=False)[0]
+            stats = llm.engine.stats
+        extra_samples = 3
+        if caching:  # each extra sample recomputes only the 4-token partial last block
+            assert stats.prefill_tokens == 100 + extra_samples * 4
+            assert stats.prefix_cache_hit_tokens == extra_samples * 96
+        else:
+            assert stats.prefill_tokens == 4 * 100
+    assert [c.token_ids for c in outs[True].outputs] == [c.token_ids for c in outs[False].outputs]

@@ -6,7 +6,8 @@ Every step has a token budget (``max_num_batched_tokens``). It is spent in this 
 2. the next chunk of every running sequence still in prefill (chunked prefill: a long prompt
    is computed over several steps and never blocks the decodes);
 3. new sequences from the waiting queue (FIFO), each starting with its longest cached prefix
-   and as much of the rest of its prompt as the budget allows.
+   and as much of the rest of its prompt as the budget allows. Samples 2..n of a request
+   wait until sample 1 has computed the prompt, then share its blocks through the cache.
 
 When the pool has no block for a running sequence's next tokens, the most recently admitted
 running sequence is preempted: its blocks are freed and it goes back to the front of the
@@ -99,11 +100,12 @@ class Scheduler:
             # Recomputed, not decremented: a preemption may have removed scheduled work.
             budget = self.max_num_batched_tokens - batch.num_tokens
 
-        # 3: admit waiting sequences.
-        while (
-            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
-        ):
-            seq = self.waiting[0]
+        # 3: admit waiting sequences, in arrival order.
+        for seq in list(self.waiting):
+            if budget == 0 or preempted or len(self.running) >= self.max_num_seqs:
+                break
+            if self._wait_for_sibling(seq):
+                continue
             # Reuse cached full blocks, but always leave at least one token to compute: its
             # logits are needed to sample the next token.
             cached, hashes = self.blocks.acquire_prefix(seq.token_ids, seq.num_tokens - 1)
@@ -113,7 +115,7 @@ class Scheduler:
             if need > self.blocks.num_free_blocks:
                 self.blocks.free(cached)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             full_blocks = (seq.num_tokens - 1) // self.blocks.block_size
             self.blocks.record_prefix_lookup(full_blocks * self.blocks.block_size, computed)
             seq.block_table = cached + self.blocks.allocate(need)
@@ -127,6 +129,16 @@ class Scheduler:
         return batch
 
     # -- helpers --
+    def _wait_for_sibling(self, seq: Sequence) -> bool:
+        """Samples 2..n of a request wait until sample 1 has computed the prompt, so they take
+        its full prompt blocks from the prefix cache instead of computing them again."""
+        if seq.index == 0 or not self.blocks.enable_prefix_caching:
+            return False
+        first = seq.request.seqs[0]
+        return first.status is SequenceStatus.RUNNING and (
+            first.num_computed_tokens < first.num_prompt_tokens
+        )
+
     def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Ensure ``seq`` has blocks for ``num_tokens`` tokens, preempting the most recently
         admitted sequences if needed. False if ``seq`` itself had to give way."""
