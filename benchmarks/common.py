@@ -36,3 +36,17 @@ def make_checkpoint(path: str, args: argparse.Namespace) -> int:
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
+
+
+def print_profile(fn, top: int = 8) -> None:
+    """Run ``fn`` once under the torch profiler; print where shardlm's time goes."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"profile of one shardlm run: {total / 1e6:.2f} s of op time, top {top} ops")
+    for e in events[:top]:
+        share = 100 * e.self_cpu_time_total / total
+        print(f"  {e.key:<52}{share:>6.1f}%{e.count:>9} calls")

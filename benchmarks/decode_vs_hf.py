@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import add_model_args, make_checkpoint
+from common import add_model_args, make_checkpoint, print_profile
 
 
 def read_bandwidth() -> float:
@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     add_model_args(p)
+    p.add_argument("--profile", action="store_true", help="also profile one shardlm run")
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -77,6 +78,8 @@ def main() -> None:
         same = run_hf() == run_ours()
         t_hf = time_it(run_hf, args.repeats)
         t_ours = time_it(run_ours, args.repeats)
+        if args.profile:
+            print_profile(run_ours)
 
     weight_bytes = n_params * 4
     bandwidth = read_bandwidth()

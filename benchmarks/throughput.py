@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import add_model_args, make_checkpoint
+from common import add_model_args, make_checkpoint, print_profile
 
 
 def run_hf(path: str, prompts: list[list[int]], outputs: list[int], batch: int) -> float:
@@ -47,7 +47,9 @@ def run_hf(path: str, prompts: list[list[int]], outputs: list[int], batch: int) 
     return time.perf_counter() - start
 
 
-def run_shardlm(path: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, dict]:
+def run_shardlm(
+    path: str, prompts: list[list[int]], outputs: list[int], profile: bool = False
+) -> tuple[float, dict]:
     from shardlm import LLM, SamplingParams
 
     llm = LLM(path, dtype="float32", device="cpu", skip_tokenizer_init=True)
@@ -65,6 +67,8 @@ def run_shardlm(path: str, prompts: list[list[int]], outputs: list[int]) -> tupl
         "preemptions": after.preemptions - before.preemptions,
         "blocks": after.num_blocks,
     }
+    if profile:
+        print_profile(lambda: llm.generate(prompts, params, use_tqdm=False))
     return seconds, stats
 
 
@@ -77,6 +81,7 @@ def main() -> None:
     p.add_argument("--min-output", type=int, default=32)
     p.add_argument("--max-output", type=int, default=256)
     add_model_args(p)
+    p.add_argument("--profile", action="store_true", help="also profile one shardlm run")
     p.add_argument("--skip-hf", action="store_true")
     args = p.parse_args()
 
@@ -90,7 +95,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as path:
         n_params = make_checkpoint(path, args)
-        t_ours, stats = run_shardlm(path, prompts, outputs)
+        t_ours, stats = run_shardlm(path, prompts, outputs, args.profile)
         t_hf = None if args.skip_hf else run_hf(path, prompts, outputs, args.hf_batch)
 
     print(

@@ -43,14 +43,21 @@ def test_invalid_sampling_params_name_the_field(kwargs, field):
 
 def test_prompt_forms_and_output_shape(llm):
     outs = llm.generate(
-        ["Hello", [5, 6, 7], {"prompt": "Hi"}, {"prompt_token_ids": [9, 10]}],
+        [
+            "Hello",
+            [5, 6, 7],
+            {"prompt": "Hi"},
+            {"prompt_token_ids": [9, 10]},
+            {"prompt": "shown as text", "prompt_token_ids": [11, 12]},  # ids win, text kept
+        ],
         SamplingParams(max_tokens=3, **GREEDY),
     )
-    assert [o.prompt for o in outs] == ["Hello", None, "Hi", None]
+    assert [o.prompt for o in outs] == ["Hello", None, "Hi", None, "shown as text"]
     assert outs[1].prompt_token_ids == [5, 6, 7]
+    assert outs[4].prompt_token_ids == [11, 12]
     assert outs[0].prompt_token_ids[0] == llm.tokenizer.bos_token_id
     assert all(len(o.outputs[0].token_ids) == 3 and o.finished for o in outs)
-    assert len({o.request_id for o in outs}) == 4
+    assert len({o.request_id for o in outs}) == 5
     # A flat list of ints is one prompt, not four.
     assert len(llm.generate([5, 6, 7], SamplingParams(max_tokens=1))) == 1
 
@@ -68,7 +75,7 @@ def test_prompt_forms_and_output_shape(llm):
 )
 def test_bad_prompts(llm, prompt, match):
     with pytest.raises(ValueError, match=match):
-        llm.generate([prompt] if not isinstance(prompt, bytes) else [prompt, "ok"])
+        llm.generate([prompt, "a valid prompt"])
 
 
 def test_stop_token_ids_and_eos(llm, llama_ckpt):

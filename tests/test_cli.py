@@ -71,14 +71,11 @@ def test_bad_input_is_one_line_without_traceback(args, message, llama_ckpt):
 
 
 def test_demo_model_is_built_deterministically_and_says_it_is_random(tmp_path):
-    r = run_cli(
-        "generate",
-        "--max-tokens",
-        "8",
-        "--seed",
-        "1",
-        env_extra={"SHARDLM_CACHE": str(tmp_path / "a")},
-    )
+    def demo_run():
+        cache = {"SHARDLM_CACHE": str(tmp_path / "a")}
+        return run_cli("generate", "--max-tokens", "8", "--seed", "1", env_extra=cache)
+
+    r = demo_run()
     assert r.returncode == 0, r.stderr
     assert "random" in r.stderr and "--model" in r.stderr
     assert r.stdout.startswith("Once upon a time")
@@ -96,15 +93,7 @@ def test_demo_model_is_built_deterministically_and_says_it_is_random(tmp_path):
     assert digest(built) == digest(other)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(digest(built))
     # The second run reuses the cached checkpoint and, seeded, repeats the same text.
-    again = run_cli(
-        "generate",
-        "--max-tokens",
-        "8",
-        "--seed",
-        "1",
-        env_extra={"SHARDLM_CACHE": str(tmp_path / "a")},
-    )
-    assert again.stdout == r.stdout
+    assert demo_run().stdout == r.stdout
 
 
 def test_demo_checkpoint_loads_in_transformers(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shardlm.attention.reference import visibility_mask
+from shardlm.attention.reference import sdpa_mask
 from shardlm.cache.contiguous import ContiguousKVCache
 
 
@@ -24,8 +24,7 @@ class ContiguousAttention:
         self.sliding_windows = sliding_windows
         self.start = 0
         self.end = 0
-        self._masks: dict[int | None, torch.Tensor | None] = {}
-        self._causal = False
+        self._masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
 
     def begin_step(self, start: int, num_tokens: int) -> None:
         """Prepare for tokens at positions [start, start + num_tokens)."""
@@ -35,32 +34,21 @@ class ContiguousAttention:
                 f"{self.cache.capacity}"
             )
         self.start, self.end = start, start + num_tokens
-        self._masks = {}
-        # Plain causal attention needs no mask tensor: one query sees everything, and a
-        # prefill from position 0 is SDPA's own is_causal.
-        self._causal = start == 0 and num_tokens > 1
         device = self.cache.k.device
-        for window in set(self.sliding_windows):
-            needs_window = window is not None and self.end > window
-            if needs_window or (num_tokens > 1 and start > 0):
-                q_pos = torch.arange(start, self.end, device=device)
-                kv_pos = torch.arange(self.end, device=device)
-                self._masks[window] = visibility_mask(q_pos, kv_pos, window)
-            else:
-                self._masks[window] = None
+        self._masks = {w: sdpa_mask(start, self.end, w, device) for w in set(self.sliding_windows)}
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k, v [T, Hkv, D] into the cache; attend q [T, Hq, D]; → [T, Hq, D]."""
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_cache[:, self.start : self.end] = k.transpose(0, 1)
         v_cache[:, self.start : self.end] = v.transpose(0, 1)
-        mask = self._masks[self.sliding_windows[layer]]
+        mask, causal = self._masks[self.sliding_windows[layer]]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             k_cache[:, : self.end].unsqueeze(0),
             v_cache[:, : self.end].unsqueeze(0),
             attn_mask=mask,
-            is_causal=self._causal and mask is None,
+            is_causal=causal,
             scale=self.scale,
             enable_gqa=True,
         )

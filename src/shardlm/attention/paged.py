@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shardlm.attention.reference import partial_attention, visibility_mask
+from shardlm.attention.reference import partial_attention, sdpa_mask, visibility_mask
 from shardlm.cache.paged import PagedKVCache
 
 
@@ -79,7 +79,7 @@ class PagedAttention:
         self.sliding_windows = sliding_windows
         self.step: PagedStep | None = None
         self._decode_masks: dict[int | None, torch.Tensor] = {}
-        self._prefill_masks: list[dict[int | None, torch.Tensor | None]] = []
+        self._prefill_masks: list[dict[int | None, tuple[torch.Tensor | None, bool]]] = []
 
     def begin_step(self, step: PagedStep) -> None:
         self.step = step
@@ -95,19 +95,18 @@ class PagedAttention:
                 if w is not None:
                     visible &= j > last - w
                 self._decode_masks[w] = visible[:, None, None, :]  # [B, 1, 1, Lmax]
-        self._prefill_masks = []
-        for chunk in step.prefills:
-            n = chunk.end - chunk.start
-            masks: dict[int | None, torch.Tensor | None] = {}
-            for w in windows:
-                if chunk.context_len == n and (w is None or n <= w):
-                    masks[w] = None  # whole prompt at once, no window cut: plain causal
-                else:
-                    device = chunk.slots.device
-                    q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=device)
-                    kv_pos = torch.arange(chunk.context_len, device=device)
-                    masks[w] = visibility_mask(q_pos, kv_pos, w)
-            self._prefill_masks.append(masks)
+        self._prefill_masks = [
+            {
+                w: sdpa_mask(
+                    chunk.context_len - (chunk.end - chunk.start),
+                    chunk.context_len,
+                    w,
+                    chunk.slots.device,
+                )
+                for w in windows
+            }
+            for chunk in step.prefills
+        ]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         step = self.step
@@ -129,7 +128,7 @@ class PagedAttention:
                 enable_gqa=True,
             ).squeeze(2)
         for chunk, masks in zip(step.prefills, self._prefill_masks, strict=True):
-            mask = masks[window]
+            mask, causal = masks[window]
             if chunk.context_len == chunk.end - chunk.start:
                 # Nothing cached before this chunk: its own k, v are all the keys there are.
                 keys, vals = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
@@ -141,7 +140,7 @@ class PagedAttention:
                     keys.transpose(0, 1).unsqueeze(0),
                     vals.transpose(0, 1).unsqueeze(0),
                     attn_mask=mask,
-                    is_causal=mask is None,
+                    is_causal=causal,
                     scale=self.scale,
                     enable_gqa=True,
                 )

@@ -30,6 +30,25 @@ def visibility_mask(
     return visible
 
 
+def sdpa_mask(
+    start: int, end: int, sliding_window: int | None, device: torch.device | str
+) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for SDPA when queries at positions [start, end) attend to keys
+    at positions [0, end).
+
+    No mask tensor is built when SDPA can do without: queries from position 0 with no window
+    cut are its own ``is_causal`` (top-left aligned, which is right only when start = 0), and
+    a single query with no window cut sees every key.
+    """
+    uncut = sliding_window is None or end <= sliding_window
+    if uncut and start == 0:
+        return None, True
+    if uncut and end - start == 1:
+        return None, False
+    q_pos = torch.arange(start, end, device=device)
+    return visibility_mask(q_pos, torch.arange(end, device=device), sliding_window), False
+
+
 def partial_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -27,7 +27,7 @@ from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine.kv_sizing import plan_kv_blocks
 from shardlm.engine.runner import ModelRunner
 from shardlm.engine.step_inputs import StepInputs
-from shardlm.loader import DTYPES
+from shardlm.loader import DTYPES, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,8 @@ def run_torchrun_worker(
 ) -> int:
     """A rank > 0 of a torchrun job: given the same engine arguments as the driver (the same
     command line), resolve them the same way and serve the driver."""
-    from shardlm.engine.llm_engine import _resolve_device
-    from shardlm.loader import resolve_dtype
-
     config = ModelConfig.from_pretrained(model)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     args = WorkerArgs.of(
         model,
         resolve_dtype(dtype, config.torch_dtype, dev),
@@ -82,7 +79,7 @@ def serve(tp: TPContext, args: WorkerArgs) -> None:
         if command is protocol.Command.SHUTDOWN:
             break
         if command is protocol.Command.STEP:
-            runner.run(StepInputs.decode(sizes[:5], payload, device))
+            runner.run(StepInputs.decode(sizes[:5], payload).to(device))
         elif command is protocol.Command.SCORE:
             runner.score(payload)
     dist.destroy_process_group()

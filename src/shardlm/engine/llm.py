@@ -88,13 +88,14 @@ class LLM:
                     f"sampling_params has {len(params_list)} entries but there are "
                     f"{len(prompt_list)} prompts; pass one, or one per prompt"
                 )
-        # Validate every prompt before queueing any, so bad input fails without side effects.
-        for p in prompt_list:
-            self.engine.encode_prompt(p)
+        # Tokenize and validate every prompt before queueing any, so bad input fails without
+        # side effects; the engine then takes the ids as they are.
+        encoded = [self.engine.encode_prompt(p) for p in prompt_list]
         ids = [f"gen-{next(self._request_ids)}" for _ in prompt_list]
         results: dict[str, RequestOutput] = {}
         try:
-            for rid, prompt, params in zip(ids, prompt_list, params_list, strict=True):
+            for rid, (text, token_ids), params in zip(ids, encoded, params_list, strict=True):
+                prompt = {"prompt": text, "prompt_token_ids": token_ids}
                 self.engine.add_request(rid, prompt, params)
                 self._waited_on.add(rid)
             bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 8)
@@ -147,7 +148,7 @@ class LLM:
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Float32 logits [T, vocab] at every position of the prompt (for scoring)."""
-        return self.engine.prompt_logits(self.encode_prompt(prompt))
+        return self.engine.prompt_logits(prompt)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.engine.encode_prompt(prompt)[1]

@@ -44,7 +44,7 @@ from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.scheduler import Scheduler
 from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
 from shardlm.errors import ShardlmError, WorkerFailure
-from shardlm.loader import resolve_dtype
+from shardlm.loader import resolve_device, resolve_dtype
 from shardlm.models.llama import check_tensor_parallel
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -115,7 +115,7 @@ class LLMEngine:
         self.model_path = path
         self.config = ModelConfig.from_pretrained(path)
         check_tensor_parallel(self.config, tensor_parallel_size)  # before anything loads
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.config.torch_dtype, self.device)
         limit = self.config.max_position_embeddings
         if max_model_len is None:
@@ -215,9 +215,9 @@ class LLMEngine:
             )
             self.workers.kill()
 
-    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Float32 logits at every prompt position (scoring; tests compare with HF)."""
-        _, ids = self.encode_prompt(list(prompt_ids))  # validated before any rank sees them
+        _, ids = self.encode_prompt(prompt)  # validated before any rank sees them
         return self._guarded(self.runner.prompt_logits, ids)
 
     def shutdown(self, graceful: bool = True) -> None:
@@ -304,18 +304,22 @@ class LLMEngine:
         return bool(self.requests) or bool(self._aborted_outputs)
 
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        """Validate a prompt and return (text or None, token ids)."""
+        """Validate a prompt and return (text or None, token ids).
+
+        A dict may carry both: ``prompt_token_ids`` are used and ``prompt`` is kept as the
+        text reported back (so an already tokenized prompt is not tokenized again)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-                if not isinstance(prompt, (list, tuple)):
+                text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
                     raise ValueError(
-                        f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}"
+                        f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}"
                     )
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
+                _, ids = self.encode_prompt(ids)
+                return (text if isinstance(text, str) else None), ids
+            if "prompt" not in prompt:
                 raise ValueError("a dict prompt needs a 'prompt' or 'prompt_token_ids' key")
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was set)")
@@ -452,25 +456,6 @@ def _check_int(name: str, value: object, lo: int, hi: int, note: str = "") -> No
         raise ValueError(
             f"{name} must be an integer in [{lo}, {hi}]{' ' + note if note else ''}, got {value!r}"
         )
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {device!r} does not exist: this machine has "
-            f"{torch.cuda.device_count()} CUDA device(s)"
-        )
-    return dev
 
 
 def _stop_tensor_parallel(workers: WorkerGroup | None) -> None:

@@ -92,10 +92,10 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Driver: run one step. Returns the sequences that reached the end of their known
         tokens (in batch order) and their next-token logits [N, vocab] (float32)."""
-        inputs, to_sample = build_step_inputs(batch, self.device)
+        inputs, to_sample = build_step_inputs(batch)
         if self.tp.enabled:
             protocol.send(self.tp, protocol.Command.STEP, inputs.header(), inputs.payload())
-        return to_sample, self.run(inputs)
+        return to_sample, self.run(inputs.to(self.device))
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:

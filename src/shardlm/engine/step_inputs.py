@@ -26,6 +26,13 @@ class StepInputs:
     prefill_meta: torch.Tensor  # [P, 2] (tokens in chunk, context length after it)
     prefill_tables: list[torch.Tensor]  # P block tables
     sample_rows: torch.Tensor  # [R] rows of the batch whose logits are needed
+    # Longest decode context, read while decode_lens is still on the host (reading it from a
+    # device tensor would sync the device every step).
+    max_decode_len: int = -1
+
+    def __post_init__(self) -> None:
+        if self.max_decode_len < 0:
+            self.max_decode_len = int(self.decode_lens.max()) if self.num_decodes else 0
 
     @property
     def num_decodes(self) -> int:
@@ -37,7 +44,7 @@ class StepInputs:
         decode_slots = decode_lens = None
         if self.num_decodes:
             decode_lens = self.decode_lens
-            p = torch.arange(int(decode_lens.max()), device=decode_lens.device)
+            p = torch.arange(self.max_decode_len, device=decode_lens.device)
             slots = self.decode_tables[:, p // block_size] * block_size + p % block_size
             # Padding points at position 0's slot: always written, so never garbage.
             decode_slots = torch.where(p[None, :] < decode_lens[:, None], slots, slots[:, :1])
@@ -81,33 +88,46 @@ class StepInputs:
             *self.prefill_tables,
             self.sample_rows,
         ]
-        return torch.cat([p.to("cpu", torch.long) for p in parts])
+        return torch.cat(parts)
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same inputs on ``device`` (prefill_meta stays on the host: it is read there)."""
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return StepInputs(
+            input_ids=move(self.input_ids),
+            positions=move(self.positions),
+            decode_tables=move(self.decode_tables),
+            decode_lens=move(self.decode_lens),
+            prefill_meta=self.prefill_meta,
+            prefill_tables=[move(t) for t in self.prefill_tables],
+            sample_rows=move(self.sample_rows),
+            max_decode_len=self.max_decode_len,
+        )
 
     @classmethod
-    def decode(cls, header: list[int], payload: torch.Tensor, device: torch.device) -> StepInputs:
+    def decode(cls, header: list[int], payload: torch.Tensor) -> StepInputs:
+        """Inverse of ``header()`` + ``payload()``; host tensors."""
         t, b, w, p, r = header
         sizes = [t, t, b * w, b, 2 * p, p]
         ids, pos, tables, lens, meta, table_lens, rest = payload.split(
             [*sizes, payload.numel() - sum(sizes)]
         )
         prefill_tables = list(rest[: rest.numel() - r].split(table_lens.tolist()))
-        move = lambda x: x.to(device)  # noqa: E731
         return cls(
-            input_ids=move(ids),
-            positions=move(pos),
-            decode_tables=move(tables.view(b, w)),
-            decode_lens=move(lens),
+            input_ids=ids,
+            positions=pos,
+            decode_tables=tables.view(b, w),
+            decode_lens=lens,
             prefill_meta=meta.view(p, 2),
-            prefill_tables=[move(x) for x in prefill_tables],
-            sample_rows=move(rest[rest.numel() - r :]),
+            prefill_tables=prefill_tables,
+            sample_rows=rest[rest.numel() - r :],
         )
 
 
-def build_step_inputs(
-    batch: ScheduledBatch, device: torch.device
-) -> tuple[StepInputs, list[Sequence]]:
-    """Flatten a scheduled batch (driver side). Also returns the sequences whose logits are
-    computed (they reached the end of their known tokens), in row order."""
+def build_step_inputs(batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
+    """Flatten a scheduled batch (driver side) into host tensors: they are broadcast to
+    workers as they are, and copied to the device once. Also returns the sequences whose
+    logits are computed (they reached the end of their known tokens), in row order."""
     ids: list[int] = []
     pos: list[int] = []
     rows: list[int] = []
@@ -128,17 +148,17 @@ def build_step_inputs(
         ids.extend(seq.token_ids[c : c + n])
         pos.extend(range(c, c + n))
         meta.append((n, c + n))
-        prefill_tables.append(torch.tensor(seq.block_table, dtype=torch.long, device=device))
+        prefill_tables.append(torch.tensor(seq.block_table, dtype=torch.long))
         if c + n == seq.num_tokens:
             rows.append(len(ids) - 1)
             to_sample.append(seq)
-    long = dict(dtype=torch.long, device=device)
+    long = dict(dtype=torch.long)
     inputs = StepInputs(
         input_ids=torch.tensor(ids, **long),
         positions=torch.tensor(pos, **long),
         decode_tables=torch.tensor(tables, **long).view(len(tables), width),
         decode_lens=torch.tensor([s.num_computed_tokens + 1 for s in batch.decodes], **long),
-        prefill_meta=torch.tensor(meta, dtype=torch.long).view(len(meta), 2),
+        prefill_meta=torch.tensor(meta, **long).view(len(meta), 2),
         prefill_tables=prefill_tables,
         sample_rows=torch.tensor(rows, **long),
     )
