@@ -91,3 +91,28 @@ def merge_partials(
     weights = torch.exp(lses - safe_lse.unsqueeze(0))  # exp(−inf) = 0 for empty shards
     out = (weights.unsqueeze(-1) * outs.float()).sum(dim=0)
     return out.to(outs.dtype), lse
+
+
+def batched_partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    visible: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``partial_attention`` for B sequences at once, one query each (decode steps).
+
+    q [B, Hq, D]; k, v [B, L, Hkv, D] (each sequence's keys, padded to L); visible [B, L].
+    Returns out [B, Hq, D] in q's dtype and lse [B, Hq] float32 (−inf, out 0 where a row
+    sees no key). Math in float32.
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, group]
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse.unsqueeze(-1))
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)

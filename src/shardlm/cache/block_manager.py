@@ -80,6 +80,11 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def capacity_tokens(self) -> int:
+        """The longest sequence the whole pool can hold."""
+        return self.num_blocks * self.block_size
+
     # -- allocation --
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` blocks for new content (reference count 1)."""

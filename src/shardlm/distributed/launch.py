@@ -46,7 +46,7 @@ CONTROL_TIMEOUT = datetime.timedelta(days=7)
 
 @dataclass
 class WorkerArgs:
-    """Everything a worker needs to build its shard; picklable (sent once, at spawn)."""
+    """Everything a rank needs to build its part; picklable (sent once, at spawn)."""
 
     model: str
     dtype: str  # a resolved dtype name, e.g. "float32"
@@ -56,8 +56,12 @@ class WorkerArgs:
     memory_utilization: float | None
     block_size: int
     max_num_seqs: int
-    world_size: int
+    tp_size: int
     timeout_s: float
+    attention_nodes: int = 0  # β token shards per head group; 0 = KV on the compute ranks
+    kv_chunk_size: int = 16
+    attention_device: str | None = None  # None: the compute device
+    attention_transport: str = "distributed"  # "distributed" | "in-process"
 
     @classmethod
     def of(
@@ -65,27 +69,34 @@ class WorkerArgs:
         model: str | os.PathLike,
         dtype: torch.dtype,
         device: torch.device,
-        max_model_len: int,
-        kv_cache_tokens: int | None,
-        memory_utilization: float | None,
-        block_size: int,
-        max_num_seqs: int,
-        world_size: int,
-        timeout_s: float,
+        **kwargs,
     ) -> WorkerArgs:
         """From resolved engine arguments (the driver's, or a torchrun worker's own)."""
-        return cls(
-            str(model),
-            str(dtype).removeprefix("torch."),
-            device.type,
-            max_model_len,
-            kv_cache_tokens,
-            memory_utilization,
-            block_size,
-            max_num_seqs,
-            world_size,
-            float(timeout_s),
-        )
+        kwargs["timeout_s"] = float(kwargs["timeout_s"])
+        return cls(str(model), str(dtype).removeprefix("torch."), device.type, **kwargs)
+
+    @property
+    def attention_device_type(self) -> str:
+        return torch.device(self.attention_device or self.device_type).type
+
+    @property
+    def remote_nodes(self) -> bool:
+        return self.attention_nodes > 0 and self.attention_transport == "distributed"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the job: t compute ranks, then t·β attention nodes if they are ranks."""
+        return self.tp_size * (1 + (self.attention_nodes if self.remote_nodes else 0))
+
+    def node_rank(self, head_group: int, shard: int) -> int:
+        return self.tp_size + head_group * self.attention_nodes + shard
+
+    def role_of(self, rank: int) -> str:
+        """How a rank is named in logs and errors."""
+        if rank < self.tp_size:
+            return f"tensor-parallel rank {rank}"
+        g, s = divmod(rank - self.tp_size, self.attention_nodes)
+        return f"attention node {s} of head group {g} (rank {rank})"
 
 
 def under_torchrun() -> bool:
@@ -112,56 +123,93 @@ def device_for_rank(device_type: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_groups(
-    rank: int, world_size: int, device_type: str, timeout_s: float, store: dist.Store | None
-) -> TPContext:
-    """Join the job: the default group for the model's collectives, a gloo control group."""
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
+def init_groups(rank: int, args: WorkerArgs, store: dist.Store | None) -> TPContext:
+    """Join the job: a group for the model's collectives (the compute ranks), a gloo control
+    group (every rank), and with attention-node ranks a gloo group for their messages.
+    Every rank creates the groups in the same order, as torch.distributed requires."""
+    backend = "nccl" if args.device_type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=args.timeout_s)
+    world = args.world_size
     if store is None:
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
-        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return TPContext(rank, world_size, dist.group.WORLD, control, timeout)
+    group, node_group = dist.group.WORLD, None
+    if world > args.tp_size:
+        group = dist.new_group(list(range(args.tp_size)), backend=backend, timeout=timeout)
+        node_group = dist.new_group(backend="gloo", timeout=timeout)
+    return TPContext(
+        rank,
+        args.tp_size,
+        group if rank < args.tp_size else None,
+        control,
+        timeout=timeout,
+        job_size=world,
+        node_group=node_group,
+    )
 
 
 class WorkerGroup:
     """The driver's view of the workers it spawned (or, under torchrun, of none)."""
 
     def __init__(
-        self, processes: list[subprocess.Popen], store: dist.TCPStore | None, timeout_s: float
+        self,
+        processes: list[subprocess.Popen],
+        store: dist.TCPStore | None,
+        timeout_s: float,
+        role_of=lambda rank: f"tensor-parallel rank {rank}",
     ):
         self.processes = processes  # index i is rank i + 1
         self.store = store
         self.timeout_s = timeout_s
+        self.role_of = role_of
         self.failed: WorkerFailure | None = None
+
+    def _dead(self) -> list[str]:
+        return [
+            f"{self.role_of(rank)} died (exit code {proc.returncode})"
+            for rank, proc in enumerate(self.processes, start=1)
+            if proc.poll() is not None
+        ]
 
     def check_alive(self) -> None:
         """Fail fast, before a step, if a spawned worker has already exited."""
         if self.failed is not None:
             raise self.failed
-        for rank, proc in enumerate(self.processes, start=1):
-            if proc.poll() is not None:
-                self.fail(f"tensor-parallel rank {rank} died (exit code {proc.returncode})")
+        dead = self._dead()
+        if dead:
+            self.fail("; ".join(dead))
 
     def diagnose(self, error: BaseException) -> None:
-        """After a failed collective: name the rank responsible, stop everything, raise."""
+        """After a failed collective: name the ranks responsible, stop everything, raise.
+
+        Every dead process is named: one rank's death can take down others that were
+        waiting on it (a compute rank whose attention node died), and the first cause is
+        among them."""
         if self.failed is not None:
             raise self.failed
         deadline = time.monotonic() + 2.0  # let a dying process finish dying
+        dead: list[str] = []
         while time.monotonic() < deadline:
-            for rank, proc in enumerate(self.processes, start=1):
-                if proc.poll() is not None:
-                    self.fail(f"tensor-parallel rank {rank} died (exit code {proc.returncode})")
+            dead = self._dead()
+            if dead:
+                time.sleep(0.3)  # others may be following it down
+                # A rank that died waiting on a hung one: name the hung one too.
+                stale = [
+                    f"{self.role_of(r)} stopped answering (no heartbeat for {age:.0f} s)"
+                    for r, age in self._stale_ranks()
+                    if self.processes[r - 1].poll() is None
+                ]
+                self.fail("; ".join(self._dead() + stale))
             time.sleep(0.1)
         stale = self._stale_ranks()
         if stale:
-            ranks = ", ".join(f"{r} (no heartbeat for {age:.0f} s)" for r, age in stale)
-            self.fail(f"tensor-parallel rank {ranks} stopped answering")
-        self.fail(f"a tensor-parallel collective failed: {str(error).splitlines()[0]}")
+            ranks = ", ".join(
+                f"{self.role_of(r)} (no heartbeat for {age:.0f} s)" for r, age in stale
+            )
+            self.fail(f"{ranks} stopped answering")
+        self.fail(f"a collective failed: {str(error).splitlines()[0]}")
 
     def fail(self, reason: str) -> None:
         self.failed = WorkerFailure(
@@ -213,6 +261,7 @@ def spawn_workers(args: WorkerArgs) -> tuple[TPContext, WorkerGroup]:
         wait_for_workers=False,
     )
     processes = []
+    env = {**os.environ, "LOCAL_WORLD_SIZE": str(args.world_size)}
     for rank in range(1, args.world_size):
         command = [
             sys.executable, "-m", "shardlm.distributed.worker_main",
@@ -221,10 +270,10 @@ def spawn_workers(args: WorkerArgs) -> tuple[TPContext, WorkerGroup]:
             "--parent", str(os.getpid()),
             "--args", json.dumps(asdict(args)),
         ]  # fmt: skip
-        processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
-    group = WorkerGroup(processes, store, args.timeout_s)
+        processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env))
+    group = WorkerGroup(processes, store, args.timeout_s, args.role_of)
     try:
-        tp = init_groups(0, args.world_size, args.device_type, args.timeout_s, store)
+        tp = init_groups(0, args, store)
     except Exception as e:
         group.diagnose(e)
     return tp, group

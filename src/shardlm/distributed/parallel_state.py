@@ -8,6 +8,11 @@ Two process groups span the same ranks:
 * ``control_group`` carries the driver's per-step broadcast. Workers wait on it between
   steps, possibly for a long time (an idle server), so its timeout is long.
 
+With attention nodes on their own ranks (second design figure), the job also holds those
+ranks: ``group`` then spans only the compute ranks [0, world_size), the control group spans
+the whole job (``job_size`` ranks: nodes follow the driver's steps too), and ``node_group``
+(gloo, failure timeout) carries the compute ↔ attention-node messages.
+
 A single-process run uses ``TPContext.single()``: every collective becomes a no-op.
 """
 
@@ -23,9 +28,11 @@ import torch.distributed as dist
 @dataclass
 class TPContext:
     rank: int = 0
-    world_size: int = 1
+    world_size: int = 1  # compute (tensor-parallel) ranks
     group: dist.ProcessGroup | None = None
     control_group: dist.ProcessGroup | None = None
+    job_size: int = 1  # every rank of the job: compute ranks, then attention nodes
+    node_group: dist.ProcessGroup | None = None
     # The failure timeout: how long the driver waits on any rank before declaring it lost.
     timeout: datetime.timedelta = datetime.timedelta(seconds=60)
     # Counters of the model's AllReduces (for benchmarks and tests).
@@ -42,7 +49,13 @@ class TPContext:
 
     @property
     def enabled(self) -> bool:
+        """Whether the model is split (its collectives do something)."""
         return self.world_size > 1
+
+    @property
+    def has_peers(self) -> bool:
+        """Whether other ranks follow the driver's commands (TP workers or node ranks)."""
+        return self.job_size > 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over ranks, in place (the partial sums of row-parallel layers)."""

@@ -22,6 +22,8 @@ class Command(enum.IntEnum):
     STEP = 1  # payload: StepInputs
     SCORE = 2  # payload: prompt token ids (prompt_logits)
     SHUTDOWN = 3
+    RELEASE = 4  # payload: ids of sequences whose KV the attention nodes drop
+    NODE_STATS = 5  # no payload; every rank joins a SUM of the attention nodes' stats
 
 
 def send(tp: TPContext, command: Command, sizes: list[int], payload: torch.Tensor | None) -> None:

@@ -32,7 +32,7 @@ def spawned_worker_main(argv: list[str] | None = None) -> int:
     try:
         start_heartbeat(ns.rank, "127.0.0.1", ns.port, ns.parent)
         store = dist.TCPStore("127.0.0.1", ns.port, is_master=False)
-        tp = init_groups(ns.rank, args.world_size, args.device_type, args.timeout_s, store)
+        tp = init_groups(ns.rank, args, store)
         serve(tp, args)
     except KeyboardInterrupt:
         return 130

@@ -1,70 +1,49 @@
-"""How many KV blocks the pool gets: exactly what was asked, or what free memory allows.
+"""How many tokens a KV pool gets: exactly what was asked, or what free memory allows.
 
-Every tensor-parallel rank runs this at start-up; they agree on the smallest count any of
-them can hold (an AllReduce MIN), so block tables mean the same slots everywhere.
+Every rank of a job proposes a size for the pools it holds (compute ranks their paged pool,
+or with attention nodes each node its own); the ranks then agree on the smallest proposal
+(an AllReduce MIN at start-up, distributed/worker.py) so every pool of the job has the same
+number of blocks. Ranks that hold no pool propose nothing.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
-import torch.distributed as dist
-
-from shardlm.engine.runner import ModelRunner
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.3}
 
 
-def plan_kv_blocks(
-    runner: ModelRunner,
+def propose_kv_tokens(
+    per_token: int,
+    device: torch.device,
     kv_cache_tokens: int | None,
     memory_utilization: float | None,
-    block_size: int,
-    max_num_seqs: int,
-) -> int:
-    per_token = runner.kv_bytes_per_token()
+    pools_on_host: int,
+    max_useful_tokens: int,
+) -> tuple[int, str]:
+    """(tokens for one pool, how that was decided). ``pools_on_host``: pools sharing this
+    device's memory (CPU ranks on one host share its RAM); ``max_useful_tokens``: more than
+    every sequence at full length can never be used."""
     if kv_cache_tokens is not None:
-        tokens = kv_cache_tokens
-        how = "kv_cache_tokens"
-    else:
-        util = memory_utilization or DEFAULT_MEMORY_UTILIZATION[runner.device.type]
-        budget = memory_budget(runner.device, util)
-        if runner.device.type == "cpu":
-            # Ranks on one host share its RAM: each takes its part of the fraction.
-            budget //= int(os.environ.get("LOCAL_WORLD_SIZE", runner.tp.world_size))
-        # More than every sequence at full length can never be used.
-        tokens = min(budget // per_token, max_num_seqs * runner.max_model_len)
-        how = f"memory_utilization={util} of free memory ({budget / 2**30:.2f} GiB)"
-    if runner.tp.enabled:
-        agreed = torch.tensor([tokens], dtype=torch.long)
-        from shardlm.distributed.worker import startup_timeout
+        return kv_cache_tokens, "kv_cache_tokens"
+    util = memory_utilization or DEFAULT_MEMORY_UTILIZATION[device.type]
+    budget = memory_budget(device, util) // max(1, pools_on_host)
+    how = f"memory_utilization={util} of free memory ({budget / 2**30:.2f} GiB per pool)"
+    return min(budget // per_token, max_useful_tokens), how
 
-        work = dist.all_reduce(
-            agreed, op=dist.ReduceOp.MIN, group=runner.tp.control_group, async_op=True
-        )
-        work.wait(startup_timeout(runner.tp))
-        tokens = int(agreed)
-    if tokens < block_size:
-        raise ValueError(
-            f"{how} leaves room for {tokens} KV-cache tokens, less than one block "
-            f"({block_size} tokens × {per_token} bytes); raise memory_utilization or set "
-            "kv_cache_tokens"
-        )
-    num_blocks = tokens // block_size
-    if runner.tp.is_driver:
-        logger.info(
-            "KV cache: %d blocks × %d tokens = %d tokens, %.2f GiB per rank (%s)",
-            num_blocks,
-            block_size,
-            num_blocks * block_size,
-            num_blocks * block_size * per_token / 2**30,
-            how,
-        )
-    return num_blocks
+
+def pools_sharing_memory(
+    device: torch.device, pools_in_job: int, pools_in_process: int, world_size: int
+) -> int:
+    """KV pools drawing on the same memory as this one: a GPU's pools are those of its
+    process; host RAM is shared by every pool on the host (spawned ranks all run here; under
+    torchrun, LOCAL_WORLD_SIZE of the WORLD_SIZE ranks do)."""
+    if device.type == "cuda":
+        return pools_in_process
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, pools_in_job * local // world_size)
 
 
 def memory_budget(device: torch.device, utilization: float) -> int:

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shardlm.attention.rshard import RShard
+from shardlm.attention.sharded import AttentionTraffic, ShardedAttention
 from shardlm.cache.block_manager import BlockManager
+from shardlm.cache.node_budget import NodeBlockBudget
 from shardlm.config import ModelConfig
 from shardlm.distributed import protocol
 from shardlm.distributed.launch import (
@@ -36,7 +39,7 @@ from shardlm.distributed.launch import (
     under_torchrun,
 )
 from shardlm.distributed.parallel_state import TPContext
-from shardlm.distributed.worker import join_startup
+from shardlm.distributed.worker import report_node_stats, runner_nodes, setup_compute_rank
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
 from shardlm.engine.runner import ModelRunner
 from shardlm.engine.sampler import SamplingRow, sample
@@ -49,6 +52,8 @@ from shardlm.models.llama import check_tensor_parallel
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+ATTENTION_TRANSPORTS = ("distributed", "in-process")
 
 Prompt = str | list[int] | tuple[int, ...] | dict
 
@@ -66,6 +71,18 @@ class EngineStats:
     num_blocks: int
     num_running: int
     num_waiting: int
+
+
+@dataclass
+class NodeReport:
+    """What one attention node holds, as the node itself counts it."""
+
+    head_group: int  # the tensor-parallel rank whose KV heads it holds
+    shard: int  # its token shard: positions p with (p // kv_chunk_size) % β == shard
+    kv_tokens: int
+    blocks_in_use: int
+    num_blocks: int
+    sequences: int
 
 
 class LLMEngine:
@@ -90,6 +107,10 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         tensor_parallel_size: int = 1,
         tp_timeout_s: float = 60.0,
+        attention_nodes: int = 0,
+        kv_chunk_size: int = 16,
+        attention_device: str | None = None,
+        attention_transport: str = "distributed",
     ) -> None:
         path = Path(model)
         if not path.is_dir():
@@ -100,6 +121,15 @@ class LLMEngine:
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1, 2**20)
         _check_int("max_num_seqs", max_num_seqs, 1, 2**16)
         _check_int("tensor_parallel_size", tensor_parallel_size, 1, 1024)
+        _check_int("attention_nodes", attention_nodes, 0, 1024, "(0 = no attention nodes)")
+        _check_int("kv_chunk_size", kv_chunk_size, 1, 2**20)
+        if attention_transport not in ATTENTION_TRANSPORTS:
+            raise ValueError(
+                f"attention_transport must be one of {', '.join(ATTENTION_TRANSPORTS)}, "
+                f"got {attention_transport!r}"
+            )
+        if attention_device is not None and not attention_nodes:
+            raise ValueError("attention_device needs attention_nodes ≥ 1")
         if kv_cache_tokens is not None:
             _check_int("kv_cache_tokens", kv_cache_tokens, block_size, 2**40)
         if memory_utilization is not None and not (
@@ -139,29 +169,49 @@ class LLMEngine:
             path,
             self.dtype,
             self.device,
-            max_model_len,
-            kv_cache_tokens,
-            memory_utilization,
-            block_size,
-            max_num_seqs,
-            tensor_parallel_size,
-            tp_timeout_s,
+            max_model_len=max_model_len,
+            kv_cache_tokens=kv_cache_tokens,
+            memory_utilization=memory_utilization,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            tp_size=tensor_parallel_size,
+            timeout_s=tp_timeout_s,
+            attention_nodes=attention_nodes,
+            kv_chunk_size=kv_chunk_size,
+            attention_device=check_attention_device(
+                attention_device,
+                attention_transport,
+                tensor_parallel_size,
+                attention_nodes,
+                self.device,
+            ),
+            attention_transport=attention_transport,
         )
-        if tensor_parallel_size > 1:
+        self.args = args
+        if args.world_size > 1:
             tp, self.workers = start_driver(args)
             self._tp_owned = True
             # An engine dropped without shutdown() must not leave its workers running.
             self._finalizer = weakref.finalize(self, _stop_tensor_parallel, self.workers)
-            torch.set_num_threads(threads_per_rank(tensor_parallel_size))
+            torch.set_num_threads(threads_per_rank(args.world_size))
             if self.device.type == "cuda":
                 self.device = device_for_rank("cuda")
         try:
             self.runner = ModelRunner(path, self.config, self.dtype, self.device, max_model_len, tp)
-            num_blocks, self.rank_weight_bytes = self._guarded(join_startup, tp, self.runner, args)
+            num_blocks, self.rank_weight_bytes = self._guarded(
+                setup_compute_rank, tp, self.runner, args
+            )
         except BaseException:
             self.shutdown(graceful=False)
             raise
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        if attention_nodes:
+            if enable_prefix_caching:
+                logger.info("prefix caching is off with attention nodes (not built for them)")
+            self.blocks = NodeBlockBudget(
+                num_blocks, block_size, RShard(attention_nodes, kv_chunk_size)
+            )
+        else:
+            self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.requests: dict[str, Request] = {}
@@ -184,7 +234,7 @@ class LLMEngine:
         if self._closed:
             raise WorkerFailure("the engine was shut down")
         tp = self.runner.tp if hasattr(self, "runner") else None
-        if self.workers is None and (tp is None or not tp.enabled):
+        if self.workers is None and (tp is None or not tp.has_peers):
             return fn(*args)
         if self.workers is not None:
             self.workers.check_alive()
@@ -227,7 +277,7 @@ class LLMEngine:
         self._closed = True
         runner = getattr(self, "runner", None)
         failed = self.workers is not None and self.workers.failed is not None
-        if graceful and not failed and runner is not None and runner.tp.enabled:
+        if graceful and not failed and runner is not None and runner.tp.has_peers:
             try:
                 protocol.send(runner.tp, protocol.Command.SHUTDOWN, [], None)
             except Exception:
@@ -262,11 +312,17 @@ class LLMEngine:
                 "use stop_token_ids instead"
             )
         text, ids = self.encode_prompt(prompt)
-        pool_tokens = self.blocks.num_blocks * self.blocks.block_size
+        pool_tokens = self.blocks.capacity_tokens
         if len(ids) + 1 > pool_tokens:
+            where = (
+                f" (β = {self.args.attention_nodes} attention nodes of "
+                f"{self.blocks.num_blocks * self.blocks.block_size} tokens each)"
+                if self.args.attention_nodes
+                else ""
+            )
             raise ValueError(
-                f"prompt has {len(ids)} tokens but the KV cache holds only {pool_tokens}; "
-                "raise kv_cache_tokens or memory_utilization"
+                f"prompt has {len(ids)} tokens but the KV cache holds only {pool_tokens}"
+                f"{where}; raise kv_cache_tokens or memory_utilization"
             )
         request = Request(request_id, text, ids, params, next(self._arrivals))
         for i in range(params.n):
@@ -351,6 +407,9 @@ class LLMEngine:
         """Advance every scheduled sequence by one step; return what changed (as deltas)."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
+        # Before the step runs, nodes must drop what the scheduler freed since the last step
+        # (aborts) and in this schedule (preemptions): the step may reuse those blocks.
+        self._release_finished()
         touched: dict[str, list[Sequence]] = {}
         for seq in batch.finished:  # could never fit: finished by the scheduler
             touched.setdefault(seq.request.request_id, []).append(seq)
@@ -377,7 +436,21 @@ class LLMEngine:
             outputs.append(self._output(request, seqs))
             if request.is_finished:
                 del self.requests[request_id]
+        self._release_finished()
         return outputs
+
+    def _release_finished(self) -> None:
+        """Tell the attention nodes (every rank's, via the control broadcast) which sequences
+        the scheduler freed: finished, aborted or preempted. Without nodes, nothing to do."""
+        released = self.scheduler.drain_released()
+        if released and self.args.attention_nodes:
+            self._guarded(self._send_release, released)
+
+    def _send_release(self, seq_ids: list[int]) -> None:
+        if self.tp.has_peers:
+            ids = torch.tensor(seq_ids, dtype=torch.long)
+            protocol.send(self.tp, protocol.Command.RELEASE, [], ids)
+        self.runner.release(seq_ids)
 
     def _execute_and_sample(self, batch) -> tuple[list[Sequence], list[int], list]:
         """Forward + sampling. Reading the sampled ids is the step's one host sync; it stays
@@ -394,6 +467,8 @@ class LLMEngine:
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Offer the blocks this step filled to the prefix cache."""
+        if not self.blocks.enable_prefix_caching:
+            return
         bs = self.blocks.block_size
         for j in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
@@ -436,6 +511,31 @@ class LLMEngine:
             return self.generator
         return torch.Generator(self.device).manual_seed((seed + index * 0x9E3779B97F4A7C15) % 2**63)
 
+    # -- attention nodes: observability --
+    @property
+    def attention_traffic(self) -> AttentionTraffic | None:
+        """Bytes between the driver (head group 0) and its attention nodes, in total and in
+        the last step; every head group moves the same amount. None without nodes."""
+        attention = getattr(self.runner, "attention", None)
+        return attention.traffic if isinstance(attention, ShardedAttention) else None
+
+    def attention_node_stats(self) -> list[NodeReport]:
+        """What each attention node holds, as reported by the nodes (wherever they run)."""
+        if not self.args.attention_nodes:
+            return []
+        self._release_finished()  # an abort since the last step: its KV goes first
+        table = self._guarded(self._collect_node_stats)
+        beta = self.args.attention_nodes
+        return [
+            NodeReport(i // beta, i % beta, *(int(x) for x in row))
+            for i, row in enumerate(table.tolist())
+        ]
+
+    def _collect_node_stats(self) -> torch.Tensor:
+        if self.tp.has_peers:
+            protocol.send(self.tp, protocol.Command.NODE_STATS, [], None)
+        return report_node_stats(self.tp, self.args, runner_nodes(self.runner))
+
     @property
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -458,6 +558,37 @@ def _check_int(name: str, value: object, lo: int, hi: int, note: str = "") -> No
         )
 
 
+def check_attention_device(
+    attention_device: str | None,
+    transport: str,
+    tensor_parallel_size: int,
+    attention_nodes: int,
+    compute_device: torch.device,
+) -> str | None:
+    """The attention nodes' device as a string (None: the compute device), refused early
+    where it cannot work."""
+    dev = compute_device
+    if attention_device is not None:
+        try:
+            dev = resolve_device(attention_device)
+        except ValueError as e:
+            raise ValueError(f"attention_device: {e}") from None
+    if attention_nodes and transport == "distributed" and dev.type == "cuda":
+        if attention_device is not None and dev.index is not None:
+            raise ValueError(
+                f"attention_device={attention_device!r}: distributed attention nodes each take "
+                "the GPU of their local rank; give 'cuda' without an index"
+            )
+        ranks = tensor_parallel_size * (1 + attention_nodes)
+        if not under_torchrun() and torch.cuda.device_count() < ranks:
+            raise ValueError(
+                f"attention_nodes={attention_nodes} on CUDA with the distributed transport needs "
+                f"one GPU per rank ({ranks}), this machine has {torch.cuda.device_count()}; "
+                "use attention_device='cpu' or attention_transport='in-process'"
+            )
+    return str(dev) if attention_device is not None else None
+
+
 def _stop_tensor_parallel(workers: WorkerGroup | None) -> None:
     """Last resort for an engine garbage-collected (or a process exiting) without shutdown."""
     if workers is not None:
@@ -477,8 +608,9 @@ def start_driver(args: WorkerArgs) -> tuple[TPContext, WorkerGroup | None]:
         rank, world = torchrun_rank()
         if world != args.world_size or rank != 0:
             raise ValueError(
-                f"under torchrun, tensor_parallel_size ({args.world_size}) must equal "
-                f"WORLD_SIZE ({world}), and only RANK 0 builds the engine (this is {rank})"
+                f"under torchrun, WORLD_SIZE ({world}) must equal tensor_parallel_size "
+                f"({args.tp_size}) plus its attention-node ranks ({args.world_size - args.tp_size}"
+                f"), and only RANK 0 builds the engine (this is {rank})"
             )
-        return init_groups(0, world, args.device_type, args.timeout_s, None), None
+        return init_groups(0, args, None), None
     return spawn_workers(args)

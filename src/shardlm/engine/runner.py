@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from shardlm.attention.contiguous import ContiguousAttention
+from shardlm.attention.node import AttentionNode
 from shardlm.attention.paged import PagedAttention
+from shardlm.attention.rshard import RShard
+from shardlm.attention.sharded import LocalLink, NodeLink, RemoteLink, ShardedAttention
 from shardlm.cache.contiguous import ContiguousKVCache
 from shardlm.cache.paged import PagedKVCache
 from shardlm.config import ModelConfig
@@ -88,19 +91,93 @@ class ModelRunner:
         )
         self.attention = PagedAttention(self.kv_cache, self.scale, c.sliding_windows)
 
+    def init_attention_nodes(
+        self,
+        num_blocks: int,
+        block_size: int,
+        rshard: RShard,
+        node_device: torch.device | None,
+        node_ranks: list[int] | None = None,
+    ) -> None:
+        """Send attention to this rank's β attention nodes instead of a local pool: built
+        here as objects on ``node_device`` (in-process), or reached at ``node_ranks``."""
+        c = self.config
+        self.block_size = block_size
+        links: list[NodeLink] = []
+        for s in range(rshard.num_shards):
+            name = f"attention node {s} of head group {self.tp.rank}"
+            if node_ranks is None:
+                node = self.make_attention_node(
+                    s, rshard, num_blocks, block_size, node_device, name
+                )
+                links.append(LocalLink(node, self.device))
+            else:
+                rank = node_ranks[s]
+                links.append(
+                    RemoteLink(
+                        rank,
+                        f"{name} (rank {rank})",
+                        self.tp.node_group,
+                        self.tp.timeout,
+                        self.device,
+                    )
+                )
+        self.attention = ShardedAttention(rshard, links, self.device, c.num_hidden_layers)
+
+    def make_attention_node(
+        self,
+        shard: int,
+        rshard: RShard,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        name: str,
+    ) -> AttentionNode:
+        """The attention node (head group = this rank's KV heads, token shard ``shard``)."""
+        c = self.config
+        return AttentionNode(
+            shard,
+            rshard,
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            self.model.shard.kv_heads,
+            c.head_dim,
+            self.dtype,
+            device,
+            self.scale,
+            c.sliding_windows,
+            name,
+            head_group=self.tp.rank,
+        )
+
+    def release(self, seq_ids: list[int]) -> None:
+        """Every rank: sequences the scheduler freed (attention nodes drop their KV)."""
+        if isinstance(self.attention, ShardedAttention):
+            self.attention.release(seq_ids)
+
     # -- steps --
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Driver: run one step. Returns the sequences that reached the end of their known
         tokens (in batch order) and their next-token logits [N, vocab] (float32)."""
         inputs, to_sample = build_step_inputs(batch)
-        if self.tp.enabled:
+        if self.tp.has_peers:
             protocol.send(self.tp, protocol.Command.STEP, inputs.header(), inputs.payload())
-        return to_sample, self.run(inputs.to(self.device))
+        return to_sample, self.run(inputs)
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+    def run(self, host_inputs: StepInputs) -> torch.Tensor | None:
         """Every rank: one forward over the step's tokens; logits on the driver."""
-        self.attention.begin_step(inputs.paged_step(self.block_size))
+        inputs = host_inputs.to(self.device)
+        if isinstance(self.attention, ShardedAttention):
+            self.attention.begin_step(
+                host_inputs.seq_ids.tolist(),
+                host_inputs.positions,
+                host_inputs.num_decodes,
+                host_inputs.token_counts(),
+            )
+        else:
+            self.attention.begin_step(inputs.paged_step(self.block_size))
         hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
@@ -110,7 +187,7 @@ class ModelRunner:
         Runs on a private contiguous cache, independent of the paged pool and the scheduler.
         """
         ids = torch.tensor(prompt_ids, dtype=torch.long)
-        if self.tp.enabled:
+        if self.tp.has_peers:
             protocol.send(self.tp, protocol.Command.SCORE, [], ids)
         return self.score(ids)
 

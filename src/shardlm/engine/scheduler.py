@@ -57,6 +57,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.stats = SchedulerStats()
         self._admissions = itertools.count()
+        # Sequences whose blocks were freed since the last drain (attention nodes are told).
+        self.released: list[int] = []
 
     # -- queue management --
     def add(self, seq: Sequence) -> None:
@@ -171,7 +173,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
+    def drain_released(self) -> list[int]:
+        out, self.released = self.released, []
+        return out
+
     def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.released.append(seq.seq_id)
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []

@@ -26,6 +26,7 @@ class StepInputs:
     prefill_meta: torch.Tensor  # [P, 2] (tokens in chunk, context length after it)
     prefill_tables: list[torch.Tensor]  # P block tables
     sample_rows: torch.Tensor  # [R] rows of the batch whose logits are needed
+    seq_ids: torch.Tensor  # [B + P] the scheduled sequences (attention nodes key KV by them)
     # Longest decode context, read while decode_lens is still on the host (reading it from a
     # device tensor would sync the device every step).
     max_decode_len: int = -1
@@ -37,6 +38,10 @@ class StepInputs:
     @property
     def num_decodes(self) -> int:
         return self.decode_lens.shape[0]
+
+    def token_counts(self) -> list[int]:
+        """Tokens each scheduled sequence brings this step (decodes 1, then prefill chunks)."""
+        return [1] * self.num_decodes + self.prefill_meta[:, 0].tolist()
 
     def paged_step(self, block_size: int) -> PagedStep:
         """Slot mapping and per-sequence key slots for the paged attention backend."""
@@ -87,6 +92,7 @@ class StepInputs:
             torch.tensor([t.shape[0] for t in self.prefill_tables], dtype=torch.long),
             *self.prefill_tables,
             self.sample_rows,
+            self.seq_ids,
         ]
         return torch.cat(parts)
 
@@ -101,6 +107,7 @@ class StepInputs:
             prefill_meta=self.prefill_meta,
             prefill_tables=[move(t) for t in self.prefill_tables],
             sample_rows=move(self.sample_rows),
+            seq_ids=self.seq_ids,
             max_decode_len=self.max_decode_len,
         )
 
@@ -112,6 +119,7 @@ class StepInputs:
         ids, pos, tables, lens, meta, table_lens, rest = payload.split(
             [*sizes, payload.numel() - sum(sizes)]
         )
+        rest, seq_ids = rest.split([rest.numel() - b - p, b + p])
         prefill_tables = list(rest[: rest.numel() - r].split(table_lens.tolist()))
         return cls(
             input_ids=ids,
@@ -121,6 +129,7 @@ class StepInputs:
             prefill_meta=meta.view(p, 2),
             prefill_tables=prefill_tables,
             sample_rows=rest[rest.numel() - r :],
+            seq_ids=seq_ids,
         )
 
 
@@ -161,5 +170,8 @@ def build_step_inputs(batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]
         prefill_meta=torch.tensor(meta, **long).view(len(meta), 2),
         prefill_tables=prefill_tables,
         sample_rows=torch.tensor(rows, **long),
+        seq_ids=torch.tensor(
+            [s.seq_id for s in batch.decodes] + [s.seq_id for s, _ in batch.prefills], **long
+        ),
     )
     return inputs, to_sample

@@ -52,7 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--tp-timeout", type=float, default=60.0, help="seconds before a dead rank is reported"
     )
-    gen.add_argument("--kv-cache-tokens", type=int, default=None, help="exact KV pool size")
+    gen.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="exact KV pool size in tokens (with attention nodes: of each node)",
+    )
+    gen.add_argument(
+        "--attention-nodes",
+        type=int,
+        default=0,
+        help="β: R-shard the KV cache over β attention nodes per head group (default 0: none)",
+    )
+    gen.add_argument(
+        "--kv-chunk-size",
+        type=int,
+        default=16,
+        help="tokens per R-shard chunk: position p lives on node (p // c) %% β (default 16)",
+    )
+    gen.add_argument(
+        "--attention-device",
+        default=None,
+        help="device of the attention nodes' KV (default: the compute device)",
+    )
+    gen.add_argument(
+        "--attention-transport",
+        default="distributed",
+        choices=["distributed", "in-process"],
+        help="attention nodes as their own ranks (default) or as objects in the compute ranks",
+    )
     gen.set_defaults(func=cmd_generate)
     return parser
 
@@ -75,8 +103,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
-        tensor_parallel_size=tensor_parallel_size(args.tensor_parallel_size),
+        tensor_parallel_size=tensor_parallel_size(
+            args.tensor_parallel_size, args.attention_nodes, args.attention_transport
+        ),
         tp_timeout_s=args.tp_timeout,
+        attention_nodes=args.attention_nodes,
+        kv_chunk_size=args.kv_chunk_size,
+        attention_device=args.attention_device,
+        attention_transport=args.attention_transport,
     )
     model = args.model
     if under_torchrun() and torchrun_rank()[0] > 0:
@@ -113,17 +147,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def tensor_parallel_size(requested: int | None) -> int:
-    """--tp, or under torchrun the job's WORLD_SIZE (they must agree when both are given)."""
+def tensor_parallel_size(requested: int | None, attention_nodes: int, transport: str) -> int:
+    """--tp, or under torchrun what the job's WORLD_SIZE implies (they must agree when both
+    are given): WORLD_SIZE = t compute ranks, plus t·β attention-node ranks when the nodes
+    are distributed."""
     if not under_torchrun():
         return 1 if requested is None else requested
     world = torchrun_rank()[1]
-    if requested not in (None, world):
+    per_group = 1 + (attention_nodes if attention_nodes > 0 and transport == "distributed" else 0)
+    if world % per_group or requested not in (None, world // per_group):
+        tp = "t" if requested is None else str(requested)
         raise ValueError(
-            f"--tensor-parallel-size {requested} differs from torchrun's WORLD_SIZE {world}; "
-            "omit it under torchrun"
+            f"torchrun's WORLD_SIZE {world} does not fit {tp} compute ranks × (1 + "
+            f"{per_group - 1} attention-node ranks each); WORLD_SIZE must be t·(1 + β) with "
+            "distributed attention nodes, else t (--tensor-parallel-size)"
         )
-    return world
+    return world // per_group
 
 
 def main(argv: list[str] | None = None) -> int:
