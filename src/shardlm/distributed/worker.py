@@ -26,6 +26,7 @@ from shardlm.distributed.launch import (
     init_groups,
     threads_per_rank,
     torchrun_rank,
+    under_torchrun,
 )
 from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine.kv_sizing import pools_sharing_memory, propose_kv_tokens
@@ -88,6 +89,35 @@ def resolve_worker_args(
         attention_device=str(resolve_device(attention_device)) if attention_device else None,
         attention_transport=attention_transport,
     )
+
+
+def check_attention_device(
+    attention_device: str | None,
+    transport: str,
+    tensor_parallel_size: int,
+    attention_nodes: int,
+    compute_device: torch.device,
+) -> None:
+    """Refuse, before anything starts, an attention device that cannot work."""
+    dev = compute_device
+    if attention_device is not None:
+        try:
+            dev = resolve_device(attention_device)
+        except ValueError as e:
+            raise ValueError(f"attention_device: {e}") from None
+    if attention_nodes and transport == "distributed" and dev.type == "cuda":
+        if attention_device is not None and dev.index is not None:
+            raise ValueError(
+                f"attention_device={attention_device!r}: distributed attention nodes each take "
+                "the GPU of their local rank; give 'cuda' without an index"
+            )
+        ranks = tensor_parallel_size * (1 + attention_nodes)
+        if not under_torchrun() and torch.cuda.device_count() < ranks:
+            raise ValueError(
+                f"attention_nodes={attention_nodes} on CUDA with the distributed transport needs "
+                f"one GPU per rank ({ranks}), this machine has {torch.cuda.device_count()}; "
+                "use attention_device='cpu' or attention_transport='in-process'"
+            )
 
 
 def serve(tp: TPContext, args: WorkerArgs) -> None:

@@ -39,7 +39,13 @@ from shardlm.distributed.launch import (
     under_torchrun,
 )
 from shardlm.distributed.parallel_state import TPContext
-from shardlm.distributed.worker import report_node_stats, runner_nodes, setup_compute_rank
+from shardlm.distributed.worker import (
+    check_attention_device,
+    report_node_stats,
+    resolve_worker_args,
+    runner_nodes,
+    setup_compute_rank,
+)
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
 from shardlm.engine.runner import ModelRunner
 from shardlm.engine.sampler import SamplingRow, sample
@@ -165,26 +171,27 @@ class LLMEngine:
         self._tp_owned = False
         self._threads = torch.get_num_threads()
         tp = TPContext.single()
-        args = WorkerArgs.of(
-            path,
-            self.dtype,
+        check_attention_device(
+            attention_device,
+            attention_transport,
+            tensor_parallel_size,
+            attention_nodes,
             self.device,
-            max_model_len=max_model_len,
+        )
+        args = resolve_worker_args(
+            path,
+            dtype=dtype,
+            device=device,
+            max_model_len=self.max_model_len,
             kv_cache_tokens=kv_cache_tokens,
             memory_utilization=memory_utilization,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
-            tp_size=tensor_parallel_size,
-            timeout_s=tp_timeout_s,
+            tensor_parallel_size=tensor_parallel_size,
+            tp_timeout_s=tp_timeout_s,
             attention_nodes=attention_nodes,
             kv_chunk_size=kv_chunk_size,
-            attention_device=check_attention_device(
-                attention_device,
-                attention_transport,
-                tensor_parallel_size,
-                attention_nodes,
-                self.device,
-            ),
+            attention_device=attention_device,
             attention_transport=attention_transport,
         )
         self.args = args
@@ -556,37 +563,6 @@ def _check_int(name: str, value: object, lo: int, hi: int, note: str = "") -> No
         raise ValueError(
             f"{name} must be an integer in [{lo}, {hi}]{' ' + note if note else ''}, got {value!r}"
         )
-
-
-def check_attention_device(
-    attention_device: str | None,
-    transport: str,
-    tensor_parallel_size: int,
-    attention_nodes: int,
-    compute_device: torch.device,
-) -> str | None:
-    """The attention nodes' device as a string (None: the compute device), refused early
-    where it cannot work."""
-    dev = compute_device
-    if attention_device is not None:
-        try:
-            dev = resolve_device(attention_device)
-        except ValueError as e:
-            raise ValueError(f"attention_device: {e}") from None
-    if attention_nodes and transport == "distributed" and dev.type == "cuda":
-        if attention_device is not None and dev.index is not None:
-            raise ValueError(
-                f"attention_device={attention_device!r}: distributed attention nodes each take "
-                "the GPU of their local rank; give 'cuda' without an index"
-            )
-        ranks = tensor_parallel_size * (1 + attention_nodes)
-        if not under_torchrun() and torch.cuda.device_count() < ranks:
-            raise ValueError(
-                f"attention_nodes={attention_nodes} on CUDA with the distributed transport needs "
-                f"one GPU per rank ({ranks}), this machine has {torch.cuda.device_count()}; "
-                "use attention_device='cpu' or attention_transport='in-process'"
-            )
-    return str(dev) if attention_device is not None else None
 
 
 def _stop_tensor_parallel(workers: WorkerGroup | None) -> None:
