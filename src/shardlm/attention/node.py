@@ -37,8 +37,17 @@ class AttentionNodeError(ShardlmError):
     out of blocks the driver promised it had."""
 
 
+def node_name(head_group: int, shard: int) -> str:
+    """How a node is named in logs and errors."""
+    return f"attention node {shard} of head group {head_group}"
+
+
 @dataclass
 class NodeStats:
+    """What one attention node holds, as the node itself counts it."""
+
+    head_group: int  # the tensor-parallel rank whose KV heads it holds
+    shard: int  # its token shard: positions p with (p // kv_chunk_size) % β == shard
     kv_tokens: int  # tokens whose K/V this node holds (all layers)
     blocks_in_use: int
     num_blocks: int
@@ -74,13 +83,13 @@ class AttentionNode:
         device: torch.device,
         scale: float,
         sliding_windows: tuple[int | None, ...],
-        name: str = "attention node",
         head_group: int = 0,
+        name: str | None = None,
     ) -> None:
         self.shard = shard
         self.head_group = head_group
         self.rshard = rshard
-        self.name = name
+        self.name = name or node_name(head_group, shard)
         self.device = device
         self.scale = scale
         self.sliding_windows = sliding_windows
@@ -94,7 +103,6 @@ class AttentionNode:
         self.cache.k[:, :block_size].zero_()
         self.cache.v[:, :block_size].zero_()
         self.held: dict[int, _Held] = {}
-        self._num_rows = 0
         self._write_slots = torch.empty(0, dtype=torch.long)
         self._num_decodes = 0
         self._decode_slots: torch.Tensor | None = None
@@ -112,6 +120,8 @@ class AttentionNode:
     @property
     def stats(self) -> NodeStats:
         return NodeStats(
+            head_group=self.head_group,
+            shard=self.shard,
             kv_tokens=sum(h.length for h in self.held.values()),
             blocks_in_use=self.blocks.num_used_blocks,
             num_blocks=self.blocks.num_blocks,
@@ -128,10 +138,11 @@ class AttentionNode:
         """Rows of the step's batch whose new K/V this node stores (host tensor)."""
         return torch.nonzero(self.rshard.owner(positions) == self.shard).flatten()
 
-    def _slots(self, held: _Held, local: torch.Tensor) -> torch.Tensor:
+    def _slots(self, held: _Held) -> torch.Tensor:
+        """Slots of every token the node holds of a sequence, in local order."""
         bs = self.blocks.block_size
-        table = torch.tensor(held.block_table, dtype=torch.long)
-        return table[local // bs] * bs + local % bs
+        local = torch.arange(held.length)
+        return torch.tensor(held.block_table, dtype=torch.long)[local // bs] * bs + local % bs
 
     # -- the step --
     def begin_step(
@@ -146,7 +157,6 @@ class AttentionNode:
         brings. Allocates blocks for the node's new tokens and builds the attention masks."""
         rs, bs = self.rshard, self.blocks.block_size
         windows = set(self.sliding_windows)
-        owner = rs.owner(positions)
         write_slots = []
         key_slots, key_lens = [], []
         self._chunks = []
@@ -164,8 +174,7 @@ class AttentionNode:
             if held.length != expected:
                 raise AttentionNodeError(
                     f"{self.name}: sequence {seq_id} continues at position {start} but the "
-                    f"node holds {held.length} of its tokens (expected "
-                    f"{rs.count(start, self.shard)})"
+                    f"node holds {held.length} of its tokens (expected {expected})"
                 )
             new_length = rs.count(start + n, self.shard)
             need = -(-new_length // bs) - len(held.block_table)
@@ -177,11 +186,12 @@ class AttentionNode:
                         f"{self.name} is out of KV blocks ({self.blocks.num_blocks} blocks of "
                         f"{bs} tokens): {e}"
                     ) from None
-            rows = slice(row, row + n)
-            mine = owner[rows] == self.shard
-            write_slots.append(self._slots(held, rs.local_index(positions[rows][mine])))
             held.length = new_length
-            slots = self._slots(held, torch.arange(new_length))
+            slots = self._slots(held)
+            # The node's tokens are dense in arrival order: the step's owned tokens are the
+            # last ones, in row order (the order the compute rank sends their K/V).
+            write_slots.append(slots[expected:])
+            rows = slice(row, row + n)
             if i < num_decodes:
                 key_slots.append(slots)
                 key_lens.append(new_length)
@@ -192,7 +202,6 @@ class AttentionNode:
                 }
                 self._chunks.append(_Chunk((row, row + n), slots.to(self.device), masks))
             row += n
-        self._num_rows = row
         self._write_slots = torch.cat(write_slots).to(self.device) if write_slots else None
         self._num_decodes = num_decodes
         self._decode_slots = None

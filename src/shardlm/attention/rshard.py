@@ -33,9 +33,6 @@ class RShard:
     def owner(self, positions: torch.Tensor) -> torch.Tensor:
         return (positions // self.chunk) % self.num_shards
 
-    def local_index(self, positions: torch.Tensor) -> torch.Tensor:
-        return (positions // self.period) * self.chunk + positions % self.chunk
-
     def global_position(self, local: torch.Tensor, shard: int) -> torch.Tensor:
         return (local // self.chunk) * self.period + shard * self.chunk + local % self.chunk
 

@@ -143,13 +143,10 @@ class AttentionTraffic:
 class ShardedAttention:
     """AttentionBackend for a compute rank whose KV cache is on β attention nodes."""
 
-    def __init__(
-        self, rshard: RShard, links: list[NodeLink], device: torch.device, num_layers: int
-    ) -> None:
+    def __init__(self, rshard: RShard, links: list[NodeLink], device: torch.device) -> None:
         self.rshard = rshard
         self.links = links
         self.device = device
-        self.num_layers = num_layers
         self.traffic = AttentionTraffic()
         self._rows: list[torch.Tensor] = []
 

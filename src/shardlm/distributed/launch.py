@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from shardlm.attention.node import node_name
 from shardlm.distributed.parallel_state import TPContext
 from shardlm.errors import WorkerFailure
 
@@ -96,7 +97,7 @@ class WorkerArgs:
         if rank < self.tp_size:
             return f"tensor-parallel rank {rank}"
         g, s = divmod(rank - self.tp_size, self.attention_nodes)
-        return f"attention node {s} of head group {g} (rank {rank})"
+        return f"{node_name(g, s)} (rank {rank})"
 
 
 def under_torchrun() -> bool:
@@ -190,10 +191,8 @@ class WorkerGroup:
         if self.failed is not None:
             raise self.failed
         deadline = time.monotonic() + 2.0  # let a dying process finish dying
-        dead: list[str] = []
         while time.monotonic() < deadline:
-            dead = self._dead()
-            if dead:
+            if self._dead():
                 time.sleep(0.3)  # others may be following it down
                 # A rank that died waiting on a hung one: name the hung one too.
                 stale = [

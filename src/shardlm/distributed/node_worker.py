@@ -17,7 +17,6 @@ from shardlm.config import ModelConfig
 from shardlm.distributed import protocol
 from shardlm.distributed.launch import WorkerArgs, device_for_rank
 from shardlm.distributed.parallel_state import TPContext
-from shardlm.engine.kv_sizing import pools_sharing_memory, propose_kv_tokens
 from shardlm.engine.step_inputs import StepInputs
 from shardlm.loader import DTYPES
 from shardlm.models.llama import ShardLayout
@@ -25,7 +24,7 @@ from shardlm.models.llama import ShardLayout
 
 def serve_attention_node(tp: TPContext, args: WorkerArgs) -> None:
     from shardlm.cache.paged import PagedKVCache
-    from shardlm.distributed.worker import join_startup, report_node_stats, rshard_of
+    from shardlm.distributed.worker import join_startup, propose_pool, report_node_stats, rshard_of
 
     config = ModelConfig.from_pretrained(args.model)
     group_rank, shard = divmod(tp.rank - args.tp_size, args.attention_nodes)
@@ -37,17 +36,9 @@ def serve_attention_node(tp: TPContext, args: WorkerArgs) -> None:
         config.num_hidden_layers, layout.kv_heads, config.head_dim, dtype
     )
 
-    def propose() -> tuple[int, str]:
-        return propose_kv_tokens(
-            per_token,
-            device,
-            args.kv_cache_tokens,
-            args.memory_utilization,
-            pools_sharing_memory(device, args.tp_size * args.attention_nodes, 1, args.world_size),
-            args.max_num_seqs * rshard.count(args.max_model_len, 0),
-        )
-
-    num_blocks, _ = join_startup(tp, propose, 0, args.block_size, per_token)
+    num_blocks, _ = join_startup(
+        tp, lambda: propose_pool(args, per_token, device, 1), 0, args.block_size, per_token
+    )
     node = AttentionNode(
         shard,
         rshard,
@@ -60,8 +51,8 @@ def serve_attention_node(tp: TPContext, args: WorkerArgs) -> None:
         device,
         config.head_dim**-0.5,
         config.sliding_windows,
-        args.role_of(tp.rank),
         head_group=group_rank,
+        name=args.role_of(tp.rank),
     )
     compute_rank = group_rank
     q_width = layout.heads * config.head_dim

@@ -161,27 +161,13 @@ def setup_compute_rank(
     per_token = runner.kv_bytes_per_token()
 
     def propose() -> tuple[int, str] | None:
-        if args.attention_nodes == 0:
-            return propose_kv_tokens(
-                per_token,
-                runner.device,
-                args.kv_cache_tokens,
-                args.memory_utilization,
-                pools_sharing_memory(runner.device, args.tp_size, 1, args.world_size),
-                args.max_num_seqs * args.max_model_len,
-            )
         if args.remote_nodes:
-            return None
-        device, beta = in_process_node_device(args, runner), args.attention_nodes
-        return propose_kv_tokens(
-            per_token,
-            device,
-            args.kv_cache_tokens,
-            args.memory_utilization,
-            pools_sharing_memory(device, args.tp_size * beta, beta, args.world_size),
-            args.max_num_seqs * rshard_of(args).count(args.max_model_len, 0),
-        )
+            return None  # the node ranks hold the pools
+        if args.attention_nodes:
+            return propose_pool(args, per_token, node_device, args.attention_nodes)
+        return propose_pool(args, per_token, runner.device, 1)
 
+    node_device = in_process_node_device(args, runner)
     num_blocks, weights = join_startup(tp, propose, runner.weight_bytes, args.block_size, per_token)
     if args.attention_nodes == 0:
         runner.init_kv_cache(num_blocks, args.block_size)
@@ -189,9 +175,27 @@ def setup_compute_rank(
         ranks = [args.node_rank(tp.rank, s) for s in range(args.attention_nodes)]
         runner.init_attention_nodes(num_blocks, args.block_size, rshard_of(args), None, ranks)
     else:
-        node_device = in_process_node_device(args, runner)
         runner.init_attention_nodes(num_blocks, args.block_size, rshard_of(args), node_device)
     return num_blocks, weights
+
+
+def propose_pool(
+    args: WorkerArgs, per_token: int, device: torch.device, pools_in_process: int
+) -> tuple[int, str]:
+    """This rank's proposal for the size of each of its ``pools_in_process`` KV pools on
+    ``device``: the compute rank's own pool, or with attention nodes each node's pool (which
+    holds at most node 0's share of a full-length sequence)."""
+    nodes = args.attention_nodes
+    pools_in_job = args.tp_size * max(1, nodes)
+    seq_tokens = rshard_of(args).count(args.max_model_len, 0) if nodes else args.max_model_len
+    return propose_kv_tokens(
+        per_token,
+        device,
+        args.kv_cache_tokens,
+        args.memory_utilization,
+        pools_sharing_memory(device, pools_in_job, pools_in_process, args.world_size),
+        args.max_num_seqs * seq_tokens,
+    )
 
 
 def in_process_node_device(args: WorkerArgs, runner: ModelRunner) -> torch.device:
@@ -269,9 +273,8 @@ def report_node_stats(tp: TPContext, args: WorkerArgs, local_nodes: list) -> tor
     over the job (each node appears in exactly one process). The driver gets the table."""
     table = torch.zeros(args.tp_size * args.attention_nodes, STATS_FIELDS, dtype=torch.long)
     for node in local_nodes:
-        g = node.head_group
         st = node.stats
-        table[g * args.attention_nodes + node.shard] = torch.tensor(
+        table[st.head_group * args.attention_nodes + st.shard] = torch.tensor(
             [st.kv_tokens, st.blocks_in_use, st.num_blocks, st.sequences]
         )
     if tp.has_peers:

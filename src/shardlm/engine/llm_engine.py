@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shardlm.attention.node import NodeStats
 from shardlm.attention.rshard import RShard
 from shardlm.attention.sharded import AttentionTraffic, ShardedAttention
 from shardlm.cache.block_manager import BlockManager
@@ -77,18 +78,6 @@ class EngineStats:
     num_blocks: int
     num_running: int
     num_waiting: int
-
-
-@dataclass
-class NodeReport:
-    """What one attention node holds, as the node itself counts it."""
-
-    head_group: int  # the tensor-parallel rank whose KV heads it holds
-    shard: int  # its token shard: positions p with (p // kv_chunk_size) % β == shard
-    kv_tokens: int
-    blocks_in_use: int
-    num_blocks: int
-    sequences: int
 
 
 class LLMEngine:
@@ -415,7 +404,7 @@ class LLMEngine:
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
         # Before the step runs, nodes must drop what the scheduler freed since the last step
-        # (aborts) and in this schedule (preemptions): the step may reuse those blocks.
+        # (finishes, aborts) and in this schedule (preemptions): the step may reuse the blocks.
         self._release_finished()
         touched: dict[str, list[Sequence]] = {}
         for seq in batch.finished:  # could never fit: finished by the scheduler
@@ -443,12 +432,13 @@ class LLMEngine:
             outputs.append(self._output(request, seqs))
             if request.is_finished:
                 del self.requests[request_id]
-        self._release_finished()
         return outputs
 
     def _release_finished(self) -> None:
         """Tell the attention nodes (every rank's, via the control broadcast) which sequences
-        the scheduler freed: finished, aborted or preempted. Without nodes, nothing to do."""
+        the scheduler freed: finished, aborted or preempted. Sent just before the next step
+        runs (or a stats query), so a step's finishes and the next schedule's preemptions
+        travel in one message. Without nodes, nothing to do."""
         released = self.scheduler.drain_released()
         if released and self.args.attention_nodes:
             self._guarded(self._send_release, released)
@@ -526,7 +516,7 @@ class LLMEngine:
         attention = getattr(self.runner, "attention", None)
         return attention.traffic if isinstance(attention, ShardedAttention) else None
 
-    def attention_node_stats(self) -> list[NodeReport]:
+    def attention_node_stats(self) -> list[NodeStats]:
         """What each attention node holds, as reported by the nodes (wherever they run)."""
         if not self.args.attention_nodes:
             return []
@@ -534,7 +524,7 @@ class LLMEngine:
         table = self._guarded(self._collect_node_stats)
         beta = self.args.attention_nodes
         return [
-            NodeReport(i // beta, i % beta, *(int(x) for x in row))
+            NodeStats(i // beta, i % beta, *(int(x) for x in row))
             for i, row in enumerate(table.tolist())
         ]
 

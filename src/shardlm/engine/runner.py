@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from shardlm.attention.contiguous import ContiguousAttention
-from shardlm.attention.node import AttentionNode
+from shardlm.attention.node import AttentionNode, node_name
 from shardlm.attention.paged import PagedAttention
 from shardlm.attention.rshard import RShard
 from shardlm.attention.sharded import LocalLink, NodeLink, RemoteLink, ShardedAttention
@@ -101,28 +101,19 @@ class ModelRunner:
     ) -> None:
         """Send attention to this rank's β attention nodes instead of a local pool: built
         here as objects on ``node_device`` (in-process), or reached at ``node_ranks``."""
-        c = self.config
         self.block_size = block_size
         links: list[NodeLink] = []
         for s in range(rshard.num_shards):
-            name = f"attention node {s} of head group {self.tp.rank}"
             if node_ranks is None:
-                node = self.make_attention_node(
-                    s, rshard, num_blocks, block_size, node_device, name
-                )
+                node = self.make_attention_node(s, rshard, num_blocks, block_size, node_device)
                 links.append(LocalLink(node, self.device))
             else:
                 rank = node_ranks[s]
+                name = f"{node_name(self.tp.rank, s)} (rank {rank})"
                 links.append(
-                    RemoteLink(
-                        rank,
-                        f"{name} (rank {rank})",
-                        self.tp.node_group,
-                        self.tp.timeout,
-                        self.device,
-                    )
+                    RemoteLink(rank, name, self.tp.node_group, self.tp.timeout, self.device)
                 )
-        self.attention = ShardedAttention(rshard, links, self.device, c.num_hidden_layers)
+        self.attention = ShardedAttention(rshard, links, self.device)
 
     def make_attention_node(
         self,
@@ -131,7 +122,6 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device,
-        name: str,
     ) -> AttentionNode:
         """The attention node (head group = this rank's KV heads, token shard ``shard``)."""
         c = self.config
@@ -147,7 +137,6 @@ class ModelRunner:
             device,
             self.scale,
             c.sliding_windows,
-            name,
             head_group=self.tp.rank,
         )
 
