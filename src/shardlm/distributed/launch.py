@@ -37,6 +37,7 @@ import torch.distributed as dist
 from shardlm.attention.node import node_name
 from shardlm.distributed.parallel_state import TPContext
 from shardlm.errors import WorkerFailure
+from shardlm.models.transforms import WeightTransforms
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class WorkerArgs:
     kv_chunk_size: int = 16
     attention_device: str | None = None  # None: the compute device
     attention_transport: str = "distributed"  # "distributed" | "in-process"
+    arm: str = "none"  # the WeightTransforms fields, flat so the args stay JSON
+    arm_calibration: str | None = None
+    quantization: str | None = None
+    quantize_all_linears: bool = False
 
     @classmethod
     def of(
@@ -75,6 +80,12 @@ class WorkerArgs:
         """From resolved engine arguments (the driver's, or a torchrun worker's own)."""
         kwargs["timeout_s"] = float(kwargs["timeout_s"])
         return cls(str(model), str(dtype).removeprefix("torch."), device.type, **kwargs)
+
+    @property
+    def transforms(self) -> WeightTransforms:
+        return WeightTransforms(
+            self.arm, self.arm_calibration, self.quantization, self.quantize_all_linears
+        )
 
     @property
     def attention_device_type(self) -> str:

@@ -33,6 +33,7 @@ from shardlm.engine.kv_sizing import pools_sharing_memory, propose_kv_tokens
 from shardlm.engine.runner import ModelRunner
 from shardlm.engine.step_inputs import StepInputs
 from shardlm.loader import DTYPES, resolve_device, resolve_dtype
+from shardlm.models.transforms import WeightTransforms
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,18 @@ def resolve_worker_args(
     kv_chunk_size: int = 16,
     attention_device: str | None = None,
     attention_transport: str = "distributed",
+    arm: str = "none",
+    arm_calibration: str | os.PathLike | None = None,
+    quantization: str | None = None,
+    quantize_all_linears: bool = False,
 ) -> WorkerArgs:
-    """Engine arguments resolved as LLMEngine resolves them (dtype and devices)."""
+    """Engine arguments resolved as LLMEngine resolves them (dtype, devices, the calibration
+    file ARM smoothing reads)."""
     config = ModelConfig.from_pretrained(model)
     dev = resolve_device(device)
+    transforms = WeightTransforms.resolve(
+        model, arm, arm_calibration, quantization, quantize_all_linears
+    )
     return WorkerArgs.of(
         model,
         resolve_dtype(dtype, config.torch_dtype, dev),
@@ -88,6 +97,10 @@ def resolve_worker_args(
         kv_chunk_size=kv_chunk_size,
         attention_device=str(resolve_device(attention_device)) if attention_device else None,
         attention_transport=attention_transport,
+        arm=transforms.arm,
+        arm_calibration=transforms.calibration,
+        quantization=transforms.quantization,
+        quantize_all_linears=transforms.quantize_all_linears,
     )
 
 
@@ -131,7 +144,9 @@ def serve(tp: TPContext, args: WorkerArgs) -> None:
         return
     device = device_for_rank(args.device_type)
     config = ModelConfig.from_pretrained(args.model)
-    runner = ModelRunner(args.model, config, DTYPES[args.dtype], device, args.max_model_len, tp)
+    runner = ModelRunner(
+        args.model, config, DTYPES[args.dtype], device, args.max_model_len, tp, args.transforms
+    )
     setup_compute_rank(tp, runner, args)
     while True:
         command, sizes, payload = protocol.receive(tp)

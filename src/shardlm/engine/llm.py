@@ -36,7 +36,13 @@ class LLM:
     ``max_num_seqs`` (256 running at once), ``enable_prefix_caching`` (True).
     ``tensor_parallel_size`` N > 1 splits the model over N processes (spawned here, or the
     ranks of a torchrun job); ``tp_timeout_s`` bounds how long a dead or hung rank can stall
-    a step before WorkerFailure is raised (default 60).
+    a step before WorkerFailure is raised (default 60). ``attention_nodes`` β ≥ 1 R-shards the
+    KV cache over β attention nodes per head group (docs/architecture.md).
+    ``quantization``: None | "int8" | "fp8" (W8A8) for the MLP down projection, or every
+    linear but the LM head with ``quantize_all_linears=True``. ``arm``: none | hadamard |
+    smooth | both, the activation redistribution in front of the down projection
+    (docs/arm.md); smoothing reads ``arm_calibration`` (default: the checkpoint's
+    arm_calibration.safetensors, written by ``shardlm calibrate``).
     """
 
     def __init__(self, model: str, **engine_args) -> None:

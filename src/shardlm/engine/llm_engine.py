@@ -106,6 +106,10 @@ class LLMEngine:
         kv_chunk_size: int = 16,
         attention_device: str | None = None,
         attention_transport: str = "distributed",
+        arm: str = "none",
+        arm_calibration: str | Path | None = None,
+        quantization: str | None = None,
+        quantize_all_linears: bool = False,
     ) -> None:
         path = Path(model)
         if not path.is_dir():
@@ -182,6 +186,10 @@ class LLMEngine:
             kv_chunk_size=kv_chunk_size,
             attention_device=attention_device,
             attention_transport=attention_transport,
+            arm=arm,
+            arm_calibration=arm_calibration,
+            quantization=quantization,
+            quantize_all_linears=quantize_all_linears,
         )
         self.args = args
         if args.world_size > 1:
@@ -193,7 +201,9 @@ class LLMEngine:
             if self.device.type == "cuda":
                 self.device = device_for_rank("cuda")
         try:
-            self.runner = ModelRunner(path, self.config, self.dtype, self.device, max_model_len, tp)
+            self.runner = ModelRunner(
+                path, self.config, self.dtype, self.device, max_model_len, tp, args.transforms
+            )
             num_blocks, self.rank_weight_bytes = self._guarded(
                 setup_compute_rank, tp, self.runner, args
             )

@@ -29,6 +29,7 @@ from shardlm.engine.step_inputs import StepInputs, build_step_inputs
 from shardlm.loader import load_weights
 from shardlm.models.llama import LlamaForCausalLM
 from shardlm.models.registry import model_class
+from shardlm.models.transforms import WeightTransforms, apply_weight_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         tp: TPContext | None = None,
+        transforms: WeightTransforms | None = None,
     ) -> None:
         self.config = config
         self.dtype = dtype
@@ -58,15 +60,19 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = build_model(config, dtype, device, max_model_len, self.tp)
         load_weights(self.model, path, dtype)
+        self.transforms = transforms or WeightTransforms()
+        apply_weight_transforms(self.model, self.transforms)
         self.load_seconds = time.perf_counter() - start
         self.scale = config.head_dim**-0.5
+        # Quantized weights are int8/fp8 parameters (plus their scales): this is real memory.
         self.weight_bytes = sum(p.nbytes for p in self.model.parameters())
         logger.info(
-            "rank %d: loaded %s (%.1fM parameters in this shard, %s) in %.2fs",
+            "rank %d: loaded %s (%.1f MiB of weights in this shard, %s, %s) in %.2fs",
             self.tp.rank,
             path,
-            self.weight_bytes / dtype.itemsize / 1e6,
+            self.weight_bytes / 2**20,
             dtype,
+            self.transforms.describe(),
             self.load_seconds,
         )
 

@@ -1,4 +1,5 @@
-"""The ``shardlm`` command. ``shardlm generate`` streams a completion to stdout.
+"""The ``shardlm`` command. ``shardlm generate`` streams a completion to stdout;
+``calibrate`` and ``inspect`` (entrypoints/arm_tools.py) serve the ARM.
 
 Errors caused by the input (bad checkpoint, bad flag values) print one line and exit 2;
 set SHARDLM_DEBUG=1 to see the traceback as well.
@@ -14,7 +15,10 @@ import time
 
 from shardlm.distributed.launch import torchrun_rank, under_torchrun
 from shardlm.distributed.worker import run_torchrun_worker
+from shardlm.entrypoints import arm_tools
 from shardlm.errors import ShardlmError, WorkerFailure
+from shardlm.layers.arm import ARM_MODES
+from shardlm.layers.quant import QUANTIZATIONS
 
 EXIT_USAGE = 2
 
@@ -81,8 +85,45 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["distributed", "in-process"],
         help="attention nodes as their own ranks (default) or as objects in the compute ranks",
     )
+    add_weight_transform_args(gen)
     gen.set_defaults(func=cmd_generate)
+    arm_tools.add_parsers(sub)
     return parser
+
+
+def add_weight_transform_args(parser: argparse.ArgumentParser) -> None:
+    """--quantization / --arm and friends (docs/arm.md)."""
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=list(QUANTIZATIONS),
+        help="W8A8 quantization of the MLP down projection (default: none)",
+    )
+    parser.add_argument(
+        "--quantize-all-linears",
+        action="store_true",
+        help="quantize QKV/O/gate/up too (everything but the LM head)",
+    )
+    parser.add_argument(
+        "--arm",
+        default="none",
+        choices=list(ARM_MODES),
+        help="activation redistribution in front of the down projection (default: none)",
+    )
+    parser.add_argument(
+        "--arm-calibration",
+        default=None,
+        help="statistics for --arm smooth|both (default: MODEL/arm_calibration.safetensors)",
+    )
+
+
+def weight_transform_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        quantization=args.quantization,
+        quantize_all_linears=args.quantize_all_linears,
+        arm=args.arm,
+        arm_calibration=args.arm_calibration,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -111,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kv_chunk_size=args.kv_chunk_size,
         attention_device=args.attention_device,
         attention_transport=args.attention_transport,
+        **weight_transform_kwargs(args),
     )
     model = args.model
     if under_torchrun() and torchrun_rank()[0] > 0:

@@ -1,7 +1,10 @@
 """The Llama decoder (third design figure), which also serves Mistral and Qwen2.
 
     x → RMSNorm → [q|k|v] → RoPE(q, k) → attention over the KV cache → O-proj → + x
-      → RMSNorm → [gate|up] → SiLU(gate)·up → down → + residual
+      → RMSNorm → [gate|up] → SiLU(gate)·up → ARM → down → + residual
+
+ARM (optional, layers/arm.py) is an online Hadamard transform whose inverse and smoothing
+are folded into the weights (models/transforms.py).
 
 The model sees a flat batch of tokens with their positions and an attention object that owns
 the KV cache; it knows nothing about requests or how the cache is laid out.
@@ -21,6 +24,7 @@ from shardlm.distributed.parallel_state import TPContext
 from shardlm.errors import ConfigError
 from shardlm.layers.activation import silu_and_mul
 from shardlm.layers.embedding import TiedEmbedding, VocabParallelEmbedding
+from shardlm.layers.hadamard import fwht
 from shardlm.layers.linear import Linear
 from shardlm.layers.norm import RMSNorm
 from shardlm.layers.rotary import RotaryEmbedding
@@ -162,9 +166,15 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(
             shard.intermediate, config.hidden_size, config.mlp_bias, tp if tp.enabled else None
         )
+        # ARM (layers/arm.py): block of the online Hadamard on the down-projection input, set
+        # when the transform is folded into the weights; 0 = off.
+        self.hadamard_block = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        h = silu_and_mul(self.gate_up_proj(x))
+        if self.hadamard_block:
+            h = fwht(h, self.hadamard_block)
+        return self.down_proj(h)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,0 +1,137 @@
+"""Calibration for ARM's smoothing: per-channel max |h| of every down-projection input.
+
+``shardlm calibrate`` runs text through the unmodified model, records for each layer n and
+intermediate channel j the largest |h_j| seen over all tokens, and saves the table as
+safetensors beside the checkpoint (``arm_calibration.safetensors``: one float32 tensor
+``layers.{n}.mlp.down_proj.input_absmax`` of the full MLP width per layer). Tensor-parallel
+ranks later read their own slice of it.
+
+Also here: the distribution statistics ``shardlm inspect`` prints (kurtosis, max/RMS, int8
+round-trip error), measured on captured down-projection inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from shardlm.config import ModelConfig
+from shardlm.errors import CheckpointError
+
+CALIBRATION_FILE = "arm_calibration.safetensors"
+
+
+def tensor_name(layer: int) -> str:
+    return f"layers.{layer}.mlp.down_proj.input_absmax"
+
+
+def save_calibration(path: str | Path, absmax: list[torch.Tensor], info: dict) -> None:
+    tensors = {tensor_name(n): a.float().contiguous().cpu() for n, a in enumerate(absmax)}
+    save_file(tensors, str(path), metadata={"shardlm": json.dumps(info)})
+
+
+def load_calibration(path: str | Path, config: ModelConfig) -> list[torch.Tensor]:
+    """The per-layer tables, checked against the model they are applied to."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            tables = []
+            for n in range(config.num_hidden_layers):
+                if tensor_name(n) not in names:
+                    raise CheckpointError(
+                        f"calibration {path} has no {tensor_name(n)!r}: it was made for another "
+                        f"model (this one has {config.num_hidden_layers} layers); run "
+                        "`shardlm calibrate` for this checkpoint"
+                    )
+                tables.append(f.get_tensor(tensor_name(n)).float())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"calibration {path} is not a readable safetensors file: {e}"
+        ) from None
+    for n, t in enumerate(tables):
+        if tuple(t.shape) != (config.intermediate_size,):
+            raise CheckpointError(
+                f"calibration {path}: {tensor_name(n)} has shape {list(t.shape)}, expected "
+                f"[{config.intermediate_size}] (intermediate_size); it was made for another model"
+            )
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise CheckpointError(
+                f"calibration {path}: {tensor_name(n)} has negative or non-finite values"
+            )
+    return tables
+
+
+@contextmanager
+def down_proj_inputs(
+    model: torch.nn.Module, sink: Callable[[int, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``sink(layer, h)`` with the input h [tokens, width] of every down projection the
+    model runs while the context is open (forward pre-hooks, removed on exit)."""
+    handles = [
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda _module, args, n=n: sink(n, args[0].detach())
+        )
+        for n, layer in enumerate(model.layers)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class AbsMaxRecorder:
+    """Running per-channel max |h| for each layer (the ``sink`` of ``down_proj_inputs``)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.absmax: list[torch.Tensor | None] = [None] * num_layers
+        self.tokens = 0
+
+    def __call__(self, layer: int, h: torch.Tensor) -> None:
+        m = h.float().abs().amax(dim=0).cpu()
+        old = self.absmax[layer]
+        self.absmax[layer] = m if old is None else torch.maximum(old, m)
+        if layer == 0:
+            self.tokens += h.shape[0]
+
+    def tables(self) -> list[torch.Tensor]:
+        if any(a is None for a in self.absmax):
+            raise RuntimeError("no tokens went through the model")
+        return [a for a in self.absmax if a is not None]
+
+
+def token_windows(ids: list[int], seq_len: int, samples: int) -> list[list[int]]:
+    """Up to ``samples`` consecutive, non-overlapping windows of ``seq_len`` tokens (the
+    last one may be shorter)."""
+    return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)][:samples]
+
+
+@dataclass(frozen=True)
+class DistributionStats:
+    """How quantization-friendly a set of activations is."""
+
+    kurtosis: float  # E[(x−μ)⁴]/σ⁴ over all entries; 3 for a Gaussian, huge with outliers
+    max_over_rms: float  # max |x| / RMS(x)
+    int8_error: float  # ‖x − deq(q(x))‖ / ‖x‖ with per-token symmetric int8
+
+
+def distribution_stats(h: torch.Tensor) -> DistributionStats:
+    from shardlm.layers.quant import quantize_int8
+
+    x = h.double()
+    centred = x - x.mean()
+    var = centred.pow(2).mean()
+    q, scale = quantize_int8(h, dim=-1)
+    roundtrip = q.double() * scale.double()
+    return DistributionStats(
+        kurtosis=float(centred.pow(4).mean() / var.pow(2)),
+        max_over_rms=float(x.abs().max() / x.pow(2).mean().sqrt()),
+        int8_error=float((x - roundtrip).norm() / x.norm()),
+    )

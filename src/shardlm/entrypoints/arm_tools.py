@@ -1,0 +1,190 @@
+"""``shardlm calibrate`` and ``shardlm inspect``: the ARM's statistics and its figure.
+
+Both load the checkpoint unmodified (float32 unless told otherwise, one process) and watch
+the down-projection inputs through forward hooks (calibration.down_proj_inputs). ``inspect``
+computes the after-ARM activations by applying the layer's transform T = diag(s)·H to the
+captured ones: the same T the engine folds into the weights when ``arm`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from shardlm.calibration import (
+    CALIBRATION_FILE,
+    AbsMaxRecorder,
+    DistributionStats,
+    distribution_stats,
+    down_proj_inputs,
+    load_calibration,
+    save_calibration,
+    token_windows,
+)
+from shardlm.errors import ShardlmError
+from shardlm.layers.arm import ARM_MODES, uses_smoothing
+from shardlm.models.transforms import layer_arm
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    cal = sub.add_parser(
+        "calibrate",
+        help="record per-channel max |x| of each down-projection input (for arm=smooth|both)",
+    )
+    cal.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    cal.add_argument("--data", required=True, help="a UTF-8 text file to run through the model")
+    cal.add_argument(
+        "--samples", type=int, default=128, help="windows of text to use (default 128)"
+    )
+    cal.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    cal.add_argument(
+        "--out", default=None, help=f"where to write (default: MODEL/{CALIBRATION_FILE})"
+    )
+    cal.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16")
+    cal.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    cal.set_defaults(func=cmd_calibrate)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="histograms and statistics of one layer's down-projection input, before/after ARM",
+    )
+    ins.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ins.add_argument("--layer", type=int, required=True, help="decoder layer index (from 0)")
+    ins.add_argument("--prompt", required=True, help="text whose tokens are measured")
+    ins.add_argument(
+        "--arm",
+        default=None,
+        choices=[m for m in ARM_MODES if m != "none"],
+        help="transform to show (default: both if the checkpoint is calibrated, else hadamard)",
+    )
+    ins.add_argument("--arm-calibration", default=None, help=f"default: MODEL/{CALIBRATION_FILE}")
+    ins.add_argument("--out", default=None, help="write the two histograms here (PNG; matplotlib)")
+    ins.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ins.set_defaults(func=cmd_inspect)
+
+
+def _positive(name: str, value: int, limit: int = 2**31) -> None:
+    if not 1 <= value <= limit:
+        raise ValueError(f"{name} must be in [1, {limit}], got {value}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from shardlm import LLM, SamplingParams
+
+    _positive("--samples", args.samples)
+    _positive("--seq-len", args.seq_len)
+    data = Path(args.data)
+    if not data.is_file():
+        raise ShardlmError(f"--data {args.data!r} is not a file")
+    text = data.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ShardlmError(f"--data {args.data!r} has no text")
+    out = Path(args.out) if args.out else Path(args.model) / CALIBRATION_FILE
+    # No prefix caching: a cached prefix would skip its tokens' forward, and their statistics.
+    with LLM(args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False) as llm:
+        seq_len = min(args.seq_len, llm.engine.max_model_len - 1)
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        windows = token_windows(ids, seq_len, args.samples)
+        recorder = AbsMaxRecorder(llm.config.num_hidden_layers)
+        with down_proj_inputs(llm.runner.model, recorder):
+            llm.generate(windows, SamplingParams(max_tokens=1), use_tqdm=True)
+        tables = recorder.tables()
+    info = {
+        "data": data.name,
+        "windows": len(windows),
+        "seq_len": seq_len,
+        "tokens": recorder.tokens,
+    }
+    save_calibration(out, tables, info)
+    print(
+        f"calibrated on {recorder.tokens} tokens ({len(windows)} windows of ≤{seq_len}) "
+        f"from {data.name}; wrote {out}"
+    )
+    print("layer  max|x|  median max|x|  ratio (outlier channels stand out as a large ratio)")
+    for n, a in enumerate(tables):
+        peak, median = float(a.max()), float(a.median())
+        print(f"{n:5d}  {peak:7.3g}  {median:14.3g}  {peak / max(median, 1e-30):6.1f}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from shardlm import LLM
+
+    model = Path(args.model)
+    calibration = Path(args.arm_calibration) if args.arm_calibration else model / CALIBRATION_FILE
+    arm = args.arm or ("both" if calibration.is_file() else "hadamard")
+    if uses_smoothing(arm) and not calibration.is_file():
+        raise ShardlmError(
+            f"--arm {arm} needs calibration statistics and {calibration} does not exist; run "
+            f"`shardlm calibrate --model {args.model} --data FILE.txt` (or use --arm hadamard)"
+        )
+    with LLM(args.model, dtype="float32", device=args.device, enable_prefix_caching=False) as llm:
+        layers = llm.config.num_hidden_layers
+        if not 0 <= args.layer < layers:
+            raise ValueError(
+                f"--layer must be in [0, {layers - 1}] for this model, got {args.layer}"
+            )
+        captured: list[torch.Tensor] = []
+
+        def keep(layer: int, h: torch.Tensor) -> None:
+            if layer == args.layer:
+                captured.append(h)
+
+        with down_proj_inputs(llm.runner.model, keep):
+            llm.prompt_logits(args.prompt)
+        before = torch.cat(captured).float().cpu()
+        absmax = (
+            load_calibration(calibration, llm.config)[args.layer] if uses_smoothing(arm) else None
+        )
+        mlp = llm.runner.model.layers[args.layer].mlp
+        after = layer_arm(arm, mlp, absmax).apply(before.to(mlp.down_proj.weight_t.device)).cpu()
+    stats = distribution_stats(before), distribution_stats(after)
+    print(
+        f"layer {args.layer} down-projection input: {before.shape[0]} tokens × "
+        f"{before.shape[1]} channels, arm={arm}"
+    )
+    print(format_stats(*stats))
+    if args.out:
+        plot_histograms(before, after, arm, args.layer, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def format_stats(before: DistributionStats, after: DistributionStats) -> str:
+    rows = [
+        ("kurtosis (Gaussian: 3)", before.kurtosis, after.kurtosis, "{:12.1f}"),
+        ("max |x| / RMS", before.max_over_rms, after.max_over_rms, "{:12.1f}"),
+        ("int8 round-trip error", before.int8_error, after.int8_error, "{:12.5f}"),
+    ]
+    lines = [f"{'':24}{'before ARM':>12}{'after ARM':>12}"]
+    lines += [f"{name:24}{fmt.format(b)}{fmt.format(a)}" for name, b, a, fmt in rows]
+    return "\n".join(lines)
+
+
+def plot_histograms(
+    before: torch.Tensor, after: torch.Tensor, arm: str, layer: int, out: Path
+) -> None:
+    """The figure's two histograms, side by side, counts on a log axis so outliers show."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ShardlmError(
+            "--out needs matplotlib, an optional extra: pip install 'shardlm[plot]'"
+        ) from None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = ((before, "before ARM", "tab:red"), (after, f"after ARM ({arm})", "tab:blue"))
+    for ax, (values, title, colour) in zip(axes, panels, strict=True):
+        v = values.flatten().numpy()
+        ax.hist(v, bins=200, color=colour, log=True)
+        ax.set_title(f"{title}: max|x|/RMS = {distribution_stats(values).max_over_rms:.1f}")
+        ax.set_xlabel("down-projection input value")
+        ax.set_ylabel("count (log)")
+    fig.suptitle(f"layer {layer}: the MLP's down-projection input, {before.shape[0]} tokens")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""What happens to a loaded model's weights before it serves: the ARM fold, then quantization.
+
+Order matters: ARM changes the down projection's weights (T⁻¹·W) and the up projection's
+(smoothing), so quantization must see the folded weights. Both run once per rank on that
+rank's shard, right after ``load_weights``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shardlm.calibration import CALIBRATION_FILE, load_calibration
+from shardlm.errors import ConfigError
+from shardlm.layers.arm import ArmTransform, arm_transform, check_arm_mode, uses_smoothing
+from shardlm.layers.linear import Linear
+from shardlm.layers.quant import QUANTIZATIONS, fp8_supported, quantize_linear
+from shardlm.models.llama import LlamaForCausalLM, LlamaMLP
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightTransforms:
+    """The engine's ARM and quantization arguments, validated.
+
+    ``calibration``: the file of per-channel statistics smoothing needs (``shardlm
+    calibrate`` writes it beside the checkpoint, which is where it is looked for by default).
+    """
+
+    arm: str = "none"
+    calibration: str | None = None
+    quantization: str | None = None
+    quantize_all_linears: bool = False
+
+    @classmethod
+    def resolve(
+        cls,
+        model: str | Path,
+        arm: str = "none",
+        arm_calibration: str | Path | None = None,
+        quantization: str | None = None,
+        quantize_all_linears: bool = False,
+    ) -> WeightTransforms:
+        check_arm_mode(arm)
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
+                f"got {quantization!r}"
+            )
+        if not isinstance(quantize_all_linears, bool):
+            raise ValueError(f"quantize_all_linears must be a bool, got {quantize_all_linears!r}")
+        if quantize_all_linears and quantization is None:
+            raise ValueError("quantize_all_linears=True needs quantization='int8' or 'fp8'")
+        if arm_calibration is not None and not uses_smoothing(arm):
+            raise ValueError(
+                f"arm_calibration is only used with arm='smooth' or 'both', not {arm!r}"
+            )
+        calibration = None
+        if uses_smoothing(arm):
+            path = Path(arm_calibration) if arm_calibration else Path(model) / CALIBRATION_FILE
+            if not path.is_file():
+                raise ConfigError(
+                    f"arm={arm!r} needs calibration statistics, and {path} does not exist; "
+                    f"run `shardlm calibrate --model {model} --data FILE.txt` first (or use "
+                    "arm='hadamard', which needs none)"
+                )
+            calibration = str(path)
+        return cls(arm, calibration, quantization, quantize_all_linears)
+
+    def check_device(self, device: torch.device) -> None:
+        if self.quantization == "fp8" and device.type == "cuda" and not fp8_supported(device):
+            cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            raise ConfigError(
+                f"quantization='fp8' needs a GPU of compute capability ≥ 8.9 (Ada, Hopper); "
+                f"{device} has {cap}: use quantization='int8'"
+            )
+
+    def describe(self) -> str:
+        parts = []
+        if self.arm != "none":
+            parts.append(f"arm={self.arm}")
+        if self.quantization:
+            which = "all linears" if self.quantize_all_linears else "down_proj"
+            parts.append(f"{self.quantization} {which}")
+        return ", ".join(parts) or "no weight transforms"
+
+
+def apply_weight_transforms(model: LlamaForCausalLM, transforms: WeightTransforms) -> None:
+    """Fold ARM into this rank's MLP weights, then quantize the chosen linears in place."""
+    transforms.check_device(model.lm_head.weight_t.device)
+    if transforms.arm != "none":
+        absmax = None
+        if transforms.calibration is not None:
+            absmax = load_calibration(transforms.calibration, model.config)
+        for n, layer in enumerate(model.layers):
+            local = None
+            if absmax is not None:  # the calibration covers the full width: take our slice
+                i, r = model.shard.intermediate, model.tp.rank
+                local = absmax[n][r * i : (r + 1) * i]
+            fold_arm(layer.mlp, layer_arm(transforms.arm, layer.mlp, local))
+    if transforms.quantization:
+        for layer in model.layers:
+            targets = [(layer.mlp, "down_proj")]
+            if transforms.quantize_all_linears:
+                targets += [
+                    (layer.mlp, "gate_up_proj"),
+                    (layer.self_attn, "qkv_proj"),
+                    (layer.self_attn, "o_proj"),
+                ]
+            for owner, name in targets:
+                linear = getattr(owner, name)
+                setattr(owner, name, quantize_linear(linear, transforms.quantization))
+                del linear  # the float weight goes with the last reference
+
+
+def layer_arm(arm: str, mlp: LlamaMLP, act_absmax: torch.Tensor | None) -> ArmTransform:
+    """The ARM of one loaded MLP (this rank's slice)."""
+    down: Linear = mlp.down_proj
+    return arm_transform(arm, down.in_features, act_absmax, down.weight_t.detach())
+
+
+@torch.no_grad()
+def fold_arm(mlp: LlamaMLP, transform: ArmTransform) -> None:
+    """Make ``mlp`` compute the same function through T: diag(s) into the up projection's
+    columns (and bias), T⁻¹ into the down projection, and the online Hadamard switched on."""
+    inter = mlp.down_proj.in_features
+    if transform.scale is not None:
+        s = transform.scale.to(mlp.gate_up_proj.weight_t.device)
+        up = mlp.gate_up_proj.weight_t[:, inter:]  # [hidden, gate | up]: the up half
+        up.copy_((up.float() * s).to(up.dtype))
+        if mlp.gate_up_proj.bias is not None:
+            bias = mlp.gate_up_proj.bias[inter:]
+            bias.copy_((bias.float() * s).to(bias.dtype))
+    w = mlp.down_proj.weight_t
+    w.copy_(transform.fold_into_down(w))
+    mlp.hadamard_block = transform.block

@@ -1,0 +1,457 @@
+"""ARM (activation redistribution) and W8A8 quantization: the third design figure.
+
+The oracle is the unmodified float32 engine, itself checked against transformers elsewhere:
+ARM must not change the float function, and int8 with ARM must stay close to it where int8
+alone does not, on checkpoints with planted outlier channels in the down-projection input.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardlm import LLM, SamplingParams
+from shardlm.calibration import CALIBRATION_FILE, load_calibration, save_calibration
+from shardlm.config import ModelConfig
+from shardlm.entrypoints.cli import main as cli_main
+from shardlm.errors import CheckpointError, ConfigError
+from shardlm.layers.arm import ARM_MODES
+from shardlm.layers.hadamard import fwht, hadamard_block_size, hadamard_matrix
+from shardlm.layers.linear import Linear
+from shardlm.layers.quant import Fp8Linear, Int8Linear, quantize_int8
+from shardlm.models.transforms import layer_arm
+from shardlm.quality import greedy_tokens, mlp_inputs, mlp_output_errors, token_agreement
+from tests.conftest import make_checkpoint
+
+ARMS = [m for m in ARM_MODES if m != "none"]
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+WORDS = [
+    "the",
+    "model",
+    "cache",
+    "token",
+    "layer",
+    "shard",
+    "rank",
+    "node",
+    "attention",
+    "value",
+    "key",
+    "query",
+]
+
+
+def calibration_text(seed: int = 0, words: int = 4000) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def calibrate(path: Path, tmp_path: Path, capsys=None) -> str:
+    data = tmp_path / "calibration.txt"
+    data.write_text(calibration_text())
+    code = cli_main(
+        [
+            "calibrate",
+            "--model",
+            str(path),
+            "--data",
+            str(data),
+            "--samples",
+            "16",
+            "--seq-len",
+            "128",
+        ]
+    )
+    assert code == 0
+    assert (path / CALIBRATION_FILE).is_file()
+    return capsys.readouterr().out if capsys else ""
+
+
+def plant_outliers(hf_model, channels: int, seed: int) -> dict[int, list[int]]:
+    """Scale ``channels`` rows of each layer's up_proj by 50–100×: those channels of the
+    down-projection input become outliers, as in real Llama checkpoints."""
+    g = torch.Generator().manual_seed(seed)
+    planted = {}
+    with torch.no_grad():
+        for n, layer in enumerate(hf_model.model.layers):
+            width = layer.mlp.up_proj.weight.shape[0]
+            chosen = torch.randperm(width, generator=g)[:channels]
+            factors = 50 + 50 * torch.rand(channels, generator=g)
+            layer.mlp.up_proj.weight[chosen] *= factors[:, None]
+            planted[n] = sorted(chosen.tolist())
+    return planted
+
+
+@pytest.fixture(scope="module")
+def outlier_ckpt(tmp_path_factory):
+    """hidden 64, MLP width 256, 4 planted outlier channels per layer; calibrated."""
+    path = tmp_path_factory.mktemp("arm-outliers")
+    hf = make_checkpoint(path, "llama", {"intermediate_size": 256})
+    planted = plant_outliers(hf, channels=4, seed=1)
+    hf.save_pretrained(path)
+    calibrate(path, tmp_path_factory.mktemp("data"))
+    return path, planted
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    """No planted outliers; MLP width 192 = 3·64, so the Hadamard is block-diagonal (blocks of
+    64; 32 per rank at TP=2). Calibrated."""
+    path = tmp_path_factory.mktemp("arm-plain")
+    make_checkpoint(path, "llama", {"intermediate_size": 192})
+    calibrate(path, tmp_path_factory.mktemp("data"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bias_ckpt(tmp_path_factory):
+    """MLP biases: smoothing must scale the up projection's bias too."""
+    path = tmp_path_factory.mktemp("arm-bias")
+    make_checkpoint(path, "llama", {"mlp_bias": True, "attention_bias": True})
+    calibrate(path, tmp_path_factory.mktemp("data"))
+    return path
+
+
+def greedy(llm: LLM, n: int = 32) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return llm.generate(PROMPT, params)[0].outputs[0].token_ids
+
+
+# -- the transform itself --
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
+def test_fwht_equals_the_sylvester_matrix(n):
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    torch.testing.assert_close(fwht(x, n), x @ hadamard_matrix(n), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fwht(fwht(x, n), n), x, rtol=1e-12, atol=1e-12)  # H·H = I
+
+
+def test_block_diagonal_hadamard_for_other_sizes():
+    assert [hadamard_block_size(n) for n in (11008, 14336, 8192, 192, 7)] == [
+        256,
+        2048,
+        8192,
+        64,
+        1,
+    ]
+    x = torch.randn(4, 192, dtype=torch.float64)
+    dense = torch.block_diag(*[hadamard_matrix(64)] * 3)
+    torch.testing.assert_close(fwht(x, 64), x @ dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fwht(x, 1), x)
+    for bad in (3, 128, 0):
+        with pytest.raises(ValueError, match="power of two dividing 192"):
+            fwht(x, bad)
+    with pytest.raises(ValueError, match="positive size"):
+        hadamard_block_size(0)
+
+
+def test_arm_transform_times_its_fold_is_the_identity():
+    torch.manual_seed(0)
+    from shardlm.layers.arm import ArmTransform
+
+    w = torch.randn(96, 40, dtype=torch.float64)
+    h = torch.randn(7, 96, dtype=torch.float64)
+    t = ArmTransform(torch.rand(96, dtype=torch.float64) * 10 + 0.1, 32)
+    torch.testing.assert_close(t.apply(h) @ t.fold_into_down(w), h @ w, rtol=1e-10, atol=1e-10)
+
+
+# -- quantized linears --
+def loaded_linear(k: int, n: int, bias: bool = False) -> Linear:
+    lin = Linear(k, n, bias)
+    with torch.no_grad():
+        lin.weight_t.normal_()
+        if bias:
+            lin.bias.normal_()
+    return lin
+
+
+def test_int8_roundtrip_is_within_half_a_step():
+    x = torch.randn(6, 50) * torch.logspace(-2, 2, 50)
+    q, scale = quantize_int8(x, dim=-1)
+    assert q.dtype == torch.int8 and scale.shape == (6, 1)
+    assert ((q.float() * scale - x).abs() <= scale / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int8_linear_int_mm_equals_the_float_emulation(rows):
+    torch.manual_seed(0)
+    lin = loaded_linear(96, 48, bias=True)
+    q = Int8Linear(lin)
+    assert q.int_mm  # CPU has an int8 GEMM (torch._int_mm)
+    x = torch.randn(rows, 96)
+    fast = q(x)
+    q.int_mm = False
+    torch.testing.assert_close(fast, q(x), rtol=0, atol=1e-5)  # int32 sums are exact
+    ref = lin(x)
+    assert (fast - ref).norm() / ref.norm() < 0.02
+
+
+def test_fp8_linear_emulation_matches_scaled_mm():
+    torch.manual_seed(0)
+    lin = loaded_linear(64, 32)
+    q = Fp8Linear(lin)
+    x = torch.randn(5, 64)
+    emulated = q(x)
+    assert (emulated - lin(x)).norm() / lin(x).norm() < 0.08
+    q.scaled_mm = True  # the GPU path; this torch also runs _scaled_mm on CPU
+    try:
+        kernel = q(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm is not available on this build's CPU: {e}")
+    torch.testing.assert_close(kernel, emulated, rtol=1e-2, atol=1e-2)  # bf16 output
+
+
+def dense_linears(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    h, i = config.hidden_size, config.intermediate_size
+    return {
+        "down_proj": (i, h),
+        "gate_up_proj": (h, 2 * i),
+        "qkv_proj": (h, config.q_size + 2 * config.kv_size),
+        "o_proj": (config.q_size, h),
+    }
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantization_shrinks_weight_memory_by_what_it_should(outlier_ckpt, scheme):
+    path, _ = outlier_ckpt
+    config = ModelConfig.from_pretrained(path)
+    shapes = dense_linears(config)
+
+    def saved(names) -> int:  # float32 weight → 1-byte weight plus a float32 scale per column
+        return config.num_hidden_layers * sum(
+            k * n * 4 - (k * n + n * 4) for k, n in (shapes[x] for x in names)
+        )
+
+    with LLM(path, dtype="float32") as llm:
+        dense = llm.engine.rank_weight_bytes[0]
+    with LLM(path, dtype="float32", quantization=scheme) as llm:
+        assert llm.engine.rank_weight_bytes[0] == dense - saved(["down_proj"])
+    with LLM(path, dtype="float32", quantization=scheme, quantize_all_linears=True) as llm:
+        assert llm.engine.rank_weight_bytes[0] == dense - saved(shapes)
+        kinds = {type(m).__name__ for m in llm.runner.model.layers[0].modules()}
+        assert {"Int8Linear" if scheme == "int8" else "Fp8Linear"} <= kinds
+        assert "Linear" not in kinds  # every linear of the layers was replaced
+
+
+# -- ARM preserves the float function --
+@pytest.mark.parametrize("arm", ARMS)
+def test_arm_in_float32_keeps_logits_and_tokens(plain_ckpt, arm):
+    with LLM(plain_ckpt, dtype="float32") as llm:
+        ref_logits, ref_tokens = llm.prompt_logits(PROMPT), greedy(llm)
+    with LLM(plain_ckpt, dtype="float32", arm=arm) as llm:
+        assert llm.runner.model.layers[0].mlp.hadamard_block == (64 if arm != "smooth" else 0)
+        torch.testing.assert_close(llm.prompt_logits(PROMPT), ref_logits, rtol=0, atol=1e-4)
+        assert greedy(llm) == ref_tokens
+
+
+@pytest.mark.parametrize("arm", ["hadamard", "both"])
+def test_arm_with_tensor_parallelism_keeps_logits_and_tokens(plain_ckpt, arm):
+    with LLM(plain_ckpt, dtype="float32") as llm:
+        ref_logits, ref_tokens = llm.prompt_logits(PROMPT), greedy(llm)
+    with LLM(plain_ckpt, dtype="float32", arm=arm, tensor_parallel_size=2) as llm:
+        torch.testing.assert_close(llm.prompt_logits(PROMPT), ref_logits, rtol=0, atol=1e-4)
+        assert greedy(llm) == ref_tokens
+
+
+def test_smoothing_is_folded_into_the_up_projection_bias(bias_ckpt):
+    with LLM(bias_ckpt, dtype="float32") as llm:
+        ref_logits, ref_tokens = llm.prompt_logits(PROMPT), greedy(llm)
+    with LLM(bias_ckpt, dtype="float32", arm="both") as llm:
+        torch.testing.assert_close(llm.prompt_logits(PROMPT), ref_logits, rtol=0, atol=1e-4)
+        assert greedy(llm) == ref_tokens
+
+
+def test_engine_down_proj_input_is_the_transform_inspect_shows(outlier_ckpt):
+    """What ``shardlm inspect`` plots as 'after ARM' is what the ARM engine feeds down_proj."""
+    from shardlm.calibration import down_proj_inputs
+
+    path, _ = outlier_ckpt
+
+    def inputs(llm: LLM) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        with down_proj_inputs(llm.runner.model, seen.__setitem__):
+            llm.prompt_logits(PROMPT)
+        return [seen[n] for n in sorted(seen)]
+
+    absmax = load_calibration(path / CALIBRATION_FILE, ModelConfig.from_pretrained(path))
+    with LLM(path, dtype="float32") as llm:
+        raw = inputs(llm)
+        transforms = [
+            layer_arm("both", layer.mlp, absmax[n])
+            for n, layer in enumerate(llm.runner.model.layers)
+        ]
+    with LLM(path, dtype="float32", arm="both") as llm:
+        online = inputs(llm)
+    for h, t, h_arm in zip(raw, transforms, online, strict=True):
+        expected = t.apply(h)
+        assert (h_arm - expected).norm() / expected.norm() < 1e-5
+
+
+# -- int8 accuracy with and without ARM --
+def mlp_errors(path: Path, configs: dict[str, dict]) -> dict[str, list[float]]:
+    """Per-layer MLP output error of each configuration against float32 (quality.py)."""
+    with LLM(path, dtype="float32") as base:
+        inputs = mlp_inputs(base, PROMPT)
+        errors = {}
+        for name, kwargs in configs.items():
+            with LLM(path, dtype="float32", **kwargs) as llm:
+                errors[name] = mlp_output_errors(base, llm, inputs)
+    return errors
+
+
+def token_agreements(path: Path, configs: dict[str, dict], positions: int = 64) -> dict:
+    """Share of 64 float32 greedy tokens each configuration predicts (teacher-forced)."""
+    with LLM(path, dtype="float32") as base:
+        prompt = base.encode_prompt(PROMPT)
+        target = greedy_tokens(base, prompt, positions)
+    agreement = {}
+    for name, kwargs in configs.items():
+        with LLM(path, dtype="float32", **kwargs) as llm:
+            agreement[name] = token_agreement(llm, prompt, target)
+    return agreement
+
+
+INT8 = {f"int8 arm={arm}": dict(quantization="int8", arm=arm) for arm in ARM_MODES}
+
+
+def test_arm_rescues_int8_from_planted_outliers(outlier_ckpt):
+    path, _ = outlier_ckpt
+    errors = mlp_errors(path, INT8)
+    agreement = token_agreements(path, INT8)
+    print("\nplanted outliers (4 channels × 50–100×), int8 W8A8 down projection:")
+    for name in INT8:
+        errs = ", ".join(f"{e:.4f}" for e in errors[name])
+        print(
+            f"  {name:17} MLP rel. error per layer [{errs}]  token agreement {agreement[name]:.3f}"
+        )
+    none, arm = errors["int8 arm=none"], errors["int8 arm=both"]
+    for layer, (e_none, e_arm) in enumerate(zip(none, arm, strict=True)):
+        assert e_none >= 4 * e_arm, f"layer {layer}: ARM cut the error only {e_none / e_arm:.1f}×"
+    assert agreement["int8 arm=both"] >= 0.9
+    assert agreement["int8 arm=none"] < agreement["int8 arm=both"]
+
+
+def test_arm_never_hurts_int8_much_without_outliers(plain_ckpt):
+    errors = mlp_errors(plain_ckpt, INT8)
+    print("\nno planted outliers, int8 W8A8 down projection, MLP rel. error per layer:")
+    for name in INT8:
+        print(f"  {name:17} [{', '.join(f'{e:.4f}' for e in errors[name])}]")
+    for arm in ARMS:
+        for layer, (e_arm, e_none) in enumerate(
+            zip(errors[f"int8 arm={arm}"], errors["int8 arm=none"], strict=True)
+        ):
+            assert e_arm <= 1.1 * e_none, f"arm={arm} layer {layer}: {e_arm:.4f} vs {e_none:.4f}"
+
+
+def test_int8_arm_with_tensor_parallelism_and_attention_nodes(outlier_ckpt):
+    """The quantized ARM MLP behind the other two figures: TP=2 (Hadamard per rank's slice)
+    and attention nodes give the float32 tokens at ≥ 90% of positions, and attention nodes
+    change nothing about the MLP (same tokens as without them)."""
+    path, _ = outlier_ckpt
+    configs = {
+        "tp2": dict(quantization="int8", arm="both", tensor_parallel_size=2),
+        "nodes": dict(
+            quantization="int8", arm="both", attention_nodes=2, attention_transport="in-process"
+        ),
+    }
+    agreement = token_agreements(path, configs)
+    assert agreement["tp2"] >= 0.9 and agreement["nodes"] >= 0.9
+    with LLM(path, dtype="float32", **configs["nodes"]) as llm:
+        with_nodes = greedy(llm)
+    with LLM(path, dtype="float32", quantization="int8", arm="both") as llm:
+        assert greedy(llm) == with_nodes
+
+
+# -- calibrate / inspect --
+def test_calibration_finds_the_planted_channels(outlier_ckpt):
+    path, planted = outlier_ckpt
+    tables = load_calibration(path / CALIBRATION_FILE, ModelConfig.from_pretrained(path))
+    for n, absmax in enumerate(tables):
+        assert sorted(absmax.topk(len(planted[n])).indices.tolist()) == planted[n]
+
+
+def test_inspect_prints_statistics_and_draws_the_histograms(outlier_ckpt, tmp_path, capsys):
+    path, _ = outlier_ckpt
+    out = tmp_path / "hist.png"
+    argv = ["inspect", "--model", str(path), "--layer", "1", "--prompt", PROMPT]
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "arm=both" in text  # calibrated checkpoint: the full ARM by default
+    rows = {line[:24].strip(): line[24:].split() for line in text.splitlines()[2:5]}
+    before, after = (float(v) for v in rows["kurtosis (Gaussian: 3)"])
+    assert before > 50 and after < 6
+    before, after = (float(v) for v in rows["int8 round-trip error"])
+    assert after * 3 < before
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--layer", "2"], "--layer must be in [0, 1] for this model, got 2"),
+        (["--layer", "-1"], "--layer must be in [0, 1]"),
+    ],
+)
+def test_inspect_rejects_a_layer_that_does_not_exist(outlier_ckpt, capsys, argv, message):
+    path, _ = outlier_ckpt
+    assert cli_main(["inspect", "--model", str(path), "--prompt", "x", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_rejects_bad_data(plain_ckpt, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    for data, message in ((tmp_path / "missing.txt", "is not a file"), (empty, "has no text")):
+        argv = ["calibrate", "--model", str(plain_ckpt), "--data", str(data)]
+        assert cli_main(argv) == 2
+        assert message in capsys.readouterr().err
+    argv = ["calibrate", "--model", str(plain_ckpt), "--data", str(empty), "--samples", "0"]
+    assert cli_main(argv) == 2
+    assert "--samples must be in [1," in capsys.readouterr().err
+
+
+def test_generate_cli_with_quantization_and_arm(outlier_ckpt, capsys):
+    path, _ = outlier_ckpt
+    argv = ["generate", "--model", str(path), "--prompt", "def", "--max-tokens", "8"]
+    argv += ["--temperature", "0", "--ignore-eos", "--quantization", "int8", "--arm", "both"]
+    assert cli_main(argv) == 0
+    with LLM(path, dtype="float32", quantization="int8", arm="both") as llm:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        expected = llm.generate("def", params)[0].outputs[0].text
+    assert capsys.readouterr().out == "def" + expected + "\n"
+
+
+# -- bad arguments --
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(arm="rotate"), ValueError, "arm must be one of none, hadamard, smooth, both"),
+        (dict(quantization="int4"), ValueError, "quantization must be one of int8, fp8 or None"),
+        (dict(quantize_all_linears=True), ValueError, "needs quantization='int8' or 'fp8'"),
+        (dict(arm_calibration="x"), ValueError, "only used with arm='smooth' or 'both'"),
+        (dict(quantize_all_linears=1, quantization="int8"), ValueError, "must be a bool"),
+    ],
+)
+def test_bad_arguments_are_named(plain_ckpt, kwargs, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LLM(plain_ckpt, **kwargs)
+
+
+def test_smoothing_without_calibration_says_what_to_run(tmp_path, outlier_ckpt):
+    path = tmp_path / "uncalibrated"
+    make_checkpoint(path, "llama")
+    with pytest.raises(ConfigError, match="run `shardlm calibrate --model"):
+        LLM(path, arm="smooth")
+    # A calibration made for another model is refused with both shapes named.
+    other, _ = outlier_ckpt
+    with pytest.raises(CheckpointError, match=r"has shape \[256\], expected \[128\]"):
+        LLM(path, arm="both", arm_calibration=other / CALIBRATION_FILE)
+    bad = tmp_path / "bad.safetensors"
+    save_calibration(bad, [torch.full((128,), float("nan")) for _ in range(2)], {})
+    with pytest.raises(CheckpointError, match="non-finite"):
+        LLM(path, arm="smooth", arm_calibration=bad)
+    (tmp_path / "junk.safetensors").write_text("not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        LLM(path, arm="smooth", arm_calibration=tmp_path / "junk.safetensors")
