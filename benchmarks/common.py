@@ -8,14 +8,15 @@ import argparse
 import torch
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, vocab: bool = True) -> None:
     """Shape of the random Llama (default: ~58M parameters, the docs' CPU model)."""
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
+    if vocab:
+        parser.add_argument("--vocab", type=int, default=32000)
 
 
 def make_checkpoint(path: str, args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from shardlm.config import ModelConfig
 from shardlm.entrypoints.cli import main as cli_main
 from shardlm.errors import CheckpointError, ConfigError
 from shardlm.layers.arm import ARM_MODES
-from shardlm.layers.hadamard import fwht, hadamard_block_size, hadamard_matrix
+from shardlm.layers.hadamard import fwht, hadamard_block_size, hadamard_matrix, stage_radices
 from shardlm.layers.linear import Linear
 from shardlm.layers.quant import Fp8Linear, Int8Linear, quantize_int8
 from shardlm.models.transforms import layer_arm
@@ -121,11 +121,21 @@ def greedy(llm: LLM, n: int = 32) -> list[int]:
 
 
 # -- the transform itself --
-@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
-def test_fwht_equals_the_sylvester_matrix(n):
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 256, 2048])
+@pytest.mark.parametrize("max_radix", [2, 8, 64])
+def test_fwht_equals_the_sylvester_matrix(n, max_radix):
+    """Every radix split (2 = the textbook butterfly) is the same H."""
     x = torch.randn(3, 5, n, dtype=torch.float64)
-    torch.testing.assert_close(fwht(x, n), x @ hadamard_matrix(n), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fwht(fwht(x, n), n), x, rtol=1e-12, atol=1e-12)  # H·H = I
+    h = fwht(x, n, max_radix)
+    torch.testing.assert_close(h, x @ hadamard_matrix(n), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fwht(h, n, max_radix), x, rtol=1e-12, atol=1e-12)  # H·H = I
+
+
+def test_stage_radices_split_the_block_evenly():
+    assert stage_radices(1024) == [32, 32]
+    assert stage_radices(8192) == [32, 16, 16]
+    assert stage_radices(64) == [64]
+    assert stage_radices(1024, 2) == [2] * 10
 
 
 def test_block_diagonal_hadamard_for_other_sizes():

@@ -70,8 +70,20 @@ def _positive(name: str, value: int, limit: int = 2**31) -> None:
         raise ValueError(f"{name} must be in [1, {limit}], got {value}")
 
 
+def collect_absmax(llm, windows: list[list[int]]) -> tuple[list[torch.Tensor], int]:
+    """Run each window of token ids through ``llm`` (prefill only, one generated token) and
+    return per layer the per-channel max |x| of the down-projection input, and the number of
+    tokens seen. ``llm`` must run in this process, without ARM, without prefix caching."""
+    from shardlm import SamplingParams
+
+    recorder = AbsMaxRecorder(llm.config.num_hidden_layers)
+    with down_proj_inputs(llm.runner.model, recorder):
+        llm.generate(windows, SamplingParams(max_tokens=1))
+    return recorder.tables(), recorder.tokens
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from shardlm import LLM, SamplingParams
+    from shardlm import LLM
 
     _positive("--samples", args.samples)
     _positive("--seq-len", args.seq_len)
@@ -87,19 +99,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seq_len = min(args.seq_len, llm.engine.max_model_len - 1)
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
         windows = token_windows(ids, seq_len, args.samples)
-        recorder = AbsMaxRecorder(llm.config.num_hidden_layers)
-        with down_proj_inputs(llm.runner.model, recorder):
-            llm.generate(windows, SamplingParams(max_tokens=1), use_tqdm=True)
-        tables = recorder.tables()
-    info = {
-        "data": data.name,
-        "windows": len(windows),
-        "seq_len": seq_len,
-        "tokens": recorder.tokens,
-    }
+        tables, tokens = collect_absmax(llm, windows)
+    info = {"data": data.name, "windows": len(windows), "seq_len": seq_len, "tokens": tokens}
     save_calibration(out, tables, info)
     print(
-        f"calibrated on {recorder.tokens} tokens ({len(windows)} windows of ≤{seq_len}) "
+        f"calibrated on {tokens} tokens ({len(windows)} windows of ≤{seq_len}) "
         f"from {data.name}; wrote {out}"
     )
     print("layer  max|x|  median max|x|  ratio (outlier channels stand out as a large ratio)")
