@@ -43,52 +43,110 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
-    gen.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    gen.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument(
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI API over HTTP (needs shardlm[serve])")
+    srv.add_argument(
+        "--model",
+        help="Hugging Face checkpoint directory (default: the built-in demo model, random weights)",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: --model)"
+    )
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $SHARDLM_API_KEY, else none)",
+    )
+    srv.add_argument(
+        "--max-waiting",
+        type=int,
+        default=1024,
+        help="answer 429 while this many sequences wait to start (default 1024)",
+    )
+    srv.add_argument(
+        "--max-num-seqs", type=int, default=256, help="sequences running at once (default 256)"
+    )
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
+    )
+    srv.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+    arm_tools.add_parsers(sub)
+    return parser
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """How the model is loaded and laid out: shared by generate and serve."""
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
         "--tensor-parallel-size",
         "--tp",
         type=int,
         default=None,
         help="split the model over N processes (default 1; under torchrun: WORLD_SIZE)",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--tp-timeout", type=float, default=60.0, help="seconds before a dead rank is reported"
     )
-    gen.add_argument(
+    parser.add_argument(
         "--kv-cache-tokens",
         type=int,
         default=None,
         help="exact KV pool size in tokens (with attention nodes: of each node)",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--attention-nodes",
         type=int,
         default=0,
         help="β: R-shard the KV cache over β attention nodes per head group (default 0: none)",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--kv-chunk-size",
         type=int,
         default=16,
         help="tokens per R-shard chunk: position p lives on node (p // c) %% β (default 16)",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--attention-device",
         default=None,
         help="device of the attention nodes' KV (default: the compute device)",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--attention-transport",
         default="distributed",
         choices=["distributed", "in-process"],
         help="attention nodes as their own ranks (default) or as objects in the compute ranks",
     )
-    add_weight_transform_args(gen)
-    gen.set_defaults(func=cmd_generate)
-    arm_tools.add_parsers(sub)
-    return parser
+    add_weight_transform_args(parser)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM/LLMEngine keyword arguments from the flags of add_engine_args."""
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        tensor_parallel_size=tensor_parallel_size(
+            args.tensor_parallel_size, args.attention_nodes, args.attention_transport
+        ),
+        tp_timeout_s=args.tp_timeout,
+        attention_nodes=args.attention_nodes,
+        kv_chunk_size=args.kv_chunk_size,
+        attention_device=args.attention_device,
+        attention_transport=args.attention_transport,
+        **weight_transform_kwargs(args),
+    )
 
 
 def add_weight_transform_args(parser: argparse.ArgumentParser) -> None:
@@ -139,21 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
     )
-    engine_args = dict(
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        kv_cache_tokens=args.kv_cache_tokens,
-        tensor_parallel_size=tensor_parallel_size(
-            args.tensor_parallel_size, args.attention_nodes, args.attention_transport
-        ),
-        tp_timeout_s=args.tp_timeout,
-        attention_nodes=args.attention_nodes,
-        kv_chunk_size=args.kv_chunk_size,
-        attention_device=args.attention_device,
-        attention_transport=args.attention_transport,
-        **weight_transform_kwargs(args),
-    )
+    engine_args = engine_kwargs(args)
     model = args.model
     if under_torchrun() and torchrun_rank()[0] > 0:
         # A torchrun worker: same command line as the driver, but it only runs the model.
@@ -187,6 +231,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from shardlm.demo import DEMO_NOTICE, demo_checkpoint
+
+    engine_args = engine_kwargs(args)
+    model = args.model
+    if under_torchrun() and torchrun_rank()[0] > 0:
+        return run_torchrun_worker(model or demo_checkpoint(), **engine_args)
+    try:
+        from shardlm.entrypoints.openai.server import ServerConfig, run_server
+    except ImportError as e:
+        raise ShardlmError(
+            f"shardlm serve needs the serve extra ({e.name} is missing): "
+            "pip install 'shardlm[serve]'"
+        ) from None
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_waiting < 1:
+        raise ValueError(f"--max-waiting must be ≥ 1, got {args.max_waiting}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be ≥ 0, got {args.shutdown_timeout}")
+    if model is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+        model = demo_checkpoint()
+    config = ServerConfig(
+        model_name=args.served_model_name or str(args.model or "shardlm-demo"),
+        api_key=args.api_key or os.environ.get("SHARDLM_API_KEY") or None,
+        max_waiting=args.max_waiting,
+    )
+    engine_args.update(max_num_seqs=args.max_num_seqs, seed=args.seed)
+    return run_server(model, engine_args, config, args.host, args.port, args.shutdown_timeout)
 
 
 def tensor_parallel_size(requested: int | None, attention_nodes: int, transport: str) -> int:

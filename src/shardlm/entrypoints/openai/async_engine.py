@@ -1,0 +1,170 @@
+"""The engine behind the server: one thread drives ``LLMEngine.step``; requests talk to it
+through a command queue and receive their outputs on asyncio queues.
+
+LLMEngine is not thread-safe, so only the engine thread touches it. The event loop thread
+submits ``add`` / ``abort`` commands and awaits outputs; the engine thread adds requests
+between steps, runs steps while anything is unfinished, hands each request its deltas with
+``loop.call_soon_threadsafe``, and sleeps on an event when idle. After every step it
+publishes a snapshot of the engine's counters for /metrics and admission control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from shardlm.engine.llm_engine import EngineStats, LLMEngine
+from shardlm.engine.outputs import RequestOutput
+from shardlm.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05
+
+
+class EngineDead(RuntimeError):
+    """The engine failed (a worker died, a step raised); no request can be served."""
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+_ACCEPTED = object()  # the engine queued the request (it passed the engine's own checks)
+
+
+class RequestStream:
+    """One accepted request's deltas. ``abort`` (idempotent) stops it and frees its KV
+    blocks; callers call it in a ``finally`` so a client that goes away costs nothing."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._outputs = outputs
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            item = await self._outputs.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.finished = item.finished
+            yield item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, _Sink] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.pending_adds = 0  # submitted, not yet taken by the engine thread (loop thread only)
+        self.stats: EngineStats = engine.stats
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shardlm-engine", daemon=True)
+        self._thread.start()
+
+    # -- the event-loop side --
+    async def add(self, request_id: str, prompt: dict, params: SamplingParams) -> RequestStream:
+        """Queue a request; returns once the engine has accepted it. Raises ValueError if
+        the engine refuses it, EngineDead if the engine has failed."""
+        if self.dead is not None:
+            raise EngineDead(f"the engine has failed: {self.dead}")
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        self.pending_adds += 1
+        self._commands.put(("add", request_id, prompt, params, sink))
+        self._wake.set()
+        first = await sink.queue.get()
+        if isinstance(first, BaseException):
+            raise first
+        return RequestStream(self, request_id, sink.queue)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what is left, stop the thread, then shut the engine down (its workers)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.engine.shutdown()
+
+    # -- the engine thread --
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    sink = self._sinks.get(out.request_id)
+                    if sink is not None:
+                        sink.put(out)
+                        if out.finished:
+                            del self._sinks[out.request_id]
+                self.stats = self.engine.stats
+            self._abort_all("the server is shutting down")
+        except BaseException as e:  # a failed step: every request gets the error
+            logger.exception("the engine failed")
+            self.dead = e
+            self._fail_all(EngineDead(f"the engine failed: {e}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, rid, prompt, params, sink = command
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                except ValueError as e:
+                    sink.put(e)
+                else:
+                    self._sinks[rid] = sink
+                    sink.put(_ACCEPTED)
+                finally:
+                    sink.loop.call_soon_threadsafe(self._added)
+            elif command[0] == "abort" and self.engine.abort(command[1]):
+                self._sinks.pop(command[1], None)
+        self.stats = self.engine.stats
+
+    def _added(self) -> None:
+        self.pending_adds -= 1
+
+    def _abort_all(self, why: str) -> None:
+        for rid in list(self._sinks):
+            self.engine.abort(rid)
+        self._fail_all(EngineDead(why))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for sink in self._sinks.values():
+            sink.put(error)
+        self._sinks.clear()
+        while True:  # requests submitted but never added
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                command[4].put(error)

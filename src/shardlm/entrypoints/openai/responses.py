@@ -1,0 +1,103 @@
+"""Response bodies of the OpenAI API, built from the engine's deltas (pure functions)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from shardlm.engine.outputs import CompletionOutput
+from shardlm.engine.sampler import Logprob
+
+
+def sse(payload: dict | str) -> str:
+    """One Server-Sent Event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class Choice:
+    """Everything produced so far for one choice (one sequence of one prompt)."""
+
+    index: int
+    prompt_tokens: int
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    completion_logprobs: dict = field(
+        default_factory=lambda: {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+    )
+    chat_logprobs: list = field(default_factory=list)
+
+    def add(self, delta: CompletionOutput) -> None:
+        self.text += delta.text
+        self.tokens += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            # "stop" or "length" as OpenAI; "abort" if the server shut down first (as vLLM).
+            self.finish_reason = delta.finish_reason
+
+
+def _top(lp: dict[int, Logprob], k: int) -> list[Logprob]:
+    return sorted((e for e in lp.values() if e.rank <= k), key=lambda e: e.rank)
+
+
+def completion_logprobs(delta: CompletionOutput, k: int, offset: int) -> dict:
+    """The legacy completions ``logprobs`` object for a delta's tokens; ``offset`` is the
+    length of the choice's text before the delta (for ``text_offset``)."""
+    out: dict[str, list] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    for token_id, lp in zip(delta.token_ids, delta.logprobs or [], strict=False):
+        chosen = lp[token_id]
+        text = chosen.decoded_token or ""
+        out["tokens"].append(text)
+        out["token_logprobs"].append(chosen.logprob)
+        # Keyed by text, as OpenAI's legacy format is: distinct tokens with the same text
+        # (partial UTF-8 bytes) share a key, and the most likely of them is kept.
+        top = reversed(_top(lp, k))
+        out["top_logprobs"].append({e.decoded_token or "": e.logprob for e in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(delta: CompletionOutput, k: int) -> list[dict]:
+    """Chat's ``logprobs.content`` entries for a delta's tokens."""
+
+    def entry(e: Logprob) -> dict:
+        token = e.decoded_token or ""
+        return {"token": token, "logprob": e.logprob, "bytes": list(token.encode("utf-8"))}
+
+    content = []
+    for token_id, lp in zip(delta.token_ids, delta.logprobs or [], strict=False):
+        item = entry(lp[token_id])
+        item["top_logprobs"] = [entry(e) for e in _top(lp, k)]
+        content.append(item)
+    return content
+
+
+def usage(choices: list[Choice], prompt_tokens: int) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def envelope(kind: str, request_id: str, model: str, created: int | None = None) -> dict:
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+    }
