@@ -465,3 +465,42 @@ def test_smoothing_without_calibration_says_what_to_run(tmp_path, outlier_ckpt):
     (tmp_path / "junk.safetensors").write_text("not safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         LLM(path, arm="smooth", arm_calibration=tmp_path / "junk.safetensors")
+
+
+def test_fp8_is_refused_on_a_gpu_without_fp8(monkeypatch):
+    from shardlm.models import transforms
+
+    monkeypatch.setattr(transforms, "fp8_supported", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(
+        ConfigError, match=r"compute capability ≥ 8.9.*has 8.0: use quantization='int8'"
+    ):
+        transforms.WeightTransforms(quantization="fp8").check_device(torch.device("cuda"))
+    transforms.WeightTransforms(quantization="int8").check_device(torch.device("cuda"))
+
+
+def test_output_paths_are_checked_before_the_model_runs(plain_ckpt, tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text(calibration_text())
+    missing = str(tmp_path / "no" / "such" / "file")
+    for argv in (
+        ["calibrate", "--model", str(plain_ckpt), "--data", str(data), "--out", missing],
+        ["calibrate", "--model", str(plain_ckpt), "--data", str(data), "--out", str(tmp_path)],
+        ["inspect", "--model", str(plain_ckpt), "--layer", "0", "--prompt", "x", "--out", missing],
+    ):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and ("does not exist" in err or "is a directory" in err)
+    argv = ["inspect", "--model", str(plain_ckpt), "--layer", "0", "--prompt", "x"]
+    assert cli_main([*argv, "--arm", "hadamard", "--arm-calibration", str(data)]) == 2
+    assert "only used with --arm smooth or both" in capsys.readouterr().err
+
+
+def test_odd_mlp_width_gets_no_hadamard_and_a_warning(tmp_path, caplog):
+    path = tmp_path / "odd"
+    make_checkpoint(path, "llama", {"intermediate_size": 75})
+    with caplog.at_level("WARNING"), LLM(path, dtype="float32", arm="hadamard") as llm:
+        assert llm.runner.model.layers[0].mlp.hadamard_block == 0
+    assert "no power-of-two factor" in caplog.text
+    with pytest.raises(ValueError, match="arm_calibration must be a path, got int"):
+        LLM(path, arm="smooth", arm_calibration=123)

@@ -7,6 +7,7 @@ sequences that need a new token.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -62,6 +63,10 @@ class ModelRunner:
         load_weights(self.model, path, dtype)
         self.transforms = transforms or WeightTransforms()
         apply_weight_transforms(self.model, self.transforms)
+        if self.transforms.quantization and device.type == "cuda":
+            # Give the freed float weights back, so the KV pool sizing (free memory) sees them.
+            gc.collect()
+            torch.cuda.empty_cache()
         self.load_seconds = time.perf_counter() - start
         self.scale = config.head_dim**-0.5
         # Quantized weights are int8/fp8 parameters (plus their scales): this is real memory.
@@ -72,7 +77,7 @@ class ModelRunner:
             path,
             self.weight_bytes / 2**20,
             dtype,
-            self.transforms.describe(),
+            self.transforms.describe(self.model),
             self.load_seconds,
         )
 

@@ -1,6 +1,6 @@
 """``shardlm calibrate`` and ``shardlm inspect``: the ARM's statistics and its figure.
 
-Both load the checkpoint unmodified (float32 unless told otherwise, one process) and watch
+Both load the checkpoint unmodified (one process; float32, or calibrate's --dtype) and watch
 the down-projection inputs through forward hooks (calibration.down_proj_inputs). ``inspect``
 computes the after-ARM activations by applying the layer's transform T = diag(s)·H to the
 captured ones: the same T the engine folds into the weights when ``arm`` is set.
@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from shardlm.calibration import (
     CALIBRATION_FILE,
@@ -65,6 +66,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ins.set_defaults(func=cmd_inspect)
 
 
+def _writable(flag: str, path: Path) -> None:
+    """Refuse an output path up front, not after the model has run."""
+    if path.is_dir():
+        raise ShardlmError(f"{flag} {str(path)!r} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ShardlmError(f"{flag} {str(path)!r}: directory {str(path.parent)!r} does not exist")
+
+
 def _positive(name: str, value: int, limit: int = 2**31) -> None:
     if not 1 <= value <= limit:
         raise ValueError(f"{name} must be in [1, {limit}], got {value}")
@@ -94,6 +103,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not text.strip():
         raise ShardlmError(f"--data {args.data!r} has no text")
     out = Path(args.out) if args.out else Path(args.model) / CALIBRATION_FILE
+    _writable("--out", out)
     # No prefix caching: a cached prefix would skip its tokens' forward, and their statistics.
     with LLM(args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False) as llm:
         seq_len = min(args.seq_len, llm.engine.max_model_len - 1)
@@ -101,7 +111,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         windows = token_windows(ids, seq_len, args.samples)
         tables, tokens = collect_absmax(llm, windows)
     info = {"data": data.name, "windows": len(windows), "seq_len": seq_len, "tokens": tokens}
-    save_calibration(out, tables, info)
+    try:
+        save_calibration(out, tables, info)
+    except (OSError, SafetensorError) as e:
+        raise ShardlmError(f"could not write --out {str(out)!r}: {e}") from None
     print(
         f"calibrated on {tokens} tokens ({len(windows)} windows of ≤{seq_len}) "
         f"from {data.name}; wrote {out}"
@@ -119,6 +132,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model = Path(args.model)
     calibration = Path(args.arm_calibration) if args.arm_calibration else model / CALIBRATION_FILE
     arm = args.arm or ("both" if calibration.is_file() else "hadamard")
+    if args.arm_calibration and not uses_smoothing(arm):
+        raise ShardlmError(f"--arm-calibration is only used with --arm smooth or both, not {arm}")
+    if args.out:
+        _writable("--out", Path(args.out))
     if uses_smoothing(arm) and not calibration.is_file():
         raise ShardlmError(
             f"--arm {arm} needs calibration statistics and {calibration} does not exist; run "

@@ -36,10 +36,9 @@ ARM_MODES = ("none", "hadamard", "smooth", "both")
 DEFAULT_ALPHA = 0.5
 
 
-def check_arm_mode(arm: str) -> str:
+def check_arm_mode(arm: str) -> None:
     if arm not in ARM_MODES:
         raise ValueError(f"arm must be one of {', '.join(ARM_MODES)}, got {arm!r}")
-    return arm
 
 
 def uses_smoothing(arm: str) -> bool:

@@ -10,14 +10,16 @@ token row (an outlier channel) sets that token's scale and flattens every other 
 row to a few quantization levels; that is the failure the ARM (layers/arm.py) removes.
 
 int8: the integer product runs in ``torch._int_mm`` (int8 × int8 → int32, exact), on CPU
-(oneDNN) and CUDA alike. CUDA needs more than 16 rows and inner/outer sizes divisible by 8:
+(oneDNN) and CUDA alike (the CUDA path is written to cuBLAS's constraints but has not run on
+a GPU yet). CUDA needs more than 16 rows and inner/outer sizes divisible by 8:
 decode batches are zero-padded to 17 rows, and other shapes fall back to the same product in
 float32 (exact while in_features·127² < 2²⁴, i.e. up to 1040 inputs; rounding-level beyond),
 logged once.
 
 fp8: ``torch._scaled_mm`` on CUDA GPUs with compute capability ≥ 8.9 (Ada, Hopper), which
 applies both scale vectors inside the kernel. Elsewhere (CPU) the fp8 values are upcast and
-multiplied in float32: numerically what the GPU computes, but not faster; logged once.
+multiplied in float32: what the GPU computes up to its bf16 output rounding, but not
+faster; logged once.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def fp8_supported(device: torch.device) -> bool:
 
 class QuantizedLinear(nn.Module):
     """The quantized counterpart of layers.linear.Linear (same forward contract, including
-    row-parallel AllReduce before the bias). Built from a loaded Linear by ``from_linear``;
-    the float weight is not kept, so weight memory shrinks to a quarter of float32."""
+    row-parallel AllReduce before the bias), built from a loaded Linear; the float weight is
+    not kept, so weight memory shrinks to a quarter of float32."""
 
     scheme: str
 
@@ -96,17 +98,19 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """W8A8 int8: int8 weight [in, out] (Linear's layout), per-column float32 scales."""
+    """W8A8 int8: int8 weight stored [out, in] row-major, i.e. the column-major [in, out]
+    operand of ``torch._int_mm`` (the "NT" layout cuBLAS supports; CPU takes it too), with
+    per-output-channel float32 scales."""
 
     scheme = "int8"
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__(linear)
-        q, scale = quantize_int8(linear.weight_t.detach(), dim=0)
-        self.weight_q = nn.Parameter(q, requires_grad=False)  # [in, out] int8
-        self.weight_scale = nn.Parameter(scale, requires_grad=False)  # [1, out] float32
+        q, scale = quantize_int8(linear.weight_t.detach().t(), dim=1)
+        self.weight_q = nn.Parameter(q.contiguous(), requires_grad=False)  # [out, in] int8
+        self.weight_scale = nn.Parameter(scale.t().contiguous(), requires_grad=False)  # [1, out]
         dev = q.device
-        k, n = q.shape
+        k, n = self.in_features, self.out_features
         self.int_mm = dev.type == "cpu" or (dev.type == "cuda" and k % 8 == 0 and n % 8 == 0)
         if not self.int_mm:
             _say_once(
@@ -118,11 +122,11 @@ class Int8Linear(QuantizedLinear):
         q, x_scale = quantize_int8(x, dim=-1)
         rows = q.shape[0]
         if not self.int_mm:
-            acc = q.float() @ self.weight_q.float()
+            acc = q.float() @ self.weight_q.float().t()
         else:
             if q.device.type == "cuda" and rows < CUDA_INT_MM_MIN_ROWS:
                 q = torch.nn.functional.pad(q, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
-            acc = torch._int_mm(q, self.weight_q)[:rows].float()
+            acc = torch._int_mm(q, self.weight_q.t())[:rows].float()
         return acc * x_scale * self.weight_scale
 
 
@@ -167,4 +171,6 @@ def quantize_linear(linear: nn.Module, scheme: str) -> QuantizedLinear:
         return Int8Linear(linear)
     if scheme == "fp8":
         return Fp8Linear(linear)
-    raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None")
+    raise ValueError(
+        f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, got {scheme!r}"
+    )

@@ -8,6 +8,7 @@ rank's shard, right after ``load_weights``.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,10 @@ class WeightTransforms:
             raise ValueError(f"quantize_all_linears must be a bool, got {quantize_all_linears!r}")
         if quantize_all_linears and quantization is None:
             raise ValueError("quantize_all_linears=True needs quantization='int8' or 'fp8'")
+        if arm_calibration is not None and not isinstance(arm_calibration, (str, os.PathLike)):
+            raise ValueError(
+                f"arm_calibration must be a path, got {type(arm_calibration).__name__}"
+            )
         if arm_calibration is not None and not uses_smoothing(arm):
             raise ValueError(
                 f"arm_calibration is only used with arm='smooth' or 'both', not {arm!r}"
@@ -63,8 +68,9 @@ class WeightTransforms:
         if uses_smoothing(arm):
             path = Path(arm_calibration) if arm_calibration else Path(model) / CALIBRATION_FILE
             if not path.is_file():
+                why = "is not a file" if path.exists() else "does not exist"
                 raise ConfigError(
-                    f"arm={arm!r} needs calibration statistics, and {path} does not exist; "
+                    f"arm={arm!r} needs calibration statistics, and {path} {why}; "
                     f"run `shardlm calibrate --model {model} --data FILE.txt` first (or use "
                     "arm='hadamard', which needs none)"
                 )
@@ -79,10 +85,11 @@ class WeightTransforms:
                 f"{device} has {cap}: use quantization='int8'"
             )
 
-    def describe(self) -> str:
+    def describe(self, model: LlamaForCausalLM | None = None) -> str:
         parts = []
         if self.arm != "none":
-            parts.append(f"arm={self.arm}")
+            block = model.layers[0].mlp.hadamard_block if model is not None else 0
+            parts.append(f"arm={self.arm}" + (f" (Hadamard blocks of {block})" if block else ""))
         if self.quantization:
             which = "all linears" if self.quantize_all_linears else "down_proj"
             parts.append(f"{self.quantization} {which}")
@@ -114,13 +121,21 @@ def apply_weight_transforms(model: LlamaForCausalLM, transforms: WeightTransform
             for owner, name in targets:
                 linear = getattr(owner, name)
                 setattr(owner, name, quantize_linear(linear, transforms.quantization))
-                del linear  # the float weight goes with the last reference
 
 
 def layer_arm(arm: str, mlp: LlamaMLP, act_absmax: torch.Tensor | None) -> ArmTransform:
     """The ARM of one loaded MLP (this rank's slice)."""
     down: Linear = mlp.down_proj
-    return arm_transform(arm, down.in_features, act_absmax, down.weight_t.detach())
+    transform = arm_transform(arm, down.in_features, act_absmax, down.weight_t.detach())
+    if transform.block == 1:  # an odd width: H_1 = [1] would change nothing
+        logger.warning(
+            "MLP width %d (this rank's slice) has no power-of-two factor: the Hadamard part "
+            "of arm=%s is the identity here",
+            down.in_features,
+            arm,
+        )
+        transform = ArmTransform(transform.scale, 0)
+    return transform
 
 
 @torch.no_grad()
