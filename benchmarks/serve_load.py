@@ -1,0 +1,195 @@
+"""A bounded load test of `shardlm serve` (loopback only; stops by itself within --limit s).
+
+Builds a small random Llama (byte tokenizer), starts the server as a subprocess, and has
+--concurrency clients stream --requests completions in total (each --max-tokens tokens,
+ignore_eos). Reports requests/s, output tokens/s, p50/p99 time to first token and
+inter-token latency (gaps between streamed chunks, as a client sees them). The peer is the
+offline engine (`LLM.generate` of the same prompts, in this process after the server has
+stopped, at most --concurrency sequences at a time), so the ratio is what HTTP, SSE, the
+engine thread and the clients sharing the machine cost. Usage:
+
+    python benchmarks/serve_load.py [--concurrency 16] [--requests 64] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+
+def make_checkpoint(path: Path, args: argparse.Namespace) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardlm.byte_tokenizer import BYTE_VOCAB_SIZE, build_byte_level_tokenizer
+
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=BYTE_VOCAB_SIZE,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    build_byte_level_tokenizer(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int):
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            chunk = line.startswith("data: ") and line != "data: [DONE]"
+            if chunk and json.loads(line[6:])["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    return start, stamps
+
+
+async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int):
+    queue = list(enumerate(prompts))
+    results = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue:
+            _, prompt = queue.pop()
+            results.append(await one_request(client, url, prompt, max_tokens))
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--limit", type=float, default=60, help="seconds before the test gives up")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=704)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    args = p.parse_args()
+
+    from shardlm import LLM, SamplingParams
+
+    prompts = [
+        f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(args.requests)
+    ]
+    with tempfile.TemporaryDirectory() as work:
+        make_checkpoint(Path(work), args)
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shardlm",
+                "serve",
+                "--model",
+                work,
+                "--port",
+                str(port),
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                "--kv-cache-tokens",
+                "32768",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "SHARDLM_API_KEY": ""},
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"server did not start: {server.stderr.read()}")
+                time.sleep(0.2)
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            start = time.perf_counter()
+            results = asyncio.run(
+                asyncio.wait_for(load(url, prompts, args.concurrency, args.max_tokens), args.limit)
+            )
+            wall = time.perf_counter() - start
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+
+        # The peer runs at most as many sequences at once as the server had clients.
+        with LLM(
+            work,
+            dtype="float32",
+            device="cpu",
+            kv_cache_tokens=32768,
+            max_num_seqs=args.concurrency,
+        ) as llm:
+            params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+            llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+            t0 = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            offline = time.perf_counter() - t0
+
+    ttft = [stamps[0] - begin for begin, stamps in results if stamps]
+    itl = [b - a for _, stamps in results for a, b in itertools.pairwise(stamps)]
+    tokens = args.requests * args.max_tokens
+    print(
+        f"\n{args.requests} streamed completions × {args.max_tokens} tokens, concurrency "
+        f"{args.concurrency}; random Llama hidden {args.hidden}, {args.layers} layers, CPU float32"
+    )
+    print(f"{'':28}{'server':>12}{'offline LLM':>14}")
+    print(f"{'wall time, s':28}{wall:12.2f}{offline:14.2f}")
+    print(f"{'requests/s':28}{args.requests / wall:12.2f}{args.requests / offline:14.2f}")
+    print(f"{'output tokens/s':28}{tokens / wall:12.1f}{tokens / offline:14.1f}")
+    for name, values in (("TTFT", ttft), ("ITL", itl)):
+        p50, p99 = 1e3 * statistics.median(values), 1e3 * percentile(values, 0.99)
+        print(f"{name + ' p50 / p99, ms':28}{p50:6.1f} / {p99:.1f}")
+    print(f"server throughput / offline: {offline / wall:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
