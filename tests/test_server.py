@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,8 +48,10 @@ class Server:
         argv += ["--dtype", "float32", "--kv-cache-tokens", "4096", *flags]
         if api_key:
             argv += ["--api-key", api_key]
+        # A file, never a pipe nobody reads (a full pipe would block the server); closed in stop.
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            argv, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -66,12 +69,12 @@ class Server:
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, **kwargs)
 
-    def post(self, path: str, body, key: str | None = KEY, **kwargs) -> httpx.Response:
+    def post(self, path: str, body, key: str | None = KEY, timeout: float = 60) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if isinstance(body, (dict, list)):
-            return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=60)
+            return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=timeout)
         headers["Content-Type"] = "application/json"
-        return httpx.post(f"{self.url}{path}", content=body, headers=headers, timeout=60)
+        return httpx.post(f"{self.url}{path}", content=body, headers=headers, timeout=timeout)
 
     def metric(self, name: str) -> float:
         for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
@@ -87,6 +90,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
         return self.proc.returncode
 
 
@@ -196,8 +200,10 @@ def test_logprobs_completion_and_chat(server, offline):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
-        assert len(top) <= 3 and chosen <= 0
+        # Keyed by text (OpenAI's legacy format): tokens with the same text share an entry.
+        assert 1 <= len(top) <= 3 and chosen <= 0
         assert abs(chosen - max(top.values())) < 1e-5  # greedy: the chosen token is the top
+    assert max(len(top) for top in lp.top_logprobs) == 3
     r = client.chat.completions.create(
         model=NAME,
         messages=[{"role": "user", "content": "x"}],
@@ -284,8 +290,21 @@ BAD_REQUESTS = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -2},
         400,
-        "max_tokens",
+        "max_completion_tokens",
     ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 25},
+        400,
+        "top_logprobs",
+    ),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    ("/v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, None),
+    ("/v1/completions", b'{"prompt": "\\ud800 lone"}', 400, "prompt"),
+    ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 40, "n": 40}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
 ]
 
 
@@ -314,7 +333,7 @@ def test_server_is_healthy_after_the_bad_inputs(server, offline):
 
 def test_unknown_route_and_method_are_openai_errors(server):
     r = httpx.get(f"{server.url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.get(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 405 and "error" in r.json()
 
@@ -328,9 +347,10 @@ def test_context_overflow_names_both_numbers(server):
 # -- disconnects, metrics, limits, shutdown --
 def test_dropped_streams_free_their_kv_blocks(server):
     """Clients that close their stream mid-generation abort their requests: KV blocks in use
-    go back to the idle level long before the 4 × 250 tokens asked for were generated."""
+    go back to the idle level, and the engine stops decoding them long before the 4 × 250
+    tokens asked for (the engine's own decode counter, not what the handlers consumed)."""
     idle = server.metric("shardlm_kv_blocks_in_use")
-    generated = server.metric("shardlm_generation_tokens_total")
+    decoded = server.metric("shardlm_engine_decode_tokens")
     body = {"prompt": "abc", "max_tokens": 250, "stream": True, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {KEY}"}
     with contextlib.ExitStack() as streams:
@@ -351,7 +371,40 @@ def test_dropped_streams_free_their_kv_blocks(server):
         time.sleep(0.05)
     assert server.metric("shardlm_kv_blocks_in_use") == idle
     assert server.metric("shardlm_num_requests_running") == 0
-    assert server.metric("shardlm_generation_tokens_total") - generated < 4 * 250
+    assert server.metric("shardlm_engine_decode_tokens") - decoded < 4 * 249 * 0.8
+
+
+def test_non_streaming_client_that_leaves_is_aborted(server):
+    decoded = server.metric("shardlm_engine_decode_tokens")
+    body = {"prompt": "abc", "max_tokens": 250, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        server.post("/v1/completions", body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while server.metric("shardlm_num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("shardlm_num_requests_running") == 0
+    assert server.metric("shardlm_engine_decode_tokens") - decoded < 249
+
+
+def test_echo_usage_chunk_and_n_streams(server, offline):
+    client = server.client()
+    r = client.completions.create(model=NAME, prompt="The cat", echo=True, **GREEDY)
+    assert r.choices[0].text == "The cat" + greedy(offline, "The cat")
+    stream = client.completions.create(
+        model=NAME,
+        prompt="The cat",
+        n=2,
+        stream=True,
+        echo=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    texts = ["", ""]
+    chunks = list(stream)
+    for c in chunks[:-1]:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == ["The cat" + greedy(offline, "The cat")] * 2
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
 
 
 def test_metrics_exposes_the_promised_series(server):
@@ -371,46 +424,52 @@ def test_metrics_exposes_the_promised_series(server):
     assert server.metric("shardlm_generation_tokens_total") >= 3
 
 
-def test_full_waiting_queue_answers_429(ckpt):
-    s = Server(ckpt, "--max-num-seqs", "1", "--max-waiting", "1", api_key=None)
+def test_full_waiting_queue_answers_429(tmp_path):
+    """One sequence runs (a long one), one waits (the limit): the next is refused with 429."""
+    make_checkpoint(tmp_path, "llama", {"max_position_embeddings": 4096})
+    s = Server(tmp_path, "--max-num-seqs", "1", "--max-waiting", "1", api_key=None)
     try:
-        body = {"prompt": "abc", "max_tokens": 150, "ignore_eos": True}
-        statuses: list[httpx.Response] = []
-
-        def send() -> None:
-            statuses.append(httpx.post(f"{s.url}/v1/completions", json=body, timeout=120))
-
-        threads = [threading.Thread(target=send) for _ in range(6)]
-        for t in threads:
+        body = {"prompt": "abc", "max_tokens": 50, "ignore_eos": True}
+        url = f"{s.url}/v1/completions"
+        long = {**body, "max_tokens": 4000, "stream": True}
+        with httpx.stream("POST", url, json=long, timeout=60) as running:
+            events = running.iter_lines()  # kept: dropping the iterator closes the stream
+            next(events)  # it runs
+            waiting: list[httpx.Response] = []
+            t = threading.Thread(
+                target=lambda: waiting.append(httpx.post(url, json=body, timeout=120))
+            )
             t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join()
-        codes = sorted(r.status_code for r in statuses)
-        assert 200 in codes and 429 in codes, codes
-        refused = next(r for r in statuses if r.status_code == 429)
+            deadline = time.monotonic() + 10
+            while s.metric("shardlm_num_requests_waiting") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            refused = httpx.post(url, json=body, timeout=60)
+        t.join()
+        assert refused.status_code == 429, refused.text
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert waiting[0].status_code == 200
     finally:
         assert s.stop() == 0
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpt):
     s = Server(ckpt, "--shutdown-timeout", "20", api_key=None)
-    result: dict = {}
-
-    def long_request() -> None:
-        body = {"prompt": "abc", "max_tokens": 60, "ignore_eos": True}
-        result["r"] = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(0.3)
-    s.proc.send_signal(signal.SIGTERM)
+    body = {
+        "prompt": "abc",
+        "max_tokens": 120,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)  # generating: now ask the server to stop
+        s.proc.send_signal(signal.SIGTERM)
+        events = [line for line in lines if line]
     assert s.proc.wait(timeout=30) == 0
-    t.join()
-    r = result["r"]
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 60
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 120  # it finished
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{s.url}/health", timeout=2)
 

@@ -234,9 +234,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from shardlm.demo import DEMO_NOTICE, demo_checkpoint
+    from shardlm.demo import BUILTIN_NAME, DEMO_NOTICE, demo_checkpoint
 
     engine_args = engine_kwargs(args)
+    engine_args["max_num_seqs"] = args.max_num_seqs  # every rank sizes its KV pool with it
     model = args.model
     if under_torchrun() and torchrun_rank()[0] > 0:
         return run_torchrun_worker(model or demo_checkpoint(), **engine_args)
@@ -257,11 +258,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(DEMO_NOTICE, file=sys.stderr)
         model = demo_checkpoint()
     config = ServerConfig(
-        model_name=args.served_model_name or str(args.model or "shardlm-demo"),
+        model_name=args.served_model_name or str(args.model or BUILTIN_NAME),
         api_key=args.api_key or os.environ.get("SHARDLM_API_KEY") or None,
         max_waiting=args.max_waiting,
     )
-    engine_args.update(max_num_seqs=args.max_num_seqs, seed=args.seed)
+    engine_args["seed"] = args.seed  # the driver's sampling only
     return run_server(model, engine_args, config, args.host, args.port, args.shutdown_timeout)
 
 

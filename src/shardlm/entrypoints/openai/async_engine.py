@@ -4,13 +4,19 @@ through a command queue and receive their outputs on asyncio queues.
 LLMEngine is not thread-safe, so only the engine thread touches it. The event loop thread
 submits ``add`` / ``abort`` commands and awaits outputs; the engine thread adds requests
 between steps, runs steps while anything is unfinished, hands each request its deltas with
-``loop.call_soon_threadsafe``, and sleeps on an event when idle. After every step it
-publishes a snapshot of the engine's counters for /metrics and admission control.
+``loop.call_soon_threadsafe``, and sleeps on an event when idle. It publishes a snapshot of
+the engine's counters after every step and every batch of commands, for /metrics and for
+admission control.
+
+Every submitted request is answered: accepted, refused (the engine's ValueError), or failed
+with EngineDead, also when the engine dies or shuts down while it is queued (a lock makes
+"check that the engine is alive, then queue" and "mark it dead, then fail the queue" atomic).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -27,7 +33,7 @@ IDLE_WAIT_S = 0.05
 
 
 class EngineDead(RuntimeError):
-    """The engine failed (a worker died, a step raised); no request can be served."""
+    """The engine failed (a worker died, a step raised) or is shutting down."""
 
 
 @dataclass
@@ -36,7 +42,8 @@ class _Sink:
     queue: asyncio.Queue
 
     def put(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 _ACCEPTED = object()  # the engine queued the request (it passed the engine's own checks)
@@ -74,7 +81,8 @@ class AsyncEngine:
         self._sinks: dict[str, _Sink] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.pending_adds = 0  # submitted, not yet taken by the engine thread (loop thread only)
+        self._lock = threading.Lock()  # guards `dead` against queueing (see the module doc)
+        self.pending_sequences = 0  # submitted, not yet taken by the engine thread
         self.stats: EngineStats = engine.stats
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="shardlm-engine", daemon=True)
@@ -83,14 +91,19 @@ class AsyncEngine:
     # -- the event-loop side --
     async def add(self, request_id: str, prompt: dict, params: SamplingParams) -> RequestStream:
         """Queue a request; returns once the engine has accepted it. Raises ValueError if
-        the engine refuses it, EngineDead if the engine has failed."""
-        if self.dead is not None:
-            raise EngineDead(f"the engine has failed: {self.dead}")
+        the engine refuses it, EngineDead if the engine has failed or is stopping."""
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self.pending_adds += 1
-        self._commands.put(("add", request_id, prompt, params, sink))
+        with self._lock:
+            if self.dead is not None:
+                raise EngineDead(f"the engine is not running: {self.dead}")
+            self.pending_sequences += params.n
+            self._commands.put(("add", request_id, prompt, params, sink))
         self._wake.set()
-        first = await sink.queue.get()
+        try:
+            first = await sink.queue.get()
+        except BaseException:  # cancelled while queued: make sure it does not run anyway
+            self.abort(request_id)
+            raise
         if isinstance(first, BaseException):
             raise first
         return RequestStream(self, request_id, sink.queue)
@@ -99,12 +112,13 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort what is left, stop the thread, then shut the engine down (its workers)."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Fail what is left, stop the thread, then shut the engine down (its workers)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self.engine.shutdown()
+        # A thread still inside a step owns the engine: only kill the workers then.
+        self.engine.shutdown(graceful=not self._thread.is_alive())
 
     # -- the engine thread --
     def _run(self) -> None:
@@ -122,46 +136,44 @@ class AsyncEngine:
                         if out.finished:
                             del self._sinks[out.request_id]
                 self.stats = self.engine.stats
-            self._abort_all("the server is shutting down")
+            self._die(EngineDead("the server is shutting down"))
         except BaseException as e:  # a failed step: every request gets the error
             logger.exception("the engine failed")
-            self.dead = e
-            self._fail_all(EngineDead(f"the engine failed: {e}"))
+            self._die(EngineDead(f"the engine failed: {e}"))
 
     def _drain_commands(self) -> None:
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
+                self.stats = self.engine.stats
                 return
             if command[0] == "add":
                 _, rid, prompt, params, sink = command
                 try:
                     self.engine.add_request(rid, prompt, params)
-                except ValueError as e:
+                except Exception as e:  # ValueError: refused; anything else is answered too
                     sink.put(e)
                 else:
                     self._sinks[rid] = sink
                     sink.put(_ACCEPTED)
                 finally:
-                    sink.loop.call_soon_threadsafe(self._added)
+                    with self._lock:
+                        self.pending_sequences -= params.n
             elif command[0] == "abort" and self.engine.abort(command[1]):
                 self._sinks.pop(command[1], None)
-        self.stats = self.engine.stats
 
-    def _added(self) -> None:
-        self.pending_adds -= 1
-
-    def _abort_all(self, why: str) -> None:
+    def _die(self, error: EngineDead) -> None:
+        """Mark the engine dead and answer every request, running or queued, with ``error``."""
+        with self._lock:
+            self.dead = error
         for rid in list(self._sinks):
-            self.engine.abort(rid)
-        self._fail_all(EngineDead(why))
-
-    def _fail_all(self, error: BaseException) -> None:
+            with contextlib.suppress(Exception):  # a broken engine: the error still goes out
+                self.engine.abort(rid)
         for sink in self._sinks.values():
             sink.put(error)
         self._sinks.clear()
-        while True:  # requests submitted but never added
+        while True:  # submitted before `dead` was set, never taken
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:

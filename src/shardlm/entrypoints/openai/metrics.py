@@ -53,6 +53,11 @@ class ServerMetrics:
             "shardlm_num_requests_waiting", "Sequences waiting to start", registry=r
         )
         self.blocks_in_use = Gauge("shardlm_kv_blocks_in_use", "KV cache blocks in use", registry=r)
+        self.decode_tokens = Gauge(
+            "shardlm_engine_decode_tokens",
+            "Decode tokens the engine has computed since it started",
+            registry=r,
+        )
         self.blocks_total = Gauge(
             "shardlm_kv_blocks_total", "KV cache blocks in the pool", registry=r
         )
@@ -64,4 +69,5 @@ class ServerMetrics:
         self.waiting.set(s.num_waiting)
         self.blocks_in_use.set(s.blocks_in_use)
         self.blocks_total.set(s.num_blocks)
+        self.decode_tokens.set(s.decode_tokens)
         return generate_latest(self.registry)

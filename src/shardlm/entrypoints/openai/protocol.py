@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from shardlm.engine.sampling_params import SamplingParams
 
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
-    404: "not_found_error",
+    404: "invalid_request_error",  # as OpenAI: unknown model is code "model_not_found"
     405: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
@@ -51,8 +51,13 @@ class APIError(Exception):
         }
 
 
+# OpenAI's limit is 4 stop sequences; a few more are allowed, but not unbounded work per token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class SamplingFields(BaseModel):
@@ -61,14 +66,14 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int = 1
+    n: StrictInt | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
@@ -76,18 +81,31 @@ class SamplingFields(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
+    ignore_eos: bool | None = False
+    stop_token_ids: list[StrictInt] | None = None
+    skip_special_tokens: bool | None = True
+
+    @property
+    def num_choices(self) -> int:
+        return 1 if self.n is None else self.n
 
     def refuse_unsupported(self) -> None:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported by shardlm", "logit_bias")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_LENGTH for x in stops):
+            raise APIError(
+                400,
+                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} "
+                "characters",
+                "stop",
+            )
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters; a ValueError names the field (answered as a 400)."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's parameters (max_tokens None: up to the context limit); a ValueError
+        names the field (answered as a 400)."""
         return SamplingParams(
-            n=self.n,
+            n=self.num_choices,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
@@ -99,24 +117,25 @@ class SamplingFields(BaseModel):
             max_tokens=max_tokens,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids or [],
-            ignore_eos=self.ignore_eos,
+            ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens,
+            skip_special_tokens=self.skip_special_tokens is not False,
         )
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+# Strict: true/false or "2" are not token ids.
+PromptInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
+    max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = None
+    echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -124,7 +143,7 @@ class CompletionRequest(SamplingFields):
         super().refuse_unsupported()
         if self.suffix:
             raise APIError(400, "suffix is not supported by shardlm", "suffix")
-        if self.best_of is not None and self.best_of != self.n:
+        if self.best_of is not None and self.best_of != self.num_choices:
             raise APIError(400, "best_of other than n is not supported by shardlm", "best_of")
         if self.echo and self.logprobs is not None:
             raise APIError(
@@ -145,14 +164,14 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: StrictStr | list[TextPart] | None = None
     name: str | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
@@ -166,11 +185,11 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    add_generation_prompt: bool = True
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: bool | None = False
+    top_logprobs: StrictInt | None = None
+    add_generation_prompt: bool | None = True
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -188,6 +207,11 @@ class ChatCompletionRequest(SamplingFields):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The name the client used, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
     def requested_max_tokens(self) -> int | None:

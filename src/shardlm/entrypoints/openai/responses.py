@@ -16,12 +16,19 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+# JSON has no -inf: a token the model rules out gets this floor instead (as vLLM does).
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(logprob: float) -> float:
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps NaN to the floor
+
+
 @dataclass
 class Choice:
     """Everything produced so far for one choice (one sequence of one prompt)."""
 
     index: int
-    prompt_tokens: int
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
@@ -39,12 +46,12 @@ class Choice:
         self.text += delta.text
         self.tokens += len(delta.token_ids)
         if delta.finish_reason is not None:
-            # "stop" or "length" as OpenAI; "abort" if the server shut down first (as vLLM).
-            self.finish_reason = delta.finish_reason
+            self.finish_reason = delta.finish_reason  # "stop" or "length"
 
 
 def _top(lp: dict[int, Logprob], k: int) -> list[Logprob]:
-    return sorted((e for e in lp.values() if e.rank <= k), key=lambda e: e.rank)
+    """The k most likely entries (ties in rank can bring in one more: cut at k)."""
+    return sorted((e for e in lp.values() if e.rank <= k), key=lambda e: e.rank)[:k]
 
 
 def completion_logprobs(delta: CompletionOutput, k: int, offset: int) -> dict:
@@ -60,11 +67,11 @@ def completion_logprobs(delta: CompletionOutput, k: int, offset: int) -> dict:
         chosen = lp[token_id]
         text = chosen.decoded_token or ""
         out["tokens"].append(text)
-        out["token_logprobs"].append(chosen.logprob)
+        out["token_logprobs"].append(finite(chosen.logprob))
         # Keyed by text, as OpenAI's legacy format is: distinct tokens with the same text
         # (partial UTF-8 bytes) share a key, and the most likely of them is kept.
         top = reversed(_top(lp, k))
-        out["top_logprobs"].append({e.decoded_token or "": e.logprob for e in top})
+        out["top_logprobs"].append({e.decoded_token or "": finite(e.logprob) for e in top})
         out["text_offset"].append(offset)
         offset += len(text)
     return out
@@ -75,7 +82,8 @@ def chat_logprobs(delta: CompletionOutput, k: int) -> list[dict]:
 
     def entry(e: Logprob) -> dict:
         token = e.decoded_token or ""
-        return {"token": token, "logprob": e.logprob, "bytes": list(token.encode("utf-8"))}
+        # bytes of the decoded text: a token that is part of a UTF-8 character shows U+FFFD.
+        return {"token": token, "logprob": finite(e.logprob), "bytes": list(token.encode())}
 
     content = []
     for token_id, lp in zip(delta.token_ids, delta.logprobs or [], strict=False):

@@ -4,7 +4,8 @@
 Every request is validated before it reaches the engine, and every failure is answered in
 OpenAI's error shape with a 4xx naming the field; an exception nobody foresaw becomes a 500
 in the same shape, logged here, never a traceback to the client. Each request's sequences
-are aborted in a ``finally`` when its client goes away, which frees their KV blocks at once.
+are aborted in a ``finally`` when its client goes away, which frees their KV blocks at the
+engine's next step.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from shardlm.engine.outputs import RequestOutput
+from shardlm.engine.outputs import CompletionOutput, RequestOutput
+from shardlm.engine.sampling_params import SamplingParams
 from shardlm.entrypoints.openai.async_engine import AsyncEngine, EngineDead, RequestStream
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.protocol import (
@@ -48,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
+# Prompts longer than this many characters are tokenized off the event loop.
+INLINE_TOKENIZE_CHARS = 4096
+KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+# pydantic names the member of a union it tried (prompt.str, ...): not a field the client knows.
+_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "function", "union")
 
 
 @dataclass
@@ -60,32 +68,62 @@ class ServerConfig:
 
 # -- request parsing --
 def _field_of(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "body"
+    parts = [str(p) for p in loc if str(p).split("[")[0].split("-")[0] not in _TYPE_TAGS]
+    return ".".join(parts) or "body"
+
+
+def _first_bad_string(value: object, where: str) -> str | None:
+    """The field holding a string that is not valid Unicode (a lone surrogate), if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            bad = _first_bad_string(v, f"{where}.{k}" if where else str(k))
+            if bad:
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            bad = _first_bad_string(v, f"{where}.{i}")
+            if bad:
+                return bad
+    return None
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise APIError(499, "client disconnected") from None
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints, depth
+        raise APIError(400, f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    bad = _first_bad_string(data, "")
+    if bad:
+        raise APIError(400, f"{bad}: the string is not valid Unicode (a lone surrogate)", bad)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = _field_of(first["loc"])
         got = first.get("input")
-        shown = json.dumps(got)[:80] if not isinstance(got, dict) else "an object"
+        shown = "an object" if isinstance(got, dict) else json.dumps(got)[:80]
         raise APIError(400, f"{where}: {first['msg']} (got {shown})", where) from None
 
 
-def _value_error(e: ValueError) -> APIError:
-    """SamplingParams and the engine start their messages with the field's name."""
+def _value_error(e: Exception, rename: dict[str, str] | None = None) -> APIError:
+    """SamplingParams and the engine start their messages with the field's name; ``rename``
+    maps it to what this endpoint's client called it."""
     message = str(e)
     param = message.split(" ", 1)[0]
-    return APIError(400, message, param if param.isidentifier() else None)
+    if not param.isidentifier():
+        return APIError(400, message)
+    return APIError(400, message, (rename or {}).get(param, param))
 
 
 # -- the app --
@@ -114,7 +152,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, e: Exception) -> JSONResponse:
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        # Runs outside the counting middleware: count it here.
+        path = request.url.path
+        metrics.requests.labels(path if path in KNOWN_PATHS else "other", "500").inc()
         logger.exception("unexpected error")
         body = APIError(500, f"internal error ({type(e).__name__}); see the server log").body()
         return JSONResponse(body, status_code=500)
@@ -130,11 +171,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                 "model_not_found",
             )
 
-    def prompt_ids(prompt: str | list) -> tuple[str, list[int]]:
+    async def encode(text: str, **kwargs) -> list[int]:
+        if tokenizer is None:
+            raise APIError(400, "this server has no tokenizer: send token ids", "prompt")
+        try:
+            if len(text) <= INLINE_TOKENIZE_CHARS:
+                return tokenizer.encode(text, **kwargs)
+            return await asyncio.to_thread(tokenizer.encode, text, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise APIError(400, f"the prompt could not be tokenized: {e}", "prompt") from None
+
+    async def prompt_ids(prompt: str | list) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
-            if tokenizer is None:
-                raise APIError(400, "this server has no tokenizer: send token ids", "prompt")
-            return prompt, tokenizer.encode(prompt)
+            return prompt, await encode(prompt)
         if not prompt:
             raise APIError(400, "prompt must not be empty", "prompt")
         for t in prompt:
@@ -145,62 +194,97 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         text = tokenizer.decode(prompt, skip_special_tokens=False) if tokenizer else ""
         return text, list(prompt)
 
-    def completion_budget(requested: int | None, prompt_len: int, prompt_field: str) -> int:
-        """max_tokens, checked against the context; None = what the context leaves."""
-        room = max_model_len - prompt_len
-        if room < 1:
+    def check_context(requested: int | None, prompt_len: int, fields: tuple[str, str]) -> None:
+        """The prompt must leave room, and prompt + max_tokens must fit the context."""
+        prompt_field, max_field = fields
+        if prompt_len >= max_model_len:
             raise APIError(
                 400,
                 f"this model's maximum context length is {max_model_len} tokens and the "
                 f"prompt has {prompt_len}, which leaves no room for a completion",
                 prompt_field,
             )
-        if requested is None:
-            return room
-        if requested >= 1 and prompt_len + requested > max_model_len:
+        if requested is not None and requested >= 1 and prompt_len + requested > max_model_len:
             raise APIError(
                 400,
                 f"this model's maximum context length is {max_model_len} tokens, but "
                 f"{prompt_len + requested} were requested ({prompt_len} in the prompt, "
-                f"{requested} for the completion); shorten the prompt or lower max_tokens",
-                "max_tokens",
+                f"{requested} for the completion); shorten the prompt or lower {max_field}",
+                max_field,
             )
-        return requested
 
-    def check_capacity() -> None:
-        waiting = engine.stats.num_waiting + engine.pending_adds
-        if waiting >= config.max_waiting:
+    def check_capacity(sequences: int) -> None:
+        if sequences > config.max_waiting:
+            raise APIError(
+                400,
+                f"this request asks for {sequences} sequences (prompts × n); this server "
+                f"takes at most {config.max_waiting} at once",
+                "n",
+            )
+        waiting = engine.stats.num_waiting + engine.pending_sequences
+        if waiting + sequences > config.max_waiting:
             raise APIError(
                 429,
-                f"the server is busy: {waiting} requests are waiting (limit {config.max_waiting});"
-                " retry shortly",
+                f"the server is busy: {waiting} sequences are waiting to start (limit "
+                f"{config.max_waiting}); retry shortly",
                 headers={"Retry-After": "1"},
             )
 
     async def start(
-        request_id: str, prompts: list[tuple[str, list[int]]], body: SamplingFields, params
+        request_id: str,
+        prompts: list[tuple[str, list[int]]],
+        params: list[SamplingParams],
+        rename: dict[str, str],
     ) -> list[RequestStream]:
+        """Queue every prompt at once; all accepted, or none left running."""
         if engine.dead is not None:
-            raise APIError(503, f"the engine has failed: {engine.dead}")
-        check_capacity()
-        streams: list[RequestStream] = []
-        try:
-            for i, (text, ids) in enumerate(prompts):
-                prompt = {"prompt": text, "prompt_token_ids": ids}
-                streams.append(await engine.add(f"{request_id}-{i}", prompt, params))
-        except ValueError as e:
+            raise APIError(503, f"the engine is not running: {engine.dead}")
+        check_capacity(sum(p.n for p in params))
+        adds = [
+            engine.add(f"{request_id}-{i}", {"prompt": text, "prompt_token_ids": ids}, p)
+            for i, ((text, ids), p) in enumerate(zip(prompts, params, strict=True))
+        ]
+        results = await asyncio.gather(*adds, return_exceptions=True)
+        streams = [r for r in results if isinstance(r, RequestStream)]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
             for s in streams:
                 s.abort()
-            raise _value_error(e) from None
-        except EngineDead as e:
-            raise APIError(503, str(e)) from None
+            if isinstance(failure, EngineDead):
+                raise APIError(503, str(failure))
+            if isinstance(failure, ValueError):
+                raise _value_error(failure, rename)
+            raise failure
         return streams
+
+    def sampling(body: SamplingFields, max_tokens: int | None, logprobs, rename) -> SamplingParams:
+        try:
+            return body.sampling_params(max_tokens, logprobs)
+        except ValueError as e:
+            raise _value_error(e, rename) from None
+
+    async def stream_events(run: Run, chunks) -> AsyncIterator[str]:
+        """SSE body: the endpoint's chunks, a usage chunk if asked, then [DONE]. A failure
+        after the headers went out is sent as an error event."""
+        try:
+            async for event in chunks:
+                yield event
+            if run.include_usage:
+                yield sse({**run.head, "choices": [], "usage": run.usage()})
+        except EngineDead as e:
+            yield sse(APIError(503, str(e)).body())
+        except Exception as e:
+            logger.exception("stream failed")
+            yield sse(APIError(500, f"internal error ({type(e).__name__})").body())
+        finally:
+            run.abort()
+        yield sse("[DONE]")
 
     # -- endpoints --
     @app.get("/health")
     async def health() -> Response:
         if engine.dead is not None:
-            raise APIError(503, f"the engine has failed: {engine.dead}")
+            raise APIError(503, f"the engine is not running: {engine.dead}")
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -224,53 +308,44 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         body = await parse_body(request, CompletionRequest)
         check_model(body)
         body.refuse_unsupported()
-        prompts = [prompt_ids(p) for p in body.prompts()]
-        budgets = {completion_budget(body.max_tokens, len(ids), "prompt") for _, ids in prompts}
-        params = _params(body, min(budgets), body.logprobs)
+        prompts = [await prompt_ids(p) for p in body.prompts()]
+        rename = {"prompt_token_ids": "prompt"}
+        for _, ids in prompts:
+            check_context(body.max_tokens, len(ids), ("prompt", "max_tokens"))
+        params = [sampling(body, body.max_tokens, body.logprobs, rename) for _ in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await start(rid, prompts, body, params)
-        run = Run(body.n, prompts, streams, metrics, arrival, body.logprobs)
+        streams = await start(rid, prompts, params, rename)
         head = envelope("text_completion", rid, config.model_name)
+        run = Run(body, prompts, streams, metrics, arrival, head, "completion")
+        echo = [p[0] if body.echo else "" for p in prompts]
 
-        def choice_json(c: Choice, lp: dict | None, text: str) -> dict:
-            return {
-                "index": c.index,
-                "text": text,
-                "logprobs": lp,
-                "finish_reason": c.finish_reason,
-            }
+        def choice_json(c: Choice, text: str, lp: dict | None, reason: str | None) -> dict:
+            return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason}
 
         if body.stream:
 
-            async def events() -> AsyncIterator[str]:
-                try:
-                    async for c, delta, offset in run.deltas():
-                        if not (delta.text or delta.token_ids or delta.finish_reason):
-                            continue
-                        text = delta.text
-                        if body.echo and offset == 0 and not run.echoed(c):
-                            text = prompts[c.index // body.n][0] + text
-                        lp = None
-                        if body.logprobs is not None:
-                            lp = completion_logprobs(delta, body.logprobs, offset)
-                        chunk = {**head, "choices": [choice_json(c, lp, text)]}
-                        if body.include_usage:
-                            chunk["usage"] = None
-                        yield sse(chunk)
+            async def chunks() -> AsyncIterator[str]:
+                async for c, delta, lp in run.deltas():
+                    text = delta.text
+                    if run.first_output(c):
+                        text = echo[c.index // run.n] + text
+                    payload = {**head, "choices": [choice_json(c, text, lp, c.finish_reason)]}
                     if body.include_usage:
-                        yield sse({**head, "choices": [], "usage": run.usage()})
-                    yield sse("[DONE]")
-                finally:
-                    run.abort()
+                        payload["usage"] = None
+                    yield sse(payload)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(stream_events(run, chunks()), media_type="text/event-stream")
 
         await run.collect(request)
-        choices = []
-        for c in run.choices:
-            text = (prompts[c.index // body.n][0] if body.echo else "") + c.text
-            lp = c.completion_logprobs if body.logprobs is not None else None
-            choices.append(choice_json(c, lp, text))
+        choices = [
+            choice_json(
+                c,
+                echo[c.index // run.n] + c.text,
+                c.completion_logprobs if body.logprobs is not None else None,
+                c.finish_reason,
+            )
+            for c in run.choices
+        ]
         return JSONResponse({**head, "choices": choices, "usage": run.usage()})
 
     @app.post("/v1/chat/completions")
@@ -284,19 +359,27 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         messages = [m.as_template_dict() for m in body.messages]
         try:
             text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt
+                messages, add_generation_prompt=body.add_generation_prompt is not False
             )
         except ShardlmError as e:
             raise APIError(400, str(e), "messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        budget = completion_budget(body.requested_max_tokens, len(ids), "messages")
-        params = _params(body, budget, body.logprobs_k)
+        ids = await encode(text, add_special_tokens=False)
+        max_field = body.max_tokens_field
+        rename = {
+            "max_tokens": max_field,
+            "prompt": "messages",
+            "prompt_token_ids": "messages",
+            "logprobs": "top_logprobs",
+        }
+        check_context(body.requested_max_tokens, len(ids), ("messages", max_field))
+        params = [sampling(body, body.requested_max_tokens, body.logprobs_k, rename)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await start(rid, [(text, ids)], body, params)
-        run = Run(body.n, [(text, ids)], streams, metrics, arrival, body.logprobs_k)
+        streams = await start(rid, [(text, ids)], params, rename)
+        kind = "chat.completion.chunk" if body.stream else "chat.completion"
+        head = envelope(kind, rid, config.model_name)
+        run = Run(body, [(text, ids)], streams, metrics, arrival, head, "chat")
 
         if body.stream:
-            head = envelope("chat.completion.chunk", rid, config.model_name)
 
             def chunk(index: int, delta: dict, lp, reason) -> str:
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
@@ -305,28 +388,17 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                     payload["usage"] = None
                 return sse(payload)
 
-            async def events() -> AsyncIterator[str]:
-                try:
-                    for i in range(body.n):
-                        yield chunk(i, {"role": "assistant", "content": ""}, None, None)
-                    async for c, delta, _ in run.deltas():
-                        lp = None
-                        if body.logprobs_k is not None:
-                            lp = {"content": chat_logprobs(delta, body.logprobs_k)}
-                        if not (delta.text or lp or delta.finish_reason):
-                            continue  # text held back (an incomplete UTF-8 character)
-                        content = {"content": delta.text} if delta.text or lp else {}
-                        yield chunk(c.index, content, lp, delta.finish_reason)
-                    if body.include_usage:
-                        yield sse({**head, "choices": [], "usage": run.usage()})
-                    yield sse("[DONE]")
-                finally:
-                    run.abort()
+            async def chunks() -> AsyncIterator[str]:
+                for i in range(run.n):
+                    yield chunk(i, {"role": "assistant", "content": ""}, None, None)
+                async for c, delta, lp in run.deltas():
+                    content = {"content": delta.text} if delta.text or delta.token_ids else {}
+                    logprobs = {"content": lp} if lp is not None else None
+                    yield chunk(c.index, content, logprobs, delta.finish_reason)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(stream_events(run, chunks()), media_type="text/event-stream")
 
         await run.collect(request)
-        head = envelope("chat.completion", rid, config.model_name)
         choices = [
             {
                 "index": c.index,
@@ -342,57 +414,60 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _params(body: SamplingFields, max_tokens: int, logprobs: int | None):
-    try:
-        return body.sampling_params(max_tokens, logprobs)
-    except ValueError as e:
-        raise _value_error(e) from None
-
-
 class Run:
     """The choices of one HTTP request (n per prompt) as their deltas arrive, with latency
     metrics. Choice index = prompt index · n + sequence index, as OpenAI numbers them."""
 
     def __init__(
         self,
-        n: int,
+        body: SamplingFields,
         prompts: list[tuple[str, list[int]]],
         streams: list[RequestStream],
         metrics: ServerMetrics,
         arrival: float,
-        logprobs_k: int | None,
+        head: dict,
+        kind: str,  # "completion" | "chat": which logprobs format to build
     ) -> None:
-        self.n = n
+        self.n = body.num_choices
+        self.include_usage = body.include_usage
+        self.logprobs_k = body.logprobs if kind == "completion" else body.logprobs_k
+        self.kind = kind
+        self.head = head
         self.streams = streams
         self.metrics = metrics
         self.arrival = arrival
-        self.logprobs_k = logprobs_k
         self.prompt_tokens = sum(len(ids) for _, ids in prompts)
-        self.choices = [
-            Choice(i * n + j, len(prompts[i][1])) for i in range(len(prompts)) for j in range(n)
-        ]
+        self.choices = [Choice(i * self.n + j) for i in range(len(prompts)) for j in range(self.n)]
         self._last_token_at: dict[int, float] = {}
-        self._echoed: set[int] = set()
+        self._started: set[int] = set()
 
-    def echoed(self, c: Choice) -> bool:
-        seen = c.index in self._echoed
-        self._echoed.add(c.index)
-        return seen
+    def first_output(self, c: Choice) -> bool:
+        """True the first time it is asked for a choice (where echo puts the prompt)."""
+        first = c.index not in self._started
+        self._started.add(c.index)
+        return first
 
-    async def deltas(self) -> AsyncIterator[tuple[Choice, object, int]]:
-        """(choice, delta, length of the choice's text before it), as they come."""
+    async def deltas(self) -> AsyncIterator[tuple[Choice, CompletionOutput, object]]:
+        """(choice, delta, the delta's logprobs in this endpoint's format or None) as they
+        come; skips deltas with nothing in them (text held back for an incomplete UTF-8
+        character arrives with a later token)."""
         async for i, out in merge(self.streams):
             for delta in out.outputs:
+                if not (delta.text or delta.token_ids or delta.finish_reason):
+                    continue
                 c = self.choices[i * self.n + delta.index]
-                offset = len(c.text)
+                lp = None
+                if self.logprobs_k is not None and delta.logprobs:
+                    if self.kind == "completion":
+                        lp = completion_logprobs(delta, self.logprobs_k, len(c.text))
+                        for key, values in lp.items():
+                            c.completion_logprobs[key].extend(values)
+                    else:
+                        lp = chat_logprobs(delta, self.logprobs_k)
+                        c.chat_logprobs.extend(lp)
                 self._observe(c, len(delta.token_ids))
                 c.add(delta)
-                if self.logprobs_k is not None and delta.logprobs:
-                    lp = completion_logprobs(delta, self.logprobs_k, offset)
-                    for key, values in lp.items():
-                        c.completion_logprobs[key].extend(values)
-                    c.chat_logprobs.extend(chat_logprobs(delta, self.logprobs_k))
-                yield c, delta, offset
+                yield c, delta, lp
         self.metrics.prompt_tokens.inc(self.prompt_tokens)
 
     def _observe(self, c: Choice, tokens: int) -> None:
@@ -423,8 +498,9 @@ class Run:
                     task.result()  # re-raises a failure
                     return
                 if await request.is_disconnected():
-                    task.cancel()
                     raise APIError(499, "client disconnected")
+        except EngineDead as e:
+            raise APIError(503, str(e)) from None
         finally:
             if not task.done():
                 task.cancel()
@@ -452,7 +528,7 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reques
             async for out in s:
                 await queue.put((i, out))
             await queue.put(done)
-        except BaseException as e:
+        except Exception as e:
             await queue.put(e)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
@@ -502,9 +578,6 @@ class CountAndAuthorize:
             await send(message)
 
         await self.app(scope, receive, counting_send)
-
-
-KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 
 
 def run_server(
