@@ -424,10 +424,17 @@ def test_metrics_exposes_the_promised_series(server):
     assert server.metric("shardlm_generation_tokens_total") >= 3
 
 
-def test_full_waiting_queue_answers_429(tmp_path):
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory) -> Path:
+    """Room for 4,000-token generations: requests that are still running seconds later."""
+    path = tmp_path_factory.mktemp("serve-long")
+    make_checkpoint(path, "llama", {"max_position_embeddings": 4096})
+    return path
+
+
+def test_full_waiting_queue_answers_429(long_ckpt):
     """One sequence runs (a long one), one waits (the limit): the next is refused with 429."""
-    make_checkpoint(tmp_path, "llama", {"max_position_embeddings": 4096})
-    s = Server(tmp_path, "--max-num-seqs", "1", "--max-waiting", "1", api_key=None)
+    s = Server(long_ckpt, "--max-num-seqs", "1", "--max-waiting", "1", api_key=None)
     try:
         body = {"prompt": "abc", "max_tokens": 50, "ignore_eos": True}
         url = f"{s.url}/v1/completions"
@@ -472,6 +479,20 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpt):
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 120  # it finished
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{s.url}/health", timeout=2)
+
+
+def test_sigterm_ends_what_cannot_finish_with_an_error_event(long_ckpt):
+    s = Server(long_ckpt, "--shutdown-timeout", "1", api_key=None)
+    body = {"prompt": "abc", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        s.proc.send_signal(signal.SIGTERM)
+        events = [line for line in lines if line]
+    assert s.proc.wait(timeout=30) == 0
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])["error"]
+    assert "shutting down" in error["message"] and error["type"] == "service_unavailable"
 
 
 def test_serve_with_tensor_parallelism_and_attention_nodes(ckpt, offline):

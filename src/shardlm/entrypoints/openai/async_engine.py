@@ -112,6 +112,17 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
+    def stop_after(self, seconds: float) -> None:
+        """Fail every request still running ``seconds`` from now (EngineDead: the server is
+        shutting down), so handlers answer them properly before the server cancels them."""
+        timer = threading.Timer(max(0.0, seconds), self._stop_now)
+        timer.daemon = True
+        timer.start()
+
+    def _stop_now(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Fail what is left, stop the thread, then shut the engine down (its workers)."""
         self._stop.set()

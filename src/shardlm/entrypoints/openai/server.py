@@ -589,26 +589,38 @@ def run_server(
     shutdown_timeout: float,
 ) -> int:
     """Load the engine, serve until SIGINT/SIGTERM, then shut down gracefully: uvicorn stops
-    accepting, in-flight requests get ``shutdown_timeout`` seconds to finish (then their
-    streams are cancelled, which aborts them), and the engine and its workers stop."""
+    accepting, in-flight requests get ``shutdown_timeout`` seconds to finish (those still
+    running half a second before are failed with a 503 body or an error event), and the
+    engine and its workers stop."""
     import uvicorn
 
     from shardlm.engine.llm_engine import LLMEngine
 
     engine = AsyncEngine(LLMEngine(model, **engine_args))
     app = build_app(engine, config)
-    logger.info("serving %s on http://%s:%d", config.model_name, host, port)
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for whatever
-    # handler was installed before it: make that one a no-op, so a requested stop exits 0.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        uvicorn.run(
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:  # the first signal: requests still running just before
+                # uvicorn's deadline are failed by the engine, so they get a proper answer.
+                engine.stop_after(shutdown_timeout - 0.5)
+            super().handle_exit(sig, frame)
+
+    server = Server(
+        uvicorn.Config(
             app,
             host=host,
             port=port,
             timeout_graceful_shutdown=shutdown_timeout,
             log_level="warning",
         )
+    )
+    logger.info("serving %s on http://%s:%d", config.model_name, host, port)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for whatever
+    # handler was installed before it: make that one a no-op, so a requested stop exits 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
