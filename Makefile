@@ -18,11 +18,11 @@ $(VENV)/.test: $(VENV)/.core
 	touch $@
 
 demo: $(VENV)/.core
-	$(BIN)/shardlm generate --prompt "Once upon a time" --max-tokens 48
+	$(BIN)/shardlm generate --prompt "def fibonacci(n):" --max-tokens 64 --temperature 0
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 test: $(VENV)/.test lint
 	$(BIN)/python -m pytest -q

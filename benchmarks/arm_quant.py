@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_model_args
+from common import add_model_args, make_checkpoint
 
 CONFIGS: dict[str, dict] = {
     "float32": {},
@@ -42,34 +42,14 @@ CONFIGS: dict[str, dict] = {
 
 
 def make_outlier_checkpoint(path: Path, args: argparse.Namespace) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    def plant(model, g: torch.Generator) -> None:  # rows of up_proj × 50–100: outliers of h
+        with torch.no_grad():
+            for layer in model.model.layers:
+                chosen = torch.randperm(args.intermediate, generator=g)[: args.outliers]
+                factors = 50 + 50 * torch.rand(args.outliers, generator=g)
+                layer.mlp.up_proj.weight[chosen] *= factors[:, None]
 
-    from shardlm.byte_tokenizer import BYTE_VOCAB_SIZE, build_byte_level_tokenizer
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=BYTE_VOCAB_SIZE,
-        max_position_embeddings=2048,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # HF's 0.02 init leaves logits nearly uniform
-            if p.dim() > 1:
-                p.normal_(0.0, args.init_std, generator=g)
-        for layer in model.model.layers:
-            chosen = torch.randperm(args.intermediate, generator=g)[: args.outliers]
-            factors = 50 + 50 * torch.rand(args.outliers, generator=g)
-            layer.mlp.up_proj.weight[chosen] *= factors[:, None]
-    model.save_pretrained(path)
-    build_byte_level_tokenizer(path)
+    make_checkpoint(str(path), args, byte_vocab=True, init_std=args.init_std, edit=plant)
 
 
 def decode_rate(llm, prompt_ids: list[int], new_tokens: int, repeats: int) -> float:

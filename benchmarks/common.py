@@ -19,9 +19,23 @@ def add_model_args(parser: argparse.ArgumentParser, vocab: bool = True) -> None:
         parser.add_argument("--vocab", type=int, default=32000)
 
 
-def make_checkpoint(path: str, args: argparse.Namespace) -> int:
-    """Save a seeded random LlamaForCausalLM of that shape to ``path``; return its size."""
+def make_checkpoint(
+    path: str,
+    args: argparse.Namespace,
+    byte_vocab: bool = False,
+    init_std: float | None = None,
+    edit=None,
+) -> int:
+    """Save a seeded random LlamaForCausalLM of that shape to ``path``; return its size.
+
+    ``byte_vocab``: shardlm's byte-level tokenizer and its 258-entry vocabulary (so text
+    prompts work) instead of ``args.vocab``. ``init_std``: weights drawn with this std instead
+    of transformers' 0.02 (which leaves a random model's logits nearly uniform). ``edit``:
+    called with the model and the seeded generator (after the init) before it is saved.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardlm.byte_tokenizer import BYTE_VOCAB_SIZE, build_byte_level_tokenizer
 
     config = LlamaConfig(
         hidden_size=args.hidden,
@@ -29,13 +43,24 @@ def make_checkpoint(path: str, args: argparse.Namespace) -> int:
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        vocab_size=args.vocab,
+        vocab_size=BYTE_VOCAB_SIZE if byte_vocab else args.vocab,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
+        **({"bos_token_id": 0, "eos_token_id": 1} if byte_vocab else {}),
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, init_std, generator=g)
+    if edit is not None:
+        edit(model, g)
     model.save_pretrained(path)
+    if byte_vocab:
+        build_byte_level_tokenizer(path)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -25,31 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
-import torch
 
-
-def make_checkpoint(path: Path, args: argparse.Namespace) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from shardlm.byte_tokenizer import BYTE_VOCAB_SIZE, build_byte_level_tokenizer
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=BYTE_VOCAB_SIZE,
-        max_position_embeddings=1024,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    build_byte_level_tokenizer(path)
+from common import make_checkpoint
 
 
 def free_port() -> int:
@@ -115,7 +94,7 @@ def main() -> None:
         f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(args.requests)
     ]
     with tempfile.TemporaryDirectory() as work:
-        make_checkpoint(Path(work), args)
+        make_checkpoint(work, args, byte_vocab=True)
         port = free_port()
         server = subprocess.Popen(
             [

@@ -11,10 +11,17 @@ Two measures, both against a reference engine (normally float32, no transforms):
 
 Both engines must run in this process (tensor_parallel_size=1) for the MLP measure, since it
 calls the layers directly; token agreement works with any engine.
+
+And one absolute measure, perplexity on text (``shardlm eval``): exp of the mean next-token
+negative log-likelihood, over non-overlapping windows of each document scored independently
+(the first token of a window is context only). Lower is better; a model that guesses
+uniformly scores the vocabulary size.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,3 +73,29 @@ def token_agreement(candidate: LLM, prompt_ids: list[int], target: list[int]) ->
     logits = candidate.prompt_logits(prompt_ids + target)
     predicted = logits[len(prompt_ids) - 1 : -1].argmax(-1).cpu()
     return float((predicted == torch.tensor(target)).float().mean())
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    value: float
+    tokens: int  # tokens predicted
+    windows: int
+    documents: int
+
+
+def perplexity(llm: LLM, documents: list[list[int]], window: int) -> Perplexity:
+    """Perplexity of ``llm`` on tokenized documents, in windows of ``window`` tokens."""
+    nll, tokens, windows = 0.0, 0, 0
+    for ids in documents:
+        for start in range(0, len(ids), window):
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
+                continue
+            logits = llm.prompt_logits(chunk)[:-1]
+            target = torch.tensor(chunk[1:], device=logits.device)
+            nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            tokens += len(chunk) - 1
+            windows += 1
+    if tokens == 0:
+        raise ValueError("the data has no window of at least 2 tokens to score")
+    return Perplexity(math.exp(nll / tokens), tokens, windows, len(documents))

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from shardlm.distributed.launch import torchrun_rank, under_torchrun
 from shardlm.distributed.worker import run_torchrun_worker
@@ -33,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion of one prompt to stdout")
     gen.add_argument(
         "--model",
-        help="Hugging Face checkpoint directory (default: the built-in demo model, random weights)",
+        help="Hugging Face checkpoint directory (default: the built-in model, tiny-code)",
     )
-    gen.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    gen.add_argument("--prompt", default="def fibonacci(n):", help="text to continue")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the OpenAI API over HTTP (needs shardlm[serve])")
     srv.add_argument(
         "--model",
-        help="Hugging Face checkpoint directory (default: the built-in demo model, random weights)",
+        help="Hugging Face checkpoint directory (default: the built-in model, tiny-code)",
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     srv.add_argument("--port", type=int, default=8000)
@@ -79,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="perplexity of a model (in any engine configuration) on text")
+    ev.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    ev.add_argument("--data", required=True, help="a text file, or a directory of .py/.txt/.md")
+    ev.add_argument(
+        "--window", type=int, default=512, help="tokens per scored window (default 512)"
+    )
+    ev.add_argument(
+        "--max-tokens", type=int, default=None, help="stop after about this many tokens"
+    )
+    add_engine_args(ev)
+    ev.set_defaults(func=cmd_eval)
     arm_tools.add_parsers(sub)
     return parser
 
@@ -230,6 +243,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"decode: {decode_rate:.1f} tokens/s",
             file=sys.stderr,
         )
+    return 0
+
+
+EVAL_SUFFIXES = (".py", ".txt", ".md")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from shardlm import LLM
+    from shardlm.demo import demo_checkpoint
+    from shardlm.quality import perplexity
+
+    data = Path(args.data)
+    if data.is_dir():
+        files = sorted(f for f in data.rglob("*") if f.suffix in EVAL_SUFFIXES and f.is_file())
+    elif data.is_file():
+        files = [data]
+    else:
+        raise ShardlmError(f"--data {args.data!r} is neither a file nor a directory")
+    if not files:
+        raise ShardlmError(f"--data {args.data!r} has no {'/'.join(EVAL_SUFFIXES)} files")
+    if args.window < 2:
+        raise ValueError(f"--window must be ≥ 2, got {args.window}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be ≥ 2, got {args.max_tokens}")
+    model = args.model or demo_checkpoint()
+    if under_torchrun() and torchrun_rank()[0] > 0:
+        return run_torchrun_worker(model, **engine_kwargs(args))
+    with LLM(model, **engine_kwargs(args)) as llm:
+        window = min(args.window, llm.engine.max_model_len - 1)
+        documents, total = [], 0
+        for f in files:
+            ids = llm.tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))
+            documents.append(ids)
+            total += len(ids)
+            if args.max_tokens is not None and total >= args.max_tokens:
+                documents[-1] = ids[: len(ids) - (total - args.max_tokens)]
+                break
+        result = perplexity(llm, documents, window)
+        setup = f"dtype {llm.engine.dtype}".replace("torch.", "")
+        transforms = llm.engine.args.transforms.describe()
+    print(
+        f"perplexity {result.value:.3f} over {result.tokens} tokens ({result.windows} windows "
+        f"of ≤{window}, {result.documents} documents); {Path(model).name}, {setup}, {transforms}"
+    )
     return 0
 
 
