@@ -504,3 +504,37 @@ def test_odd_mlp_width_gets_no_hadamard_and_a_warning(tmp_path, caplog):
     assert "no power-of-two factor" in caplog.text
     with pytest.raises(ValueError, match="arm_calibration must be a path, got int"):
         LLM(path, arm="smooth", arm_calibration=123)
+
+
+def test_tensor_parallel_ranks_smooth_their_own_slice(outlier_ckpt):
+    """Each rank folds the calibration statistics of its own MLP channels: rank r of TP=2 ends
+    with exactly the TP=1 folded weights of channels [r·I/2, (r+1)·I/2)."""
+    from shardlm.distributed.parallel_state import TPContext
+    from shardlm.engine.runner import build_model
+    from shardlm.loader import load_weights
+    from shardlm.models.transforms import WeightTransforms, apply_weight_transforms
+
+    path, _ = outlier_ckpt
+    config = ModelConfig.from_pretrained(path)
+
+    def folded(rank: int, world: int, arm: str = "smooth"):
+        tp = TPContext(rank=rank, world_size=world)
+        model = build_model(config, torch.float32, torch.device("cpu"), 64, tp)
+        load_weights(model, path, torch.float32)
+        apply_weight_transforms(model, WeightTransforms.resolve(path, arm=arm))
+        return model
+
+    full, plain = folded(0, 1), folded(0, 1, "none")
+    width = config.intermediate_size
+    half = width // 2
+    for rank in (0, 1):
+        part = folded(rank, 2)
+        rows = slice(rank * half, (rank + 1) * half)
+        for n in range(config.num_hidden_layers):
+            mlp, ref, raw = part.layers[n].mlp, full.layers[n].mlp, plain.layers[n].mlp
+            up, up_ref = mlp.gate_up_proj.weight_t[:, half:], ref.gate_up_proj.weight_t[:, width:]
+            torch.testing.assert_close(up, up_ref[:, rows], rtol=0, atol=0)
+            torch.testing.assert_close(
+                mlp.down_proj.weight_t, ref.down_proj.weight_t[rows], rtol=0, atol=0
+            )
+            assert not torch.equal(up, raw.gate_up_proj.weight_t[:, width:][:, rows])
