@@ -329,10 +329,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                     text = delta.text
                     if run.first_output(c):
                         text = echo[c.index // run.n] + text
-                    payload = {**head, "choices": [choice_json(c, text, lp, c.finish_reason)]}
-                    if body.include_usage:
-                        payload["usage"] = None
-                    yield sse(payload)
+                    yield run.chunk(choice_json(c, text, lp, c.finish_reason))
 
             return StreamingResponse(stream_events(run, chunks()), media_type="text/event-stream")
 
@@ -382,11 +379,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         if body.stream:
 
             def chunk(index: int, delta: dict, lp, reason) -> str:
-                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
-                payload = {**head, "choices": [choice]}
-                if body.include_usage:
-                    payload["usage"] = None
-                return sse(payload)
+                return run.chunk(
+                    {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+                )
 
             async def chunks() -> AsyncIterator[str]:
                 for i in range(run.n):
@@ -505,6 +500,13 @@ class Run:
             if not task.done():
                 task.cancel()
             self.abort()
+
+    def chunk(self, choice: dict) -> str:
+        """One streamed event for one choice (``usage`` null until the last, if asked for)."""
+        payload = {**self.head, "choices": [choice]}
+        if self.include_usage:
+            payload["usage"] = None
+        return sse(payload)
 
     def usage(self) -> dict:
         return usage(self.choices, self.prompt_tokens)
