@@ -1,0 +1,166 @@
+"""Paged decode attention in Triton, split along the context (split-KV), returning (out, lse).
+
+One decode query per sequence attends over that sequence's cached keys, found through its
+block table. A long context leaves most of the GPU idle if one program walks it alone, so
+the context is cut into ``num_splits`` contiguous ranges of KV blocks; program (b, h, s)
+computes the partial attention of query head h of sequence b over range s, as
+``partial_attention`` defines it:
+
+    out_s = Σ_j softmax_j(q·k_j·scale) v_j over the range's visible keys,
+    lse_s = log Σ_j exp(q·k_j·scale)            (−inf, out_s = 0 if it sees none)
+
+with an online softmax over the range's tiles (running max m, running sum l, accumulator
+rescaled by exp(m_old − m_new) whenever the max grows). The S partials are then combined by
+``merge_partials``, the exact log-sum-exp merge attention nodes use:
+
+    lse = log Σ_s exp(lse_s),   out = Σ_s exp(lse_s − lse) · out_s
+
+so split-KV and R-sharding are one primitive. GQA: query head h reads KV head
+h // (Hq / Hkv). Sliding windows mask keys at positions ≤ p − window (p = context_len − 1).
+
+Kernels are tested against the PyTorch reference on CPU through Triton's interpreter
+(TRITON_INTERPRET=1); this module imports triton only when called.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from shardlm.attention.reference import merge_partials
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kv_decode(
+        q_ptr,  # [B, Hq, D]
+        k_ptr,  # [slots, Hkv, D]
+        v_ptr,
+        block_tables_ptr,  # [B, max_blocks] int32
+        context_lens_ptr,  # [B] int32
+        out_ptr,  # [B, Hq, S, D] float32
+        lse_ptr,  # [B, Hq, S] float32
+        scale,
+        window,  # keys at positions ≤ last − window are invisible; ≤ 0 = no window
+        max_blocks,
+        blocks_per_split,
+        num_splits,
+        stride_kslot,
+        stride_khead,
+        GROUP: tl.constexpr,  # Hq // Hkv
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,  # KV block size: one tile
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        num_heads = tl.num_programs(1)
+        kv_head = h // GROUP
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + (b * num_heads + h) * HEAD_DIM + d, mask=d_ok, other=0.0)
+        q = q.to(tl.float32)
+        context_len = tl.load(context_lens_ptr + b)
+        last = context_len - 1
+        n = tl.arange(0, BLOCK_SIZE)
+
+        m = tl.full((), float("-inf"), tl.float32)
+        l_sum = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        # A while loop: Triton's interpreter cannot take a runtime bound in range().
+        blk = s * blocks_per_split
+        end = blk + blocks_per_split
+        while blk < end:
+            pos = blk * BLOCK_SIZE + n
+            visible = (pos < context_len) & (blk < max_blocks)
+            visible = visible & ((window <= 0) | (pos > last - window))
+            phys = tl.load(block_tables_ptr + b * max_blocks + blk, mask=blk < max_blocks, other=0)
+            slot = phys * BLOCK_SIZE + n
+            offs = slot[:, None] * stride_kslot + kv_head * stride_khead + d[None, :]
+            kv_mask = visible[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            scores = tl.sum(k * q[None, :], axis=1) * scale
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(scores - m_safe)
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_sum = l_sum * alpha + tl.sum(p, axis=0)
+            m = m_new
+            blk += 1
+
+        row = (b * num_heads + h) * num_splits + s
+        seen = l_sum > 0
+        out = tl.where(seen, acc / tl.where(seen, l_sum, 1.0), 0.0)
+        lse = tl.where(seen, m + tl.log(tl.where(seen, l_sum, 1.0)), float("-inf"))
+        tl.store(out_ptr + row * HEAD_DIM + d, out, mask=d_ok)
+        tl.store(lse_ptr + row, lse)
+
+    return split_kv_decode
+
+
+def choose_splits(max_context: int, block_size: int, batch_heads: int, sms: int = 132) -> int:
+    """Enough splits to give every SM a few programs, none shorter than 4 KV blocks."""
+    blocks = -(-max_context // block_size)
+    want = max(1, -(-2 * sms // max(1, batch_heads)))
+    return max(1, min(want, blocks // 4 or 1))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention for B sequences: q [B, Hq, D]; k_pool / v_pool one layer's pool
+    [slots, Hkv, D]; block_tables [B, max_blocks] (int32); context_lens [B] (int32, ≥ 1, the
+    query's own key already written). Returns out [B, Hq, D] in q's dtype and lse [B, Hq]
+    float32, as ``batched_partial_attention`` does."""
+    b, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    if block_size & (block_size - 1):
+        raise ValueError(
+            f"the Triton decode kernel needs a power-of-two block_size, got {block_size}"
+        )
+    max_blocks = block_tables.shape[1]
+    if num_splits is None:
+        num_splits = choose_splits(max_blocks * block_size, block_size, b * hq)
+    per_split = -(-max_blocks // num_splits)
+    out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
+    _kernel()[(b, hq, num_splits)](
+        q.contiguous(),
+        k_pool,
+        v_pool,
+        block_tables.to(torch.int32).contiguous(),
+        context_lens.to(torch.int32).contiguous(),
+        out,
+        lse,
+        scale,
+        sliding_window or 0,
+        max_blocks,
+        per_split,
+        num_splits,
+        k_pool.stride(0),
+        k_pool.stride(1),
+        GROUP=hq // hkv,
+        HEAD_DIM=d,
+        BLOCK_D=1 << (d - 1).bit_length(),
+        BLOCK_SIZE=block_size,
+    )
+    # [B, Hq, S, ·] → the merge's [S, B, Hq, ·]
+    merged, merged_lse = merge_partials(out.permute(2, 0, 1, 3), lse.permute(2, 0, 1))
+    return merged.to(q.dtype), merged_lse

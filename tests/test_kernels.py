@@ -1,0 +1,113 @@
+"""Triton kernels against their PyTorch references, on CPU through Triton's interpreter
+(TRITON_INTERPRET=1, set before triton is imported). Skipped where triton is not installed.
+On a GPU the same tests run the compiled kernels (set SHARDLM_KERNEL_DEVICE=cuda)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("SHARDLM_KERNEL_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from shardlm.attention.paged import paged_partial_attention  # noqa: E402
+from shardlm.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from shardlm.kernels.fused import add_rms_norm, silu_and_mul  # noqa: E402
+from shardlm.layers.activation import silu_and_mul as silu_and_mul_reference  # noqa: E402
+from shardlm.layers.norm import rms_norm  # noqa: E402
+
+# numpy, which runs the interpreter, has no bfloat16: half precision is float16 there.
+HALF = [(torch.float16, 2e-3)] + ([(torch.bfloat16, 2e-2)] if DEVICE == "cuda" else [])
+
+
+def make_pool(lens, block_size, hkv, d, dtype, seed=0):
+    """A shuffled paged pool holding random K/V for sequences of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_each = [-(-n // block_size) for n in lens]
+    total = sum(blocks_each) + 3  # spare blocks that hold garbage
+    order = torch.randperm(total, generator=g)
+    k_pool = torch.randn(total * block_size, hkv, d, generator=g).to(dtype)
+    v_pool = torch.randn(total * block_size, hkv, d, generator=g).to(dtype)
+    width = max(blocks_each)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    used = 0
+    for i, nb in enumerate(blocks_each):
+        tables[i, :nb] = order[used : used + nb].to(torch.int32)
+        used += nb
+    return k_pool.to(DEVICE), v_pool.to(DEVICE), tables.to(DEVICE)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 1, 24)])
+def test_decode_attention_equals_the_reference(splits, window, hq, hkv, d):
+    block_size, lens = 4, [1, 7, 13, 4]
+    k_pool, v_pool, tables = make_pool(lens, block_size, hkv, d, torch.float32)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    context = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out, lse = paged_decode_attention(
+        q, k_pool, v_pool, tables, context, block_size, 0.3, window, num_splits=splits
+    )
+    for i, n in enumerate(lens):
+        ref_out, ref_lse = paged_partial_attention(
+            q[i : i + 1],
+            torch.tensor([n - 1], device=DEVICE),
+            k_pool,
+            v_pool,
+            tables[i].long(),
+            n,
+            block_size,
+            0.3,
+            window,
+        )
+        torch.testing.assert_close(out[i], ref_out[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[i], ref_lse[0], rtol=1e-5, atol=1e-5)
+
+
+def test_split_with_no_visible_key_is_merged_exactly():
+    """More splits than blocks and a window: most splits see nothing (lse −inf, out 0) and
+    the merge must ignore them."""
+    block_size, lens = 2, [9]
+    k_pool, v_pool, tables = make_pool(lens, block_size, 1, 8, torch.float32)
+    q = torch.randn(1, 2, 8).to(DEVICE)
+    context = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    one, one_lse = paged_decode_attention(
+        q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=1
+    )
+    many, many_lse = paged_decode_attention(
+        q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=5
+    )
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(many_lse, one_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_odd_block_sizes():
+    k_pool, v_pool, tables = make_pool([3], 3, 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="power-of-two block_size, got 3"):
+        paged_decode_attention(
+            torch.randn(1, 1, 8), k_pool, v_pool, tables, torch.tensor([3]), 3, 1.0
+        )
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), *HALF])
+def test_add_rms_norm_equals_add_then_norm(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 48, generator=g).to(dtype).to(DEVICE)
+    r = torch.randn(5, 48, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(48, generator=g).to(dtype).to(DEVICE)
+    out, new_r = add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(new_r, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(out, rms_norm(x + r, w, 1e-6), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), *HALF])
+def test_silu_and_mul_equals_the_reference(dtype, tol):
+    gate_up = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(0))
+    gate_up = gate_up.to(dtype).to(DEVICE)  # 1500 columns: two programs per row, a ragged end
+    torch.testing.assert_close(
+        silu_and_mul(gate_up), silu_and_mul_reference(gate_up), rtol=tol, atol=tol
+    )
