@@ -157,3 +157,21 @@ def load_weights(model: LlamaForCausalLM, path: str | Path, dtype: torch.dtype) 
                 else:
                     param[row:].zero_()
                 bar.update(param.nbytes)
+
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Random weights instead of a checkpoint (``load_format="dummy"``, as vLLM calls it):
+    for speed measurements of a model shape nobody has to download. Matrices ~ N(0, 0.02²),
+    norm weights 1, biases 0, drawn on the parameter's device from a seeded generator."""
+    gen = torch.Generator(model.lm_head.weight_t.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() > 1:
+            param.normal_(0.0, 0.02, generator=gen)
+        elif name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.zero_()

@@ -68,6 +68,7 @@ class WorkerArgs:
     arm_calibration: str | None = None
     quantization: str | None = None
     quantize_all_linears: bool = False
+    load_format: str = "auto"  # "dummy": random weights, no checkpoint read (benchmarks)
 
     @classmethod
     def of(

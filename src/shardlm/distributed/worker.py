@@ -74,6 +74,7 @@ def resolve_worker_args(
     arm_calibration: str | os.PathLike | None = None,
     quantization: str | None = None,
     quantize_all_linears: bool = False,
+    load_format: str = "auto",
 ) -> WorkerArgs:
     """Engine arguments resolved as LLMEngine resolves them (dtype, devices, the calibration
     file ARM smoothing reads)."""
@@ -101,6 +102,7 @@ def resolve_worker_args(
         arm_calibration=transforms.calibration,
         quantization=transforms.quantization,
         quantize_all_linears=transforms.quantize_all_linears,
+        load_format=load_format,
     )
 
 
@@ -145,7 +147,14 @@ def serve(tp: TPContext, args: WorkerArgs) -> None:
     device = device_for_rank(args.device_type)
     config = ModelConfig.from_pretrained(args.model)
     runner = ModelRunner(
-        args.model, config, DTYPES[args.dtype], device, args.max_model_len, tp, args.transforms
+        args.model,
+        config,
+        DTYPES[args.dtype],
+        device,
+        args.max_model_len,
+        tp,
+        args.transforms,
+        args.load_format,
     )
     setup_compute_rank(tp, runner, args)
     while True:

@@ -54,7 +54,7 @@ from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.scheduler import Scheduler
 from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
 from shardlm.errors import ShardlmError, WorkerFailure
-from shardlm.loader import resolve_device, resolve_dtype
+from shardlm.loader import LOAD_FORMATS, resolve_device, resolve_dtype
 from shardlm.models.llama import check_tensor_parallel
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -110,6 +110,7 @@ class LLMEngine:
         arm_calibration: str | Path | None = None,
         quantization: str | None = None,
         quantize_all_linears: bool = False,
+        load_format: str = "auto",
     ) -> None:
         path = Path(model)
         if not path.is_dir():
@@ -122,6 +123,10 @@ class LLMEngine:
         _check_int("tensor_parallel_size", tensor_parallel_size, 1, 1024)
         _check_int("attention_nodes", attention_nodes, 0, 1024, "(0 = no attention nodes)")
         _check_int("kv_chunk_size", kv_chunk_size, 1, 2**20)
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}"
+            )
         if attention_transport not in ATTENTION_TRANSPORTS:
             raise ValueError(
                 f"attention_transport must be one of {', '.join(ATTENTION_TRANSPORTS)}, "
@@ -190,6 +195,7 @@ class LLMEngine:
             arm_calibration=arm_calibration,
             quantization=quantization,
             quantize_all_linears=quantize_all_linears,
+            load_format=load_format,
         )
         self.args = args
         if args.world_size > 1:
@@ -202,7 +208,14 @@ class LLMEngine:
                 self.device = device_for_rank("cuda")
         try:
             self.runner = ModelRunner(
-                path, self.config, self.dtype, self.device, max_model_len, tp, args.transforms
+                path,
+                self.config,
+                self.dtype,
+                self.device,
+                max_model_len,
+                tp,
+                args.transforms,
+                load_format,
             )
             num_blocks, self.rank_weight_bytes = self._guarded(
                 setup_compute_rank, tp, self.runner, args

@@ -27,7 +27,7 @@ from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine.scheduler import ScheduledBatch
 from shardlm.engine.sequence import Sequence
 from shardlm.engine.step_inputs import StepInputs, build_step_inputs
-from shardlm.loader import load_weights
+from shardlm.loader import init_dummy_weights, load_weights
 from shardlm.models.llama import LlamaForCausalLM
 from shardlm.models.registry import model_class
 from shardlm.models.transforms import WeightTransforms, apply_weight_transforms
@@ -52,6 +52,7 @@ class ModelRunner:
         max_model_len: int,
         tp: TPContext | None = None,
         transforms: WeightTransforms | None = None,
+        load_format: str = "auto",
     ) -> None:
         self.config = config
         self.dtype = dtype
@@ -60,7 +61,10 @@ class ModelRunner:
         self.tp = tp or TPContext.single()
         start = time.perf_counter()
         self.model = build_model(config, dtype, device, max_model_len, self.tp)
-        load_weights(self.model, path, dtype)
+        if load_format == "dummy":
+            init_dummy_weights(self.model, seed=self.tp.rank)
+        else:
+            load_weights(self.model, path, dtype)
         self.transforms = transforms or WeightTransforms()
         apply_weight_transforms(self.model, self.transforms)
         if self.transforms.quantization and device.type == "cuda":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shardlm.distributed.launch import torchrun_rank, under_torchrun
 from shardlm.distributed.worker import run_torchrun_worker
-from shardlm.entrypoints import arm_tools
+from shardlm.entrypoints import arm_tools, bench
 from shardlm.errors import ShardlmError, WorkerFailure
 from shardlm.layers.arm import ARM_MODES
 from shardlm.layers.quant import QUANTIZATIONS
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ev)
     ev.set_defaults(func=cmd_eval)
     arm_tools.add_parsers(sub)
+    bench.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,261 @@
+"""``shardlm bench``: decode speed against the memory-bandwidth roofline.
+
+A decode step must read every weight once (the embedding table excepted: only B rows of it)
+and every cached K/V it attends to, so
+
+    roofline tokens/s = B / ((weight bytes + KV bytes read per step) / copy bandwidth)
+
+where the copy bandwidth is measured here, on this device, as (bytes read + bytes written) /
+time of copying a large tensor. Named shapes (``--shape llama-1b``) need no checkpoint: the
+model is built with random weights (``load_format="dummy"``). With ``--compare-hf``,
+transformers' eager ``generate`` on the same shape runs in the same process, and the table
+gives the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+        tie_word_embeddings=False,
+    ),
+    "llama-1b": dict(  # Llama-3.2-1B
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "llama-8b": dict(  # Llama-3-8B
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="decode tokens/s against the memory-bandwidth roofline")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="a checkpoint directory (its real weights)")
+    where.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape")
+    b.add_argument("--batch-sizes", default="1,8,64", help="comma-separated (default 1,8,64)")
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=256)
+    b.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    b.add_argument("--compare-hf", action="store_true", help="also time transformers eager")
+    b.set_defaults(func=cmd_bench)
+
+
+def shape_checkpoint(shape: str, directory: Path, max_positions: int) -> Path:
+    """A checkpoint directory holding only the config of a named shape."""
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        **SHAPES[shape],
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    return directory
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy, counting the read and the write."""
+    n = (512 if device.type == "cuda" else 64) * 2**20  # float32 elements
+    a = torch.empty(n, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * a.nbytes / min(times[1:])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_run(engine, batch: int, input_len: int, output_len: int, vocab: int) -> tuple:
+    """(decode seconds, decode steps, tokens generated while decoding) for ``batch``
+    requests of ``input_len`` random tokens and ``output_len`` new tokens each."""
+    from shardlm.engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(batch)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    for i in range(batch):
+        ids = torch.randint(2, vocab, (input_len,), generator=gen).tolist()
+        engine.add_request(f"bench-{batch}-{i}", ids, params)
+    produced = dict.fromkeys(range(batch), 0)
+
+    def step() -> int:
+        new = 0
+        for out in engine.step():
+            k = int(out.request_id.rsplit("-", 1)[1])
+            n = sum(len(c.token_ids) for c in out.outputs)
+            produced[k] += n
+            new += n
+        return new
+
+    while min(produced.values()) == 0:  # prefill (not timed)
+        step()
+    sync(engine.device)
+    start = time.perf_counter()
+    steps = tokens = 0
+    while engine.has_unfinished_requests():
+        tokens += step()
+        steps += 1
+    sync(engine.device)
+    return time.perf_counter() - start, steps, tokens
+
+
+def hf_decode_rate(config_dir: Path, batch: int, input_len: int, output_len: int, dtype, device):
+    """transformers eager generate: decode tokens/s (prefill timed separately and removed)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built directly in dtype: no float32 copy of the weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    ids = torch.randint(2, config.vocab_size, (batch, input_len), device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0)
+
+    def timed(new: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
+        sync(device)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    prefill = timed(1)
+    total = timed(output_len)
+    return batch * (output_len - 1) / max(total - prefill, 1e-9)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from shardlm.engine.llm_engine import LLMEngine
+
+    batches = [int(x) for x in str(args.batch_sizes).split(",") if x.strip()]
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
+    for name in ("input_len", "output_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
+    total = args.input_len + args.output_len
+    with tempfile.TemporaryDirectory() as scratch:
+        path = (
+            Path(args.model)
+            if args.model
+            else shape_checkpoint(args.shape, Path(scratch), total + 16)
+        )
+        start = time.perf_counter()
+        engine = LLMEngine(
+            path,
+            dtype=args.dtype,
+            device=args.device,
+            skip_tokenizer_init=True,
+            load_format="dummy" if args.shape else "auto",
+            max_model_len=total + 1 if args.model else None,
+            kv_cache_tokens=max(batches) * (total + 16),
+            max_num_seqs=max(batches),
+            enable_prefix_caching=False,
+        )
+        startup = time.perf_counter() - start
+        try:
+            rows = measure(engine, batches, args, path)
+        finally:
+            engine.shutdown()
+    print_table(engine, args, startup, rows)
+    return 0
+
+
+def measure(engine, batches: list[int], args: argparse.Namespace, path: Path) -> list[dict]:
+    model = engine.runner.model
+    weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed_"))
+    per_token_kv = engine.runner.kv_bytes_per_token()
+    bandwidth = copy_bandwidth(engine.device)
+    vocab = engine.config.vocab_size
+    decode_run(engine, 1, 4, 4, vocab)  # warm-up
+    rows = []
+    for batch in batches:
+        seconds, steps, tokens = decode_run(engine, batch, args.input_len, args.output_len, vocab)
+        mean_context = args.input_len + args.output_len / 2
+        step_bytes = weights + batch * mean_context * per_token_kv
+        roofline = batch * bandwidth / step_bytes
+        row = {
+            "batch": batch,
+            "tok_s": tokens / seconds,
+            "ms_step": 1e3 * seconds / max(steps, 1),
+            "step_mb": step_bytes / 1e6,
+            "roofline": roofline,
+            "bandwidth": bandwidth,
+        }
+        if args.compare_hf:
+            row["hf"] = hf_decode_rate(
+                path, batch, args.input_len, args.output_len, engine.dtype, engine.device
+            )
+        rows.append(row)
+    return rows
+
+
+def print_table(engine, args: argparse.Namespace, startup: float, rows: list[dict]) -> None:
+    params = sum(p.numel() for p in engine.runner.model.parameters())
+    what = f"shape {args.shape} (random weights)" if args.shape else str(args.model)
+    print(
+        f"{what}: {params / 1e6:,.1f}M parameters, {str(engine.dtype).removeprefix('torch.')}, "
+        f"{engine.device}; copy bandwidth {rows[0]['bandwidth'] / 1e9:.1f} GB/s; "
+        f"start-up {startup:.1f} s; {args.input_len} prompt + {args.output_len} new tokens"
+    )
+    head = f"{'batch':>6}{'tok/s':>11}{'ms/step':>9}{'MB/step':>9}{'roofline':>10}{'% roof':>8}"
+    if args.compare_hf:
+        head += f"{'HF tok/s':>10}{'ratio':>7}"
+    print(head)
+    for r in rows:
+        line = (
+            f"{r['batch']:6d}{r['tok_s']:11.1f}{r['ms_step']:9.2f}{r['step_mb']:9.1f}"
+            f"{r['roofline']:10.1f}{100 * r['tok_s'] / r['roofline']:7.1f}%"
+        )
+        if args.compare_hf:
+            line += f"{r['hf']:10.1f}{r['tok_s'] / r['hf']:6.2f}×"
+        print(line)
+    if len(rows) > 1:
+        pct = [100 * r["tok_s"] / r["roofline"] for r in rows]
+        print(f"median % of roofline: {statistics.median(pct):.1f}%")
