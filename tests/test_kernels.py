@@ -111,3 +111,31 @@ def test_silu_and_mul_equals_the_reference(dtype, tol):
     torch.testing.assert_close(
         silu_and_mul(gate_up), silu_and_mul_reference(gate_up), rtol=tol, atol=tol
     )
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "mistral-sliding"])
+def test_engine_with_the_triton_decode_kernel_gives_the_same_tokens(checkpoints, variant):
+    """Continuous batching (mixed lengths, decodes joining prefills) with decode attention in
+    the kernel: the same greedy tokens as the SDPA path, sliding window included."""
+    from shardlm import LLM, SamplingParams
+
+    path, _ = checkpoints[variant]
+    prompts = ["abc", "a longer prompt, past a few blocks", "x" * 21]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def tokens(**kwargs) -> list[list[int]]:
+        with LLM(path, dtype="float32", device="cpu", block_size=4, **kwargs) as llm:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert tokens(attention_backend="triton") == tokens()
+
+
+def test_triton_backend_is_refused_where_it_cannot_run(llama_ckpt, monkeypatch):
+    from shardlm import LLM
+
+    path, _ = llama_ckpt
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on CUDA devices; on CPU only in Triton's interp"):
+        LLM(path, device="cpu", attention_backend="triton")
+    with pytest.raises(ValueError, match="attention_backend must be one of torch, triton"):
+        LLM(path, attention_backend="flash")

@@ -66,17 +66,32 @@ class PagedStep:
     decode_slots: torch.Tensor | None  # [B, Lmax] slots of each decode sequence's keys
     decode_context_lens: torch.Tensor | None  # [B]
     prefills: list[PrefillChunk]
+    decode_block_tables: torch.Tensor | None = None  # [B, W]: for the Triton decode kernel
+
+
+ATTENTION_BACKENDS = ("torch", "triton")
 
 
 class PagedAttention:
-    """The attention backend for a batch of sequences over the paged pool."""
+    """The attention backend for a batch of sequences over the paged pool. ``decode_backend``
+    "triton" runs the decodes through kernels/decode_attention.py (split-KV over the block
+    tables) instead of SDPA over gathered keys; prefill chunks always use SDPA."""
 
     def __init__(
-        self, cache: PagedKVCache, scale: float, sliding_windows: tuple[int | None, ...]
+        self,
+        cache: PagedKVCache,
+        scale: float,
+        sliding_windows: tuple[int | None, ...],
+        decode_backend: str = "torch",
     ) -> None:
         self.cache = cache
         self.scale = scale
         self.sliding_windows = sliding_windows
+        self.decode_kernel = None
+        if decode_backend == "triton":
+            from shardlm.kernels.decode_attention import paged_decode_attention
+
+            self.decode_kernel = paged_decode_attention
         self.step: PagedStep | None = None
         self._decode_masks: dict[int | None, torch.Tensor] = {}
         self._prefill_masks: list[dict[int | None, tuple[torch.Tensor | None, bool]]] = []
@@ -116,7 +131,18 @@ class PagedAttention:
         window = self.sliding_windows[layer]
         out = torch.empty_like(q)
         b = step.num_decodes
-        if b:
+        if b and self.decode_kernel is not None:
+            out[:b] = self.decode_kernel(
+                q[:b],
+                k_pool,
+                v_pool,
+                step.decode_block_tables,
+                step.decode_context_lens,
+                self.cache.block_size,
+                self.scale,
+                window,
+            )[0]
+        elif b:
             keys = k_pool[step.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
             vals = v_pool[step.decode_slots].transpose(1, 2)
             out[:b] = F.scaled_dot_product_attention(

@@ -69,6 +69,7 @@ class WorkerArgs:
     quantization: str | None = None
     quantize_all_linears: bool = False
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (benchmarks)
+    attention_backend: str = "torch"  # decode attention: "torch" (SDPA) | "triton"
 
     @classmethod
     def of(

@@ -75,6 +75,7 @@ def resolve_worker_args(
     quantization: str | None = None,
     quantize_all_linears: bool = False,
     load_format: str = "auto",
+    attention_backend: str = "torch",
 ) -> WorkerArgs:
     """Engine arguments resolved as LLMEngine resolves them (dtype, devices, the calibration
     file ARM smoothing reads)."""
@@ -103,6 +104,7 @@ def resolve_worker_args(
         quantization=transforms.quantization,
         quantize_all_linears=transforms.quantize_all_linears,
         load_format=load_format,
+        attention_backend=attention_backend,
     )
 
 
@@ -155,6 +157,7 @@ def serve(tp: TPContext, args: WorkerArgs) -> None:
         tp,
         args.transforms,
         args.load_format,
+        args.attention_backend,
     )
     setup_compute_rank(tp, runner, args)
     while True:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from shardlm.attention.node import NodeStats
+from shardlm.attention.paged import ATTENTION_BACKENDS
 from shardlm.attention.rshard import RShard
 from shardlm.attention.sharded import AttentionTraffic, ShardedAttention
 from shardlm.cache.block_manager import BlockManager
@@ -54,6 +56,7 @@ from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.scheduler import Scheduler
 from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
 from shardlm.errors import ShardlmError, WorkerFailure
+from shardlm.kernels import triton_available
 from shardlm.loader import LOAD_FORMATS, resolve_device, resolve_dtype
 from shardlm.models.llama import check_tensor_parallel
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -111,6 +114,7 @@ class LLMEngine:
         quantization: str | None = None,
         quantize_all_linears: bool = False,
         load_format: str = "auto",
+        attention_backend: str = "torch",
     ) -> None:
         path = Path(model)
         if not path.is_dir():
@@ -127,6 +131,7 @@ class LLMEngine:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}"
             )
+        check_attention_backend(attention_backend, device)
         if attention_transport not in ATTENTION_TRANSPORTS:
             raise ValueError(
                 f"attention_transport must be one of {', '.join(ATTENTION_TRANSPORTS)}, "
@@ -196,6 +201,7 @@ class LLMEngine:
             quantization=quantization,
             quantize_all_linears=quantize_all_linears,
             load_format=load_format,
+            attention_backend=attention_backend,
         )
         self.args = args
         if args.world_size > 1:
@@ -216,6 +222,7 @@ class LLMEngine:
                 tp,
                 args.transforms,
                 load_format,
+                attention_backend,
             )
             num_blocks, self.rank_weight_bytes = self._guarded(
                 setup_compute_rank, tp, self.runner, args
@@ -568,6 +575,25 @@ class LLMEngine:
             num_blocks=self.blocks.num_blocks,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+        )
+
+
+def check_attention_backend(backend: str, device: str) -> None:
+    """The Triton decode kernel needs triton, and a CUDA device (or, for tests on CPU,
+    Triton's interpreter: TRITON_INTERPRET=1)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}"
+        )
+    if backend != "triton":
+        return
+    if not triton_available():
+        raise ValueError("attention_backend='triton' needs triton installed (pip install triton)")
+    on_cpu = resolve_device(device).type == "cpu"
+    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "attention_backend='triton' runs on CUDA devices; on CPU only in Triton's "
+            "interpreter (TRITON_INTERPRET=1, for tests)"
         )
 
 

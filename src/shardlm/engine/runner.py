@@ -53,8 +53,10 @@ class ModelRunner:
         tp: TPContext | None = None,
         transforms: WeightTransforms | None = None,
         load_format: str = "auto",
+        attention_backend: str = "torch",
     ) -> None:
         self.config = config
+        self.attention_backend = attention_backend
         self.dtype = dtype
         self.device = device
         self.max_model_len = max_model_len
@@ -104,7 +106,9 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        self.attention = PagedAttention(self.kv_cache, self.scale, c.sliding_windows)
+        self.attention = PagedAttention(
+            self.kv_cache, self.scale, c.sliding_windows, self.attention_backend
+        )
 
     def init_attention_nodes(
         self,

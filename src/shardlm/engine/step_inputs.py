@@ -69,6 +69,7 @@ class StepInputs:
             decode_slots=decode_slots,
             decode_context_lens=decode_lens,
             prefills=chunks,
+            decode_block_tables=self.decode_tables if self.num_decodes else None,
         )
 
     # -- flat encoding for the driver → worker broadcast --

@@ -67,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--output-len", type=int, default=256)
     b.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    b.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     b.add_argument("--compare-hf", action="store_true", help="also time transformers eager")
     b.set_defaults(func=cmd_bench)
 
@@ -197,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             kv_cache_tokens=max(batches) * (total + 16),
             max_num_seqs=max(batches),
             enable_prefix_caching=False,
+            attention_backend=args.attention_backend,
         )
         startup = time.perf_counter() - start
         try:

@@ -141,6 +141,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=["distributed", "in-process"],
         help="attention nodes as their own ranks (default) or as objects in the compute ranks",
     )
+    parser.add_argument(
+        "--attention-backend",
+        default="torch",
+        choices=["torch", "triton"],
+        help="decode attention: PyTorch SDPA (default) or the Triton split-KV kernel (CUDA)",
+    )
     add_weight_transform_args(parser)
 
 
@@ -159,6 +165,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_chunk_size=args.kv_chunk_size,
         attention_device=args.attention_device,
         attention_transport=args.attention_transport,
+        attention_backend=args.attention_backend,
         **weight_transform_kwargs(args),
     )
 
