@@ -3,6 +3,7 @@ roofline rests on (timings themselves are never asserted)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shardlm import LLM, SamplingParams
@@ -49,9 +50,18 @@ def test_bench_prints_the_roofline_table(capsys):
         assert abs(float(row[3]) - expected_mb) < 0.05
 
 
-def test_bench_rejects_bad_arguments(capsys):
-    assert cli_main(["bench", "--shape", "tiny", "--batch-sizes", "0"]) == 2
-    assert "--batch-sizes must be positive integers" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--batch-sizes", "0"], "--batch-sizes must be positive integers, got '0'"),
+        (["--batch-sizes", "1,x"], "--batch-sizes must be positive integers, got '1,x'"),
+        (["--output-len", "1"], "--output-len must be ≥ 2"),
+        (["--input-len", "0"], "--input-len must be ≥ 1, got 0"),
+    ],
+)
+def test_bench_rejects_bad_arguments(capsys, flags, message):
+    assert cli_main(["bench", "--shape", "tiny", *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_dummy_weights_need_no_checkpoint_files(tmp_path, llama_ckpt):
@@ -69,8 +79,6 @@ def test_dummy_weights_need_no_checkpoint_files(tmp_path, llama_ckpt):
 
 
 def test_unknown_load_format_is_named(llama_ckpt):
-    import pytest
-
     path, _ = llama_ckpt
     with pytest.raises(ValueError, match="load_format must be one of auto, dummy, got 'pt'"):
         LLM(path, load_format="pt")

@@ -82,6 +82,7 @@ def test_eval_cli_reports_perplexity(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
+        (["--data", str(HELD_OUT), "--attention-backend", "triton"], "do not apply to it"),
         (["--data", "/no/such/place"], "is neither a file nor a directory"),
         (["--data", str(ROOT / "docs" / "images")], "has no .py/.txt/.md files"),
         (["--data", str(HELD_OUT), "--window", "1"], "--window must be ≥ 2"),

@@ -33,7 +33,9 @@ def make_pool(lens, block_size, hkv, d, dtype, seed=0):
     k_pool = torch.randn(total * block_size, hkv, d, generator=g).to(dtype)
     v_pool = torch.randn(total * block_size, hkv, d, generator=g).to(dtype)
     width = max(blocks_each)
-    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    # Entries past a sequence's blocks are garbage (as a batch's padded tables can be): the
+    # kernel must never follow them.
+    tables = torch.full((len(lens), width), 2**30, dtype=torch.int32)
     used = 0
     for i, nb in enumerate(blocks_each):
         tables[i, :nb] = order[used : used + nb].to(torch.int32)
@@ -69,8 +71,8 @@ def test_decode_attention_equals_the_reference(splits, window, hq, hkv, d):
 
 
 def test_split_with_no_visible_key_is_merged_exactly():
-    """More splits than blocks and a window: most splits see nothing (lse −inf, out 0) and
-    the merge must ignore them."""
+    """Splits past the window see nothing (lse −inf, out 0), and so does a split beyond the
+    last block: the merge must ignore them."""
     block_size, lens = 2, [9]
     k_pool, v_pool, tables = make_pool(lens, block_size, 1, 8, torch.float32)
     q = torch.randn(1, 2, 8).to(DEVICE)
@@ -79,7 +81,7 @@ def test_split_with_no_visible_key_is_merged_exactly():
         q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=1
     )
     many, many_lse = paged_decode_attention(
-        q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=5
+        q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=7
     )
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(many_lse, one_lse, rtol=1e-5, atol=1e-5)
@@ -134,6 +136,10 @@ def test_triton_backend_is_refused_where_it_cannot_run(llama_ckpt, monkeypatch):
     from shardlm import LLM
 
     path, _ = llama_ckpt
+    with pytest.raises(ValueError, match="needs a power-of-two block_size, got 12"):
+        LLM(path, device="cpu", attention_backend="triton", block_size=12)
+    with pytest.raises(ValueError, match="attention nodes compute with the reference"):
+        LLM(path, device="cpu", attention_backend="triton", attention_nodes=2)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="runs on CUDA devices; on CPU only in Triton's interp"):
         LLM(path, device="cpu", attention_backend="triton")

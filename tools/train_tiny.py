@@ -4,7 +4,9 @@ engine never imports it.
 
     python tools/train_tiny.py [--out src/shardlm/assets/tiny-code] [--minutes 25] [--seed 0]
 
-Steps, all deterministic given the seed and the machine's thread count:
+Steps, all deterministic given the seed, the thread count and the number of steps. A
+--minutes budget sets the number of steps from the speed of the first 20 (recorded as
+"steps" in training.json); to repeat a run exactly, pass that number: --steps N --minutes 1e9.
 
 1. Corpus: every ``.py`` file under this interpreter's stdlib directory, in sorted order,
    except ``site-packages``, the test suites (``test/``, ``tests/``, ``idle_test/``) and the

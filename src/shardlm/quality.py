@@ -80,13 +80,14 @@ class Perplexity:
     value: float
     tokens: int  # tokens predicted
     windows: int
-    documents: int
+    documents: int  # documents with at least one scored window
 
 
 def perplexity(llm: LLM, documents: list[list[int]], window: int) -> Perplexity:
     """Perplexity of ``llm`` on tokenized documents, in windows of ``window`` tokens."""
-    nll, tokens, windows = 0.0, 0, 0
+    nll, tokens, windows, scored = 0.0, 0, 0, 0
     for ids in documents:
+        scored += len(ids) >= 2
         for start in range(0, len(ids), window):
             chunk = ids[start : start + window]
             if len(chunk) < 2:
@@ -98,4 +99,4 @@ def perplexity(llm: LLM, documents: list[list[int]], window: int) -> Perplexity:
             windows += 1
     if tokens == 0:
         raise ValueError("the data has no window of at least 2 tokens to score")
-    return Perplexity(math.exp(nll / tokens), tokens, windows, len(documents))
+    return Perplexity(math.exp(nll / tokens), tokens, windows, scored)

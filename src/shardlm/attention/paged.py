@@ -100,7 +100,7 @@ class PagedAttention:
         self.step = step
         windows = set(self.sliding_windows)
         self._decode_masks = {}
-        if step.num_decodes:
+        if step.num_decodes and self.decode_kernel is None:  # the kernel masks by itself
             lens = step.decode_context_lens
             lmax = step.decode_slots.shape[1]
             j = torch.arange(lmax, device=lens.device)[None, :]

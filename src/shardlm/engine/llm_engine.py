@@ -131,7 +131,7 @@ class LLMEngine:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}"
             )
-        check_attention_backend(attention_backend, device)
+        check_attention_backend(attention_backend, device, block_size, attention_nodes)
         if attention_transport not in ATTENTION_TRANSPORTS:
             raise ValueError(
                 f"attention_transport must be one of {', '.join(ATTENTION_TRANSPORTS)}, "
@@ -578,9 +578,11 @@ class LLMEngine:
         )
 
 
-def check_attention_backend(backend: str, device: str) -> None:
-    """The Triton decode kernel needs triton, and a CUDA device (or, for tests on CPU,
-    Triton's interpreter: TRITON_INTERPRET=1)."""
+def check_attention_backend(
+    backend: str, device: str, block_size: int, attention_nodes: int
+) -> None:
+    """The Triton decode kernel needs triton, a CUDA device (or, for tests on CPU, Triton's
+    interpreter: TRITON_INTERPRET=1), a power-of-two block size, and the local paged pool."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}"
@@ -589,6 +591,15 @@ def check_attention_backend(backend: str, device: str) -> None:
         return
     if not triton_available():
         raise ValueError("attention_backend='triton' needs triton installed (pip install triton)")
+    if block_size & (block_size - 1):
+        raise ValueError(
+            f"attention_backend='triton' needs a power-of-two block_size, got {block_size}"
+        )
+    if attention_nodes:
+        raise ValueError(
+            "attention_backend='triton' is for the local paged pool; attention nodes compute "
+            "with the reference primitive (use attention_backend='torch' with them)"
+        )
     on_cpu = resolve_device(device).type == "cpu"
     if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(

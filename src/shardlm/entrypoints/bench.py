@@ -1,7 +1,8 @@
 """``shardlm bench``: decode speed against the memory-bandwidth roofline.
 
-A decode step must read every weight once (the embedding table excepted: only B rows of it)
-and every cached K/V it attends to, so
+A decode step must read every weight once (an untied input-embedding table excepted: only B
+rows of it are read; a tied one is read in full as the LM head) and every cached K/V it
+attends to, so
 
     roofline tokens/s = B / ((weight bytes + KV bytes read per step) / copy bandwidth)
 
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from shardlm.attention.paged import ATTENTION_BACKENDS
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(
@@ -67,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--output-len", type=int, default=256)
     b.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    b.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    b.add_argument("--attention-backend", default="torch", choices=list(ATTENTION_BACKENDS))
     b.add_argument("--compare-hf", action="store_true", help="also time transformers eager")
     b.set_defaults(func=cmd_bench)
 
@@ -143,15 +146,16 @@ def decode_run(engine, batch: int, input_len: int, output_len: int, vocab: int) 
 
 
 def hf_decode_rate(config_dir: Path, batch: int, input_len: int, output_len: int, dtype, device):
-    """transformers eager generate: decode tokens/s (prefill timed separately and removed)."""
-    from transformers import AutoConfig, LlamaForCausalLM
+    """transformers' generate, not compiled (its default attention, SDPA): decode tokens/s,
+    the prefill timed separately and removed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built directly in dtype: no float32 copy of the weights
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
+            model = AutoModelForCausalLM.from_config(config).eval()
     finally:
         torch.set_default_dtype(previous)
     ids = torch.randint(2, config.vocab_size, (batch, input_len), device=device)
@@ -174,12 +178,18 @@ def hf_decode_rate(config_dir: Path, batch: int, input_len: int, output_len: int
 def cmd_bench(args: argparse.Namespace) -> int:
     from shardlm.engine.llm_engine import LLMEngine
 
-    batches = [int(x) for x in str(args.batch_sizes).split(",") if x.strip()]
+    try:
+        batches = [int(x) for x in str(args.batch_sizes).split(",") if x.strip()]
+    except ValueError:
+        batches = []
     if not batches or min(batches) < 1:
         raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
-    for name in ("input_len", "output_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.input_len < 1:
+        raise ValueError(f"--input-len must be ≥ 1, got {args.input_len}")
+    if args.output_len < 2:
+        raise ValueError(
+            f"--output-len must be ≥ 2 (decode steps follow the first token), got {args.output_len}"
+        )
     total = args.input_len + args.output_len
     with tempfile.TemporaryDirectory() as scratch:
         path = (

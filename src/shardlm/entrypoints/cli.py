@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from shardlm.attention.paged import ATTENTION_BACKENDS
 from shardlm.distributed.launch import torchrun_rank, under_torchrun
 from shardlm.distributed.worker import run_torchrun_worker
 from shardlm.entrypoints import arm_tools, bench
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 
-    ev = sub.add_parser("eval", help="perplexity of a model (in any engine configuration) on text")
+    ev = sub.add_parser(
+        "eval", help="perplexity on text (any dtype, quantization, ARM, tensor parallelism)"
+    )
     ev.add_argument("--model", help="checkpoint directory (default: the built-in model)")
     ev.add_argument("--data", required=True, help="a text file, or a directory of .py/.txt/.md")
     ev.add_argument(
@@ -144,7 +147,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention-backend",
         default="torch",
-        choices=["torch", "triton"],
+        choices=list(ATTENTION_BACKENDS),
         help="decode attention: PyTorch SDPA (default) or the Triton split-KV kernel (CUDA)",
     )
     add_weight_transform_args(parser)
@@ -264,7 +267,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     data = Path(args.data)
     if data.is_dir():
-        files = sorted(f for f in data.rglob("*") if f.suffix in EVAL_SUFFIXES and f.is_file())
+        files = sorted(
+            f
+            for f in data.rglob("*")
+            if f.suffix in EVAL_SUFFIXES
+            and f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(data).parts)
+        )
     elif data.is_file():
         files = [data]
     else:
@@ -275,14 +284,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--window must be ≥ 2, got {args.window}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be ≥ 2, got {args.max_tokens}")
+    if args.attention_backend != "torch" or args.attention_nodes:
+        raise ValueError(
+            "shardlm eval scores each window in one forward on the compute ranks' scoring "
+            "path: --attention-backend and --attention-nodes do not apply to it"
+        )
     model = args.model or demo_checkpoint()
     if under_torchrun() and torchrun_rank()[0] > 0:
         return run_torchrun_worker(model, **engine_kwargs(args))
     with LLM(model, **engine_kwargs(args)) as llm:
-        window = min(args.window, llm.engine.max_model_len - 1)
+        window = min(args.window, llm.engine.max_model_len)
         documents, total = [], 0
         for f in files:
-            ids = llm.tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))
+            try:
+                text = f.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise ShardlmError(f"--data: cannot read {f}: {e.strerror}") from None
+            ids = llm.tokenizer.encode(text)
             documents.append(ids)
             total += len(ids)
             if args.max_tokens is not None and total >= args.max_tokens:

@@ -36,7 +36,9 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Sizes that change as contexts grow are not specialised on (Triton would otherwise compile
+    # a variant whenever one of them is 1 or a multiple of 16, mid-serving).
+    @triton.jit(do_not_specialize=["window", "max_blocks", "blocks_per_split", "num_splits"])
     def split_kv_decode(
         q_ptr,  # [B, Hq, D]
         k_ptr,  # [slots, Hkv, D]
@@ -81,7 +83,7 @@ def _kernel():
             visible = (pos < context_len) & (blk < max_blocks)
             visible = visible & ((window <= 0) | (pos > last - window))
             phys = tl.load(block_tables_ptr + b * max_blocks + blk, mask=blk < max_blocks, other=0)
-            slot = phys * BLOCK_SIZE + n
+            slot = phys.to(tl.int64) * BLOCK_SIZE + n  # 64-bit: pools past 2³¹ elements
             offs = slot[:, None] * stride_kslot + kv_head * stride_khead + d[None, :]
             kv_mask = visible[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
@@ -161,6 +163,8 @@ def paged_decode_attention(
         BLOCK_D=1 << (d - 1).bit_length(),
         BLOCK_SIZE=block_size,
     )
+    if num_splits == 1:
+        return out[:, :, 0].to(q.dtype), lse[:, :, 0]
     # [B, Hq, S, ·] → the merge's [S, B, Hq, ·]
     merged, merged_lse = merge_partials(out.permute(2, 0, 1, 3), lse.permute(2, 0, 1))
     return merged.to(q.dtype), merged_lse
