@@ -69,7 +69,11 @@ def _kernel():
         q = tl.load(q_ptr + (b * num_heads + h) * HEAD_DIM + d, mask=d_ok, other=0.0)
         q = q.to(tl.float32)
         context_len = tl.load(context_lens_ptr + b)
-        last = context_len - 1
+        # Visible positions: lo < pos < limit. Bounds are scalars compared with the tile's
+        # positions (no scalar booleans mixed into tensor masks: Triton's interpreter
+        # mistypes those). Blocks past the table's width hold no position below `limit`.
+        limit = tl.minimum(context_len, max_blocks * BLOCK_SIZE)
+        lo = tl.where(window > 0, context_len - 1 - window, -1)
         n = tl.arange(0, BLOCK_SIZE)
 
         m = tl.full((), float("-inf"), tl.float32)
@@ -80,9 +84,8 @@ def _kernel():
         end = blk + blocks_per_split
         while blk < end:
             pos = blk * BLOCK_SIZE + n
-            visible = (pos < context_len) & (blk < max_blocks)
-            visible = visible & ((window <= 0) | (pos > last - window))
-            phys = tl.load(block_tables_ptr + b * max_blocks + blk, mask=blk < max_blocks, other=0)
+            visible = (pos < limit) & (pos > lo)
+            phys = tl.load(block_tables_ptr + b * max_blocks + tl.minimum(blk, max_blocks - 1))
             slot = phys.to(tl.int64) * BLOCK_SIZE + n  # 64-bit: pools past 2³¹ elements
             offs = slot[:, None] * stride_kslot + kv_head * stride_khead + d[None, :]
             kv_mask = visible[:, None] & d_ok[None, :]
