@@ -45,7 +45,7 @@ def make_pool(lens, block_size, hkv, d, dtype, seed=0):
 
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 1, 24)])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 1, 24), (2, 2, 8)])
 def test_decode_attention_equals_the_reference(splits, window, hq, hkv, d):
     block_size, lens = 4, [1, 7, 13, 4]
     k_pool, v_pool, tables = make_pool(lens, block_size, hkv, d, torch.float32)

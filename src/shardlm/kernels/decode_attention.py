@@ -2,9 +2,9 @@
 
 One decode query per sequence attends over that sequence's cached keys, found through its
 block table. A long context leaves most of the GPU idle if one program walks it alone, so
-the context is cut into ``num_splits`` contiguous ranges of KV blocks; program (b, h, s)
-computes the partial attention of query head h of sequence b over range s, as
-``partial_attention`` defines it:
+the context is cut into ``num_splits`` contiguous ranges of KV blocks; program (b, g, s)
+computes, for every query head that uses KV head g (GQA: its keys are read once for all of
+them), the partial attention of sequence b over range s, as ``partial_attention`` defines it:
 
     out_s = Σ_j softmax_j(q·k_j·scale) v_j over the range's visible keys,
     lse_s = log Σ_j exp(q·k_j·scale)            (−inf, out_s = 0 if it sees none)
@@ -15,8 +15,8 @@ rescaled by exp(m_old − m_new) whenever the max grows). The S partials are the
 
     lse = log Σ_s exp(lse_s),   out = Σ_s exp(lse_s − lse) · out_s
 
-so split-KV and R-sharding are one primitive. GQA: query head h reads KV head
-h // (Hq / Hkv). Sliding windows mask keys at positions ≤ p − window (p = context_len − 1).
+so split-KV and R-sharding are one primitive. Query head h uses KV head h // (Hq / Hkv).
+Sliding windows mask keys at positions ≤ p − window (p = context_len − 1).
 
 Kernels are tested against the PyTorch reference on CPU through Triton's interpreter
 (TRITON_INTERPRET=1); this module imports triton only when called.
@@ -54,19 +54,26 @@ def _kernel():
         num_splits,
         stride_kslot,
         stride_khead,
-        GROUP: tl.constexpr,  # Hq // Hkv
+        GROUP: tl.constexpr,  # Hq // Hkv: query heads sharing one KV head
+        GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # KV block size: one tile
     ):
+        # One program per (sequence, KV head, split): the KV head's keys are read once for
+        # all GROUP query heads that use it (GQA), rows g of every [GROUP_P, ·] tile.
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        kv_head = tl.program_id(1)
         s = tl.program_id(2)
-        num_heads = tl.num_programs(1)
-        kv_head = h // GROUP
+        num_kv_heads = tl.num_programs(1)
+        g = tl.arange(0, GROUP_P)
+        g_ok = g < GROUP
+        heads = kv_head * GROUP + g  # query heads of this group
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + (b * num_heads + h) * HEAD_DIM + d, mask=d_ok, other=0.0)
+        q_rows = (b * num_kv_heads * GROUP + heads) * HEAD_DIM
+        q_mask = g_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
         q = q.to(tl.float32)
         context_len = tl.load(context_lens_ptr + b)
         # Visible positions: lo < pos < limit. Bounds are scalars compared with the tile's
@@ -76,9 +83,9 @@ def _kernel():
         lo = tl.where(window > 0, context_len - 1 - window, -1)
         n = tl.arange(0, BLOCK_SIZE)
 
-        m = tl.full((), float("-inf"), tl.float32)
-        l_sum = tl.zeros((), tl.float32)
-        acc = tl.zeros((BLOCK_D,), tl.float32)
+        m = tl.full((GROUP_P,), float("-inf"), tl.float32)  # running max, per query head
+        l_sum = tl.zeros((GROUP_P,), tl.float32)  # running Σ exp(score − m)
+        acc = tl.zeros((GROUP_P, BLOCK_D), tl.float32)  # running Σ exp(score − m) · v
         # A while loop: Triton's interpreter cannot take a runtime bound in range().
         blk = s * blocks_per_split
         end = blk + blocks_per_split
@@ -89,25 +96,26 @@ def _kernel():
             slot = phys.to(tl.int64) * BLOCK_SIZE + n  # 64-bit: pools past 2³¹ elements
             offs = slot[:, None] * stride_kslot + kv_head * stride_khead + d[None, :]
             kv_mask = visible[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            scores = tl.sum(k * q[None, :], axis=1) * scale
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, N]
+            scores = tl.where(visible[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(scores - m_safe)
-            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_sum = l_sum * alpha + tl.sum(p, axis=0)
+            alpha = tl.exp(m - m_safe)  # rescales what was summed under the old max
+            p = tl.exp(scores - m_safe[:, None])
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
             blk += 1
 
-        row = (b * num_heads + h) * num_splits + s
+        rows = (b * num_kv_heads * GROUP + heads) * num_splits + s
         seen = l_sum > 0
-        out = tl.where(seen, acc / tl.where(seen, l_sum, 1.0), 0.0)
-        lse = tl.where(seen, m + tl.log(tl.where(seen, l_sum, 1.0)), float("-inf"))
-        tl.store(out_ptr + row * HEAD_DIM + d, out, mask=d_ok)
-        tl.store(lse_ptr + row, lse)
+        safe_l = tl.where(seen, l_sum, 1.0)
+        out = tl.where(seen[:, None], acc / safe_l[:, None], 0.0)
+        lse = tl.where(seen, m + tl.log(safe_l), float("-inf"))
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
+        tl.store(lse_ptr + rows, lse, mask=g_ok)
 
     return split_kv_decode
 
@@ -142,11 +150,11 @@ def paged_decode_attention(
         )
     max_blocks = block_tables.shape[1]
     if num_splits is None:
-        num_splits = choose_splits(max_blocks * block_size, block_size, b * hq)
+        num_splits = choose_splits(max_blocks * block_size, block_size, b * hkv)
     per_split = -(-max_blocks // num_splits)
     out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
-    _kernel()[(b, hq, num_splits)](
+    _kernel()[(b, hkv, num_splits)](
         q.contiguous(),
         k_pool,
         v_pool,
@@ -162,6 +170,7 @@ def paged_decode_attention(
         k_pool.stride(0),
         k_pool.stride(1),
         GROUP=hq // hkv,
+        GROUP_P=1 << (hq // hkv - 1).bit_length(),
         HEAD_DIM=d,
         BLOCK_D=1 << (d - 1).bit_length(),
         BLOCK_SIZE=block_size,
