@@ -132,10 +132,10 @@ def test_fwht_equals_the_sylvester_matrix(n, max_radix):
 
 
 def test_stage_radices_split_the_block_evenly():
-    assert stage_radices(1024) == [32, 32]
-    assert stage_radices(8192) == [32, 16, 16]
-    assert stage_radices(64) == [64]
-    assert stage_radices(1024, 2) == [2] * 10
+    assert stage_radices(1024) == (32, 32)
+    assert stage_radices(8192) == (32, 16, 16)
+    assert stage_radices(64) == (64,)
+    assert stage_radices(1024, 2) == (2,) * 10
 
 
 def test_block_diagonal_hadamard_for_other_sizes():

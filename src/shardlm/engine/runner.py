@@ -185,7 +185,9 @@ class ModelRunner:
                 host_inputs.token_counts(),
             )
         else:
-            self.attention.begin_step(inputs.paged_step(self.block_size))
+            self.attention.begin_step(
+                inputs.paged_step(self.block_size, self.attention.decode_kernel is None)
+            )
         hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 

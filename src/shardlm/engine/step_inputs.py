@@ -43,17 +43,24 @@ class StepInputs:
         """Tokens each scheduled sequence brings this step (decodes 1, then prefill chunks)."""
         return [1] * self.num_decodes + self.prefill_meta[:, 0].tolist()
 
-    def paged_step(self, block_size: int) -> PagedStep:
-        """Slot mapping and per-sequence key slots for the paged attention backend."""
+    def paged_step(self, block_size: int, gather_decode_keys: bool = True) -> PagedStep:
+        """Slot mapping and per-sequence key slots for the paged attention backend.
+        ``gather_decode_keys`` False (the Triton decode kernel, which reads the block tables
+        itself): only each decode's write slot, not the [B, Lmax] slots of all its keys."""
         slot_mapping = []
         decode_slots = decode_lens = None
         if self.num_decodes:
             decode_lens = self.decode_lens
-            p = torch.arange(self.max_decode_len, device=decode_lens.device)
-            slots = self.decode_tables[:, p // block_size] * block_size + p % block_size
-            # Padding points at position 0's slot: always written, so never garbage.
-            decode_slots = torch.where(p[None, :] < decode_lens[:, None], slots, slots[:, :1])
-            slot_mapping.append(slots.gather(1, (decode_lens - 1)[:, None]).squeeze(1))
+            last = decode_lens - 1
+            if gather_decode_keys:
+                p = torch.arange(self.max_decode_len, device=decode_lens.device)
+                slots = self.decode_tables[:, p // block_size] * block_size + p % block_size
+                # Padding points at position 0's slot: always written, so never garbage.
+                decode_slots = torch.where(p[None, :] < decode_lens[:, None], slots, slots[:, :1])
+                slot_mapping.append(slots.gather(1, last[:, None]).squeeze(1))
+            else:
+                block = self.decode_tables.gather(1, (last // block_size)[:, None]).squeeze(1)
+                slot_mapping.append(block * block_size + last % block_size)
         chunks = []
         start = self.num_decodes
         for (n, context_len), table in zip(

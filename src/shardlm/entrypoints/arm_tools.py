@@ -168,7 +168,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     print(format_stats(*stats))
     if args.out:
-        plot_histograms(before, after, arm, args.layer, Path(args.out))
+        plot_histograms(before, after, stats, arm, args.layer, Path(args.out))
         print(f"wrote {args.out}")
     return 0
 
@@ -185,7 +185,12 @@ def format_stats(before: DistributionStats, after: DistributionStats) -> str:
 
 
 def plot_histograms(
-    before: torch.Tensor, after: torch.Tensor, arm: str, layer: int, out: Path
+    before: torch.Tensor,
+    after: torch.Tensor,
+    stats: tuple[DistributionStats, DistributionStats],
+    arm: str,
+    layer: int,
+    out: Path,
 ) -> None:
     """The figure's two histograms, side by side, counts on a log axis so outliers show."""
     try:
@@ -198,11 +203,13 @@ def plot_histograms(
             "--out needs matplotlib, an optional extra: pip install 'shardlm[plot]'"
         ) from None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    panels = ((before, "before ARM", "tab:red"), (after, f"after ARM ({arm})", "tab:blue"))
-    for ax, (values, title, colour) in zip(axes, panels, strict=True):
-        v = values.flatten().numpy()
-        ax.hist(v, bins=200, color=colour, log=True)
-        ax.set_title(f"{title}: max|x|/RMS = {distribution_stats(values).max_over_rms:.1f}")
+    panels = (
+        (before, stats[0], "before ARM", "tab:red"),
+        (after, stats[1], f"after ARM ({arm})", "tab:blue"),
+    )
+    for ax, (values, stat, title, colour) in zip(axes, panels, strict=True):
+        ax.hist(values.flatten().numpy(), bins=200, color=colour, log=True)
+        ax.set_title(f"{title}: max|x|/RMS = {stat.max_over_rms:.1f}")
         ax.set_xlabel("down-projection input value")
         ax.set_ylabel("count (log)")
     fig.suptitle(f"layer {layer}: the MLP's down-projection input, {before.shape[0]} tokens")

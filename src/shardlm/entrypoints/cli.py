@@ -223,8 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     engine_args = engine_kwargs(args)
     model = args.model
-    if under_torchrun() and torchrun_rank()[0] > 0:
-        # A torchrun worker: same command line as the driver, but it only runs the model.
+    if is_torchrun_worker():
         return run_torchrun_worker(model or demo_checkpoint(), **engine_args)
     if model is None:
         print(DEMO_NOTICE, file=sys.stderr)
@@ -290,7 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "path: --attention-backend and --attention-nodes do not apply to it"
         )
     model = args.model or demo_checkpoint()
-    if under_torchrun() and torchrun_rank()[0] > 0:
+    if is_torchrun_worker():
         return run_torchrun_worker(model, **engine_kwargs(args))
     with LLM(model, **engine_kwargs(args)) as llm:
         window = min(args.window, llm.engine.max_model_len)
@@ -322,7 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine_args = engine_kwargs(args)
     engine_args["max_num_seqs"] = args.max_num_seqs  # every rank sizes its KV pool with it
     model = args.model
-    if under_torchrun() and torchrun_rank()[0] > 0:
+    if is_torchrun_worker():
         return run_torchrun_worker(model or demo_checkpoint(), **engine_args)
     try:
         from shardlm.entrypoints.openai.server import ServerConfig, run_server
@@ -347,6 +346,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     engine_args["seed"] = args.seed  # the driver's sampling only
     return run_server(model, engine_args, config, args.host, args.port, args.shutdown_timeout)
+
+
+def is_torchrun_worker() -> bool:
+    """A rank > 0 of a torchrun job: it gets the driver's command line but only runs the
+    model, serving rank 0 (which prints, serves HTTP or scores)."""
+    return under_torchrun() and torchrun_rank()[0] > 0
 
 
 def tensor_parallel_size(requested: int | None, attention_nodes: int, transport: str) -> int:

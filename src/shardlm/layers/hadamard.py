@@ -17,6 +17,7 @@ block-diagonal H is still orthonormal and symmetric, so the transform is its own
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,12 +34,13 @@ def hadamard_block_size(n: int) -> int:
     return n & -n
 
 
-def stage_radices(block: int, max_radix: int = MAX_RADIX) -> list[int]:
+@functools.cache  # on the decode path: once per block size
+def stage_radices(block: int, max_radix: int = MAX_RADIX) -> tuple[int, ...]:
     """Split log₂(block) into as few stages as ``max_radix`` allows, as evenly as possible
     (1024 → [32, 32], 8192 → [32, 16, 16])."""
     bits, max_bits = block.bit_length() - 1, max_radix.bit_length() - 1
     stages = -(-bits // max_bits)
-    return [1 << (bits // stages + (i < bits % stages)) for i in range(stages)]
+    return tuple(1 << (bits // stages + (i < bits % stages)) for i in range(stages))
 
 
 def fwht(x: torch.Tensor, block: int, max_radix: int = MAX_RADIX) -> torch.Tensor:

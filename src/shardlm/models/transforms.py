@@ -7,6 +7,7 @@ rank's shard, right after ``load_weights``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -128,14 +129,19 @@ def layer_arm(arm: str, mlp: LlamaMLP, act_absmax: torch.Tensor | None) -> ArmTr
     down: Linear = mlp.down_proj
     transform = arm_transform(arm, down.in_features, act_absmax, down.weight_t.detach())
     if transform.block == 1:  # an odd width: H_1 = [1] would change nothing
-        logger.warning(
-            "MLP width %d (this rank's slice) has no power-of-two factor: the Hadamard part "
-            "of arm=%s is the identity here",
-            down.in_features,
-            arm,
-        )
+        _warn_no_hadamard(down.in_features, arm)
         transform = ArmTransform(transform.scale, 0)
     return transform
+
+
+@functools.cache  # once per width, not once per layer
+def _warn_no_hadamard(width: int, arm: str) -> None:
+    logger.warning(
+        "MLP width %d (this rank's slice) has no power-of-two factor: the Hadamard part of "
+        "arm=%s is the identity here",
+        width,
+        arm,
+    )
 
 
 @torch.no_grad()

@@ -24,6 +24,10 @@ def finite(logprob: float) -> float:
     return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps NaN to the floor
 
 
+def empty_completion_logprobs() -> dict[str, list]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
 @dataclass
 class Choice:
     """Everything produced so far for one choice (one sequence of one prompt)."""
@@ -32,14 +36,7 @@ class Choice:
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
-    completion_logprobs: dict = field(
-        default_factory=lambda: {
-            "tokens": [],
-            "token_logprobs": [],
-            "top_logprobs": [],
-            "text_offset": [],
-        }
-    )
+    completion_logprobs: dict = field(default_factory=empty_completion_logprobs)
     chat_logprobs: list = field(default_factory=list)
 
     def add(self, delta: CompletionOutput) -> None:
@@ -57,12 +54,7 @@ def _top(lp: dict[int, Logprob], k: int) -> list[Logprob]:
 def completion_logprobs(delta: CompletionOutput, k: int, offset: int) -> dict:
     """The legacy completions ``logprobs`` object for a delta's tokens; ``offset`` is the
     length of the choice's text before the delta (for ``text_offset``)."""
-    out: dict[str, list] = {
-        "tokens": [],
-        "token_logprobs": [],
-        "top_logprobs": [],
-        "text_offset": [],
-    }
+    out = empty_completion_logprobs()
     for token_id, lp in zip(delta.token_ids, delta.logprobs or [], strict=False):
         chosen = lp[token_id]
         text = chosen.decoded_token or ""
