@@ -17,6 +17,7 @@ def test_bench_prints_the_roofline_table(capsys):
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "copy bandwidth" in lines[0] and "start-up" in lines[0]
+    assert "torch kernels, eager" in lines[0] and "capture 0.0 s" in lines[0]
     assert lines[1].split() == [
         "batch",
         "tok/s",
@@ -26,7 +27,7 @@ def test_bench_prints_the_roofline_table(capsys):
         "%",
         "roof",
         "HF",
-        "tok/s",
+        "eager",
         "ratio",
     ]
     rows = [line.split() for line in lines[2:4]]
@@ -57,10 +58,13 @@ def test_bench_prints_the_roofline_table(capsys):
         (["--batch-sizes", "1,x"], "--batch-sizes must be positive integers, got '1,x'"),
         (["--output-len", "1"], "--output-len must be ≥ 2"),
         (["--input-len", "0"], "--input-len must be ≥ 1, got 0"),
+        (["--hf-output-len", "9"], "--hf-output-len must be in [2, --output-len=4], got 9"),
+        (["--compare-hf", "eager,jit"], "--compare-hf takes a comma list of eager, static"),
     ],
 )
 def test_bench_rejects_bad_arguments(capsys, flags, message):
-    assert cli_main(["bench", "--shape", "tiny", *flags]) == 2
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--output-len", "4", *flags]
+    assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
 
 

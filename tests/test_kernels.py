@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 
 from shardlm.attention.paged import paged_partial_attention  # noqa: E402
 from shardlm.kernels.decode_attention import paged_decode_attention  # noqa: E402
-from shardlm.kernels.fused import add_rms_norm, silu_and_mul  # noqa: E402
+from shardlm.kernels.fused import add_rms_norm, rope_and_store, silu_and_mul  # noqa: E402
+from shardlm.kernels.fused import rms_norm as fused_rms_norm  # noqa: E402
 from shardlm.layers.activation import silu_and_mul as silu_and_mul_reference  # noqa: E402
 from shardlm.layers.norm import rms_norm  # noqa: E402
 
@@ -52,7 +53,7 @@ def test_decode_attention_equals_the_reference(splits, window, hq, hkv, d):
     q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     context = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     out, lse = paged_decode_attention(
-        q, k_pool, v_pool, tables, context, block_size, 0.3, window, num_splits=splits
+        q, k_pool, v_pool, tables, context, block_size, 0.3, window, splits, min_split_blocks=1
     )
     for i, n in enumerate(lens):
         ref_out, ref_lse = paged_partial_attention(
@@ -81,10 +82,41 @@ def test_split_with_no_visible_key_is_merged_exactly():
         q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=1
     )
     many, many_lse = paged_decode_attention(
-        q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=7
+        q, k_pool, v_pool, tables, context, block_size, 0.5, 3, num_splits=7, min_split_blocks=1
     )
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(many_lse, one_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_tables_padding_rows_and_int64_metadata():
+    """What a CUDA-graph bucket feeds the kernel: tables as wide as max_model_len (stale
+    entries past each sequence's blocks), int64 metadata, and padding rows (length 0) that
+    must see nothing. Every split count gives the reference's answer."""
+    block_size, lens = 4, [13, 2]
+    k_pool, v_pool, tables = make_pool(lens, block_size, 2, 16, torch.float32)
+    wide = torch.full((4, 40), 7, dtype=torch.long, device=DEVICE)  # 7: a real, stale block
+    wide[:2, : tables.shape[1]] = tables.long()
+    context = torch.tensor([*lens, 0, 0], dtype=torch.long, device=DEVICE)
+    q = torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    narrow_out, narrow_lse = paged_decode_attention(
+        q[:2], k_pool, v_pool, tables, context[:2], block_size, 0.25, num_splits=1
+    )
+    for splits in (1, 2, 5):
+        out, lse = paged_decode_attention(
+            q, k_pool, v_pool, wide, context, block_size, 0.25, None, splits, min_split_blocks=1
+        )
+        torch.testing.assert_close(out[:2], narrow_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[:2], narrow_lse, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+        assert torch.isneginf(lse[2:]).all()
+
+
+def test_default_split_choice_follows_the_batch_not_the_context():
+    from shardlm.kernels.decode_attention import choose_splits
+
+    assert choose_splits(batch_heads=8, max_blocks=1000, sms=132, min_split_blocks=4) == 33
+    assert choose_splits(batch_heads=512, max_blocks=1000, sms=132, min_split_blocks=4) == 1
+    assert choose_splits(batch_heads=8, max_blocks=10, sms=132, min_split_blocks=4) == 2
 
 
 def test_decode_attention_refuses_odd_block_sizes():
@@ -107,6 +139,44 @@ def test_add_rms_norm_equals_add_then_norm(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), *HALF])
+def test_rms_norm_without_residual_equals_the_reference(dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 40, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(40, generator=g).to(dtype).to(DEVICE)
+    torch.testing.assert_close(fused_rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), *HALF])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 1, 24), (6, 6, 8)])
+def test_rope_and_store_equals_rotary_then_cache_writes(dtype, tol, hq, hkv, d):
+    """q rotated and returned; k rotated and v copied into the pool at each token's slot;
+    every other slot untouched."""
+    from shardlm.config import RopeConfig
+    from shardlm.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(4)
+    t, slots = 5, 32
+    rotary = RotaryEmbedding(d, RopeConfig(theta=10000.0), 64, dtype).to(DEVICE)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype).to(DEVICE)
+    positions = torch.tensor([0, 3, 17, 40, 63], device=DEVICE)
+    slot_mapping = torch.tensor([9, 0, 31, 4, 20], device=DEVICE)
+    k_pool = torch.randn(slots, hkv, d, generator=g).to(dtype).to(DEVICE)
+    v_pool = torch.randn(slots, hkv, d, generator=g).to(dtype).to(DEVICE)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+
+    q = rope_and_store(
+        qkv, positions, rotary.cos, rotary.sin, slot_mapping, k_pool, v_pool, hq, hkv
+    )
+
+    qk = rotary(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), positions)
+    k_ref[slot_mapping] = qk[:, hq:]
+    v_ref[slot_mapping] = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    torch.testing.assert_close(q, qk[:, :hq], rtol=tol, atol=tol)
+    torch.testing.assert_close(k_pool, k_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(v_pool, v_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), *HALF])
 def test_silu_and_mul_equals_the_reference(dtype, tol):
     gate_up = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(0))
     gate_up = gate_up.to(dtype).to(DEVICE)  # 1500 columns: two programs per row, a ragged end
@@ -115,10 +185,11 @@ def test_silu_and_mul_equals_the_reference(dtype, tol):
     )
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "mistral-sliding"])
-def test_engine_with_the_triton_decode_kernel_gives_the_same_tokens(checkpoints, variant):
-    """Continuous batching (mixed lengths, decodes joining prefills) with decode attention in
-    the kernel: the same greedy tokens as the SDPA path, sliding window included."""
+@pytest.mark.parametrize("variant", ["llama-gqa", "mistral-sliding", "qwen2-bias"])
+def test_engine_with_the_triton_kernels_gives_the_same_tokens(checkpoints, variant):
+    """Continuous batching (mixed lengths, decodes joining prefills) with the Triton kernels
+    (decode attention, RoPE + KV write, add + RMSNorm, SiLU·mul): the same greedy tokens as
+    the PyTorch path, sliding window and biases included."""
     from shardlm import LLM, SamplingParams
 
     path, _ = checkpoints[variant]
@@ -126,10 +197,10 @@ def test_engine_with_the_triton_decode_kernel_gives_the_same_tokens(checkpoints,
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
     def tokens(**kwargs) -> list[list[int]]:
-        with LLM(path, dtype="float32", device="cpu", block_size=4, **kwargs) as llm:
+        with LLM(path, dtype="float32", device=DEVICE, block_size=4, **kwargs) as llm:
             return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    assert tokens(attention_backend="triton") == tokens()
+    assert tokens(attention_backend="triton") == tokens(attention_backend="torch")
 
 
 def test_triton_backend_is_refused_where_it_cannot_run(llama_ckpt, monkeypatch):
@@ -143,5 +214,5 @@ def test_triton_backend_is_refused_where_it_cannot_run(llama_ckpt, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="runs on CUDA devices; on CPU only in Triton's interp"):
         LLM(path, device="cpu", attention_backend="triton")
-    with pytest.raises(ValueError, match="attention_backend must be one of torch, triton"):
+    with pytest.raises(ValueError, match="attention_backend must be one of auto, torch, triton, got .flash."):
         LLM(path, attention_backend="flash")

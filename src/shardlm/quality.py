@@ -38,7 +38,8 @@ def mlp_inputs(reference: LLM, prompt: str | list[int]) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     hooks = [
         layer.post_attention_layernorm.register_forward_hook(
-            lambda _m, _a, out, n=n: seen.__setitem__(n, out.detach())
+            # The norm returns (normed, residual): the MLP sees the first.
+            lambda _m, _a, out, n=n: seen.__setitem__(n, out[0].detach())
         )
         for n, layer in enumerate(layers)
     ]

@@ -69,13 +69,14 @@ class PagedStep:
     decode_block_tables: torch.Tensor | None = None  # [B, W]: for the Triton decode kernel
 
 
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 class PagedAttention:
     """The attention backend for a batch of sequences over the paged pool. ``decode_backend``
     "triton" runs the decodes through kernels/decode_attention.py (split-KV over the block
-    tables) instead of SDPA over gathered keys; prefill chunks always use SDPA."""
+    tables) instead of SDPA over gathered keys, and RoPE + the K/V writes through one fused
+    kernel (``rope_attend``); prefill chunks always use SDPA."""
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class PagedAttention:
         self.scale = scale
         self.sliding_windows = sliding_windows
         self.decode_kernel = None
+        self.fuses_rope = decode_backend == "triton"  # the model then calls rope_attend
         if decode_backend == "triton":
             from shardlm.kernels.decode_attention import paged_decode_attention
 
@@ -124,10 +126,45 @@ class PagedAttention:
         ]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write the step's k, v [T, Hkv, D] into the pool, then attend q [T, Hq, D]."""
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        k_pool.index_copy_(0, self.step.slot_mapping, k)
+        v_pool.index_copy_(0, self.step.slot_mapping, v)
+        return self._attend_cached(layer, q, k, v)
+
+    def rope_attend(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rotary,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        """``attend`` from the fused projection output qkv [T, (Hq + 2·Hkv)·D]: one kernel
+        rotates q and k and writes k, v into the pool (kernels/fused.py)."""
+        from shardlm.kernels.fused import rope_and_store
+
+        q = rope_and_store(
+            qkv,
+            positions,
+            rotary.cos,
+            rotary.sin,
+            self.step.slot_mapping,
+            self.cache.k[layer],
+            self.cache.v[layer],
+            num_heads,
+            num_kv_heads,
+        )
+        return self._attend_cached(layer, q, None, None)
+
+    def _attend_cached(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of q over the pool, the step's K/V already written; k, v (when given)
+        spare a chunk with nothing cached before it the gather of its own keys."""
         step = self.step
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool.index_copy_(0, step.slot_mapping, k)
-        v_pool.index_copy_(0, step.slot_mapping, v)
         window = self.sliding_windows[layer]
         out = torch.empty_like(q)
         b = step.num_decodes
@@ -155,7 +192,7 @@ class PagedAttention:
             ).squeeze(2)
         for chunk, masks in zip(step.prefills, self._prefill_masks, strict=True):
             mask, causal = masks[window]
-            if chunk.context_len == chunk.end - chunk.start:
+            if k is not None and chunk.context_len == chunk.end - chunk.start:
                 # Nothing cached before this chunk: its own k, v are all the keys there are.
                 keys, vals = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
             else:

@@ -1,7 +1,10 @@
 """The paged KV pool: per layer, one preallocated tensor of ``num_blocks × block_size`` slots.
 
 A token's K/V lives at slot ``block_table[pos // block_size] * block_size + pos % block_size``
-of its sequence. The pool is allocated with ``torch.empty``: pages are touched only as slots
+of its sequence. One more slot, past the blocks (``padding_slot``), takes the writes of the
+padding rows of a CUDA-graph batch (engine/cuda_graphs.py); nothing reads it.
+
+The pool is allocated with ``torch.empty``: pages are touched only as slots
 are written, and no read ever looks at a slot that was not written (see attention/paged.py).
 """
 
@@ -21,11 +24,12 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_blocks * block_size + 1, num_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.padding_slot = num_blocks * block_size
 
     @staticmethod
     def bytes_per_token(

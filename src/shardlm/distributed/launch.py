@@ -69,7 +69,8 @@ class WorkerArgs:
     quantization: str | None = None
     quantize_all_linears: bool = False
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (benchmarks)
-    attention_backend: str = "torch"  # decode attention: "torch" (SDPA) | "triton"
+    attention_backend: str = "torch"  # resolved: "torch" (SDPA) | "triton" (the kernels)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
     @classmethod
     def of(
@@ -87,6 +88,18 @@ class WorkerArgs:
     def transforms(self) -> WeightTransforms:
         return WeightTransforms(
             self.arm, self.arm_calibration, self.quantization, self.quantize_all_linears
+        )
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Decode steps from CUDA graphs: on one GPU with the Triton kernels (the SDPA path's
+        gathered keys change shape every step). Tensor-parallel ranks run eagerly (their
+        collectives inside a graph are not built or tested yet)."""
+        return (
+            self.device_type == "cuda"
+            and self.attention_backend == "triton"
+            and self.world_size == 1
+            and not self.enforce_eager
         )
 
     @property

@@ -32,6 +32,7 @@ from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine.kv_sizing import pools_sharing_memory, propose_kv_tokens
 from shardlm.engine.runner import ModelRunner
 from shardlm.engine.step_inputs import StepInputs
+from shardlm.kernels import resolve_attention_backend
 from shardlm.loader import DTYPES, resolve_device, resolve_dtype
 from shardlm.models.transforms import WeightTransforms
 
@@ -75,7 +76,8 @@ def resolve_worker_args(
     quantization: str | None = None,
     quantize_all_linears: bool = False,
     load_format: str = "auto",
-    attention_backend: str = "torch",
+    attention_backend: str = "auto",
+    enforce_eager: bool = False,
 ) -> WorkerArgs:
     """Engine arguments resolved as LLMEngine resolves them (dtype, devices, the calibration
     file ARM smoothing reads)."""
@@ -104,7 +106,10 @@ def resolve_worker_args(
         quantization=transforms.quantization,
         quantize_all_linears=transforms.quantize_all_linears,
         load_format=load_format,
-        attention_backend=attention_backend,
+        attention_backend=resolve_attention_backend(
+            attention_backend, dev.type, block_size, attention_nodes
+        ),
+        enforce_eager=enforce_eager,
     )
 
 
@@ -198,6 +203,8 @@ def setup_compute_rank(
     num_blocks, weights = join_startup(tp, propose, runner.weight_bytes, args.block_size, per_token)
     if args.attention_nodes == 0:
         runner.init_kv_cache(num_blocks, args.block_size)
+        if args.uses_cuda_graphs:
+            runner.init_decode_graphs(args.max_num_seqs, capture=True)
     elif args.remote_nodes:
         ranks = [args.node_rank(tp.rank, s) for s in range(args.attention_nodes)]
         runner.init_attention_nodes(num_blocks, args.block_size, rshard_of(args), None, ranks)

@@ -114,7 +114,8 @@ class LLMEngine:
         quantization: str | None = None,
         quantize_all_linears: bool = False,
         load_format: str = "auto",
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         path = Path(model)
         if not path.is_dir():
@@ -132,6 +133,8 @@ class LLMEngine:
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}"
             )
         check_attention_backend(attention_backend, device, block_size, attention_nodes)
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
         if attention_transport not in ATTENTION_TRANSPORTS:
             raise ValueError(
                 f"attention_transport must be one of {', '.join(ATTENTION_TRANSPORTS)}, "
@@ -202,6 +205,7 @@ class LLMEngine:
             quantize_all_linears=quantize_all_linears,
             load_format=load_format,
             attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
         )
         self.args = args
         if args.world_size > 1:
@@ -222,7 +226,7 @@ class LLMEngine:
                 tp,
                 args.transforms,
                 load_format,
-                attention_backend,
+                args.attention_backend,
             )
             num_blocks, self.rank_weight_bytes = self._guarded(
                 setup_compute_rank, tp, self.runner, args
@@ -581,8 +585,9 @@ class LLMEngine:
 def check_attention_backend(
     backend: str, device: str, block_size: int, attention_nodes: int
 ) -> None:
-    """The Triton decode kernel needs triton, a CUDA device (or, for tests on CPU, Triton's
-    interpreter: TRITON_INTERPRET=1), a power-of-two block size, and the local paged pool."""
+    """The Triton kernels need triton, a CUDA device (or, for tests on CPU, Triton's
+    interpreter: TRITON_INTERPRET=1), a power-of-two block size, and the local paged pool.
+    "auto" picks them only where all of that holds (kernels.resolve_attention_backend)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}"

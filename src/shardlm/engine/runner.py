@@ -24,6 +24,7 @@ from shardlm.cache.paged import PagedKVCache
 from shardlm.config import ModelConfig
 from shardlm.distributed import protocol
 from shardlm.distributed.parallel_state import TPContext
+from shardlm.engine.cuda_graphs import DecodeGraphs
 from shardlm.engine.scheduler import ScheduledBatch
 from shardlm.engine.sequence import Sequence
 from shardlm.engine.step_inputs import StepInputs, build_step_inputs
@@ -61,6 +62,7 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.tp = tp or TPContext.single()
+        self.decode_graphs: DecodeGraphs | None = None
         start = time.perf_counter()
         self.model = build_model(config, dtype, device, max_model_len, self.tp)
         if load_format == "dummy":
@@ -69,6 +71,8 @@ class ModelRunner:
             load_weights(self.model, path, dtype)
         self.transforms = transforms or WeightTransforms()
         apply_weight_transforms(self.model, self.transforms)
+        if attention_backend == "triton":
+            self.model.use_triton_kernels()
         if self.transforms.quantization and device.type == "cuda":
             # Give the freed float weights back, so the KV pool sizing (free memory) sees them.
             gc.collect()
@@ -109,6 +113,18 @@ class ModelRunner:
         self.attention = PagedAttention(
             self.kv_cache, self.scale, c.sliding_windows, self.attention_backend
         )
+
+    def init_decode_graphs(self, max_batch: int, capture: bool) -> None:
+        """Run pure-decode steps of up to ``max_batch`` sequences from static buffers, padded
+        to batch-size buckets, and (``capture``, CUDA) replay them from CUDA graphs
+        (engine/cuda_graphs.py). Needs the Triton kernels and the local paged pool."""
+        if self.attention_backend != "triton" or not isinstance(self.attention, PagedAttention):
+            raise ValueError("decode graphs need attention_backend='triton' and a local KV pool")
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.attention, max_batch, self.max_model_len, self.device
+        )
+        if capture:
+            self.decode_graphs.capture()
 
     def init_attention_nodes(
         self,
@@ -176,6 +192,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, host_inputs: StepInputs) -> torch.Tensor | None:
         """Every rank: one forward over the step's tokens; logits on the driver."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(host_inputs):
+            return self.decode_graphs.run(host_inputs)
         inputs = host_inputs.to(self.device)
         if isinstance(self.attention, ShardedAttention):
             self.attention.begin_step(

@@ -9,8 +9,10 @@ attends to, so
 where the copy bandwidth is measured here, on this device, as (bytes read + bytes written) /
 time of copying a large tensor. Named shapes (``--shape llama-1b``) need no checkpoint: the
 model is built with random weights (``load_format="dummy"``). With ``--compare-hf``,
-transformers' eager ``generate`` on the same shape runs in the same process, and the table
-gives the ratio.
+transformers' ``generate`` on the same shape runs in the same process — eager, and (on CUDA)
+with a static cache, which makes ``generate`` compile the decode step with torch.compile —
+and the table gives the ratios. Start-up is reported as the weights' load and the CUDA-graph
+capture; transformers' compile time as the first generate call's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from shardlm.attention.paged import ATTENTION_BACKENDS
+from shardlm.loader import resolve_device
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(
@@ -70,8 +73,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--output-len", type=int, default=256)
     b.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    b.add_argument("--attention-backend", default="torch", choices=list(ATTENTION_BACKENDS))
-    b.add_argument("--compare-hf", action="store_true", help="also time transformers eager")
+    b.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS))
+    b.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    b.add_argument(
+        "--compare-hf",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="also time transformers: a comma list of eager, static (static cache + "
+        "torch.compile); alone: eager, plus static on CUDA",
+    )
+    b.add_argument(
+        "--hf-output-len",
+        type=int,
+        default=None,
+        help="new tokens per transformers run (default --output-len; its rate is per token)",
+    )
+    b.add_argument("--json", default=None, help="also write the rows to this file")
     b.set_defaults(func=cmd_bench)
 
 
@@ -145,9 +163,22 @@ def decode_run(engine, batch: int, input_len: int, output_len: int, vocab: int) 
     return time.perf_counter() - start, steps, tokens
 
 
-def hf_decode_rate(config_dir: Path, batch: int, input_len: int, output_len: int, dtype, device):
-    """transformers' generate, not compiled (its default attention, SDPA): decode tokens/s,
-    the prefill timed separately and removed."""
+HF_MODES = ("eager", "static")
+
+
+def hf_modes(value: str | None, device: torch.device) -> list[str]:
+    if value is None:
+        return []
+    if value == "auto":
+        return ["eager", "static"] if device.type == "cuda" else ["eager"]
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in modes if m not in HF_MODES]
+    if not modes or bad:
+        raise ValueError(f"--compare-hf takes a comma list of {', '.join(HF_MODES)}, got {value!r}")
+    return modes
+
+
+def build_hf_model(config_dir: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir)
@@ -155,13 +186,31 @@ def hf_decode_rate(config_dir: Path, batch: int, input_len: int, output_len: int
     torch.set_default_dtype(dtype)  # built directly in dtype: no float32 copy of the weights
     try:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config).eval()
+            return AutoModelForCausalLM.from_config(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    ids = torch.randint(2, config.vocab_size, (batch, input_len), device=device)
-    kwargs = dict(do_sample=False, pad_token_id=0)
+
+
+def hf_decode_rate(
+    model, mode: str, batch: int, input_len: int, output_len: int, device: torch.device
+) -> tuple[float, float]:
+    """(decode tokens/s, seconds of the first call) of transformers' generate on ``model``:
+    "eager" (its default attention, SDPA, dynamic cache) or "static" (a StaticCache sized for
+    the run, with which generate compiles the decode step: the first call's time is mostly
+    that compile). The prefill is timed on its own and removed."""
+    ids = torch.randint(2, model.config.vocab_size, (batch, input_len), device=device)
+    kwargs: dict = dict(do_sample=False, pad_token_id=0)
+    cache = None
+    if mode == "static":
+        from transformers import StaticCache
+
+        # One cache shape for every call below, so the decode step compiles once.
+        cache = StaticCache(config=model.config, max_cache_len=input_len + output_len)
 
     def timed(new: int) -> float:
+        if cache is not None:
+            cache.reset()
+            kwargs["past_key_values"] = cache
         sync(device)
         start = time.perf_counter()
         with torch.no_grad():
@@ -169,10 +218,10 @@ def hf_decode_rate(config_dir: Path, batch: int, input_len: int, output_len: int
         sync(device)
         return time.perf_counter() - start
 
-    timed(2)  # warm-up
+    first = timed(output_len)  # warm-up (and the compile, for "static")
     prefill = timed(1)
     total = timed(output_len)
-    return batch * (output_len - 1) / max(total - prefill, 1e-9)
+    return batch * (output_len - 1) / max(total - prefill, 1e-9), first
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -190,6 +239,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--output-len must be ≥ 2 (decode steps follow the first token), got {args.output_len}"
         )
+    if args.hf_output_len is not None and not 2 <= args.hf_output_len <= args.output_len:
+        raise ValueError(
+            f"--hf-output-len must be in [2, --output-len={args.output_len}], "
+            f"got {args.hf_output_len}"
+        )
+    modes = hf_modes(args.compare_hf, resolve_device(args.device))  # refused before loading
     total = args.input_len + args.output_len
     with tempfile.TemporaryDirectory() as scratch:
         path = (
@@ -209,17 +264,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
             max_num_seqs=max(batches),
             enable_prefix_caching=False,
             attention_backend=args.attention_backend,
+            enforce_eager=args.enforce_eager,
         )
         startup = time.perf_counter() - start
+        graphs = engine.runner.decode_graphs
+        capture = graphs.capture_seconds if graphs is not None else 0.0
         try:
-            rows = measure(engine, batches, args, path)
+            rows = measure(engine, batches, args)
         finally:
             engine.shutdown()
-    print_table(engine, args, startup, rows)
+        if modes:
+            measure_hf(rows, modes, args, path, engine.dtype, engine.device)
+    print_table(engine, args, (startup, engine.runner.load_seconds, capture), rows)
+    if args.json:
+        record = {
+            "shape": args.shape,
+            "model": args.model,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "device": str(engine.device),
+            "attention_backend": engine.args.attention_backend,
+            "cuda_graphs": graphs is not None,
+            "startup_s": startup,
+            "load_s": engine.runner.load_seconds,
+            "capture_s": capture,
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 
 
-def measure(engine, batches: list[int], args: argparse.Namespace, path: Path) -> list[dict]:
+def measure(engine, batches: list[int], args: argparse.Namespace) -> list[dict]:
     model = engine.runner.model
     weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed_"))
     per_token_kv = engine.runner.kv_bytes_per_token()
@@ -240,34 +314,56 @@ def measure(engine, batches: list[int], args: argparse.Namespace, path: Path) ->
             "roofline": roofline,
             "bandwidth": bandwidth,
         }
-        if args.compare_hf:
-            row["hf"] = hf_decode_rate(
-                path, batch, args.input_len, args.output_len, engine.dtype, engine.device
-            )
         rows.append(row)
     return rows
 
 
-def print_table(engine, args: argparse.Namespace, startup: float, rows: list[dict]) -> None:
+def measure_hf(
+    rows: list[dict], modes: list[str], args: argparse.Namespace, path: Path, dtype, device
+) -> None:
+    """transformers on the same shape and batches, after shardlm's engine is gone (both
+    models never share the device's memory)."""
+    model = build_hf_model(path, dtype, device)
+    new = args.hf_output_len or args.output_len
+    for mode in modes:
+        for row in rows:
+            rate, first = hf_decode_rate(model, mode, row["batch"], args.input_len, new, device)
+            row[f"hf_{mode}"] = rate
+            row[f"hf_{mode}_first_s"] = first
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def print_table(
+    engine, args: argparse.Namespace, startup: tuple[float, float, float], rows: list[dict]
+) -> None:
     params = sum(p.numel() for p in engine.runner.model.parameters())
     what = f"shape {args.shape} (random weights)" if args.shape else str(args.model)
+    total, load, capture = startup
+    graphs = "CUDA graphs" if engine.runner.decode_graphs is not None else "eager"
     print(
         f"{what}: {params / 1e6:,.1f}M parameters, {str(engine.dtype).removeprefix('torch.')}, "
-        f"{engine.device}; copy bandwidth {rows[0]['bandwidth'] / 1e9:.1f} GB/s; "
-        f"start-up {startup:.1f} s; {args.input_len} prompt + {args.output_len} new tokens"
+        f"{engine.device}, {engine.args.attention_backend} kernels, {graphs}; copy bandwidth "
+        f"{rows[0]['bandwidth'] / 1e9:.1f} GB/s; start-up {total:.1f} s (load {load:.1f} s, "
+        f"capture {capture:.1f} s); {args.input_len} prompt + {args.output_len} new tokens"
     )
+    modes = [m for m in HF_MODES if f"hf_{m}" in rows[0]]
     head = f"{'batch':>6}{'tok/s':>11}{'ms/step':>9}{'MB/step':>9}{'roofline':>10}{'% roof':>8}"
-    if args.compare_hf:
-        head += f"{'HF tok/s':>10}{'ratio':>7}"
+    for m in modes:
+        head += f"{'HF ' + m:>11}{'ratio':>7}"
     print(head)
     for r in rows:
         line = (
             f"{r['batch']:6d}{r['tok_s']:11.1f}{r['ms_step']:9.2f}{r['step_mb']:9.1f}"
             f"{r['roofline']:10.1f}{100 * r['tok_s'] / r['roofline']:7.1f}%"
         )
-        if args.compare_hf:
-            line += f"{r['hf']:10.1f}{r['tok_s'] / r['hf']:6.2f}×"
+        for m in modes:
+            line += f"{r[f'hf_{m}']:11.1f}{r['tok_s'] / r[f'hf_{m}']:6.2f}×"
         print(line)
+    for m in modes:
+        firsts = ", ".join(f"{r[f'hf_{m}_first_s']:.1f}" for r in rows)
+        print(f"HF {m}: first generate call per batch (s; compile included): {firsts}")
     if len(rows) > 1:
         pct = [100 * r["tok_s"] / r["roofline"] for r in rows]
         print(f"median % of roofline: {statistics.median(pct):.1f}%")

@@ -146,9 +146,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--attention-backend",
-        default="torch",
+        default="auto",
         choices=list(ATTENTION_BACKENDS),
-        help="decode attention: PyTorch SDPA (default) or the Triton split-KV kernel (CUDA)",
+        help="torch: PyTorch (SDPA); triton: the Triton kernels (decode attention, RoPE + KV "
+        "write, add + RMSNorm, SiLU·mul); auto (default): triton on CUDA when installed",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: run every decode step eagerly",
     )
     add_weight_transform_args(parser)
 
@@ -169,6 +175,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         attention_device=args.attention_device,
         attention_transport=args.attention_transport,
         attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         **weight_transform_kwargs(args),
     )
 
@@ -283,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--window must be ≥ 2, got {args.window}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be ≥ 2, got {args.max_tokens}")
-    if args.attention_backend != "torch" or args.attention_nodes:
+    if args.attention_backend == "triton" or args.attention_nodes:
         raise ValueError(
             "shardlm eval scores each window in one forward on the compute ranks' scoring "
             "path: --attention-backend and --attention-nodes do not apply to it"

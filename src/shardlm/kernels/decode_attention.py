@@ -11,7 +11,8 @@ them), the partial attention of sequence b over range s, as ``partial_attention`
 
 with an online softmax over the range's tiles (running max m, running sum l, accumulator
 rescaled by exp(m_old − m_new) whenever the max grows). The S partials are then combined by
-``merge_partials``, the exact log-sum-exp merge attention nodes use:
+a second kernel, ``merge_splits``: the exact log-sum-exp merge of ``merge_partials``, which
+attention nodes use:
 
     lse = log Σ_s exp(lse_s),   out = Σ_s exp(lse_s − lse) · out_s
 
@@ -28,30 +29,28 @@ import functools
 
 import torch
 
-from shardlm.attention.reference import merge_partials
-
 
 @functools.cache
-def _kernel():
+def _kernels():
     import triton
     import triton.language as tl
 
     # Sizes that change as contexts grow are not specialised on (Triton would otherwise compile
     # a variant whenever one of them is 1 or a multiple of 16, mid-serving).
-    @triton.jit(do_not_specialize=["window", "max_blocks", "blocks_per_split", "num_splits"])
+    @triton.jit(do_not_specialize=["window", "max_blocks", "num_splits", "min_split_blocks"])
     def split_kv_decode(
         q_ptr,  # [B, Hq, D]
         k_ptr,  # [slots, Hkv, D]
         v_ptr,
-        block_tables_ptr,  # [B, max_blocks] int32
-        context_lens_ptr,  # [B] int32
+        block_tables_ptr,  # [B, max_blocks] int32 or int64
+        context_lens_ptr,  # [B] int32 or int64; 0 = a padding row (sees nothing)
         out_ptr,  # [B, Hq, S, D] float32
         lse_ptr,  # [B, Hq, S] float32
         scale,
         window,  # keys at positions ≤ last − window are invisible; ≤ 0 = no window
         max_blocks,
-        blocks_per_split,
         num_splits,
+        min_split_blocks,
         stride_kslot,
         stride_khead,
         GROUP: tl.constexpr,  # Hq // Hkv: query heads sharing one KV head
@@ -75,24 +74,31 @@ def _kernel():
         q_mask = g_ok[:, None] & d_ok[None, :]
         q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
         q = q.to(tl.float32)
-        context_len = tl.load(context_lens_ptr + b)
+        context_len = tl.load(context_lens_ptr + b).to(tl.int32)
         # Visible positions: lo < pos < limit. Bounds are scalars compared with the tile's
         # positions (no scalar booleans mixed into tensor masks: Triton's interpreter
         # mistypes those). Blocks past the table's width hold no position below `limit`.
         limit = tl.minimum(context_len, max_blocks * BLOCK_SIZE)
         lo = tl.where(window > 0, context_len - 1 - window, -1)
         n = tl.arange(0, BLOCK_SIZE)
+        # This sequence's own split of its visible blocks [first, last): the ranges follow
+        # each sequence's length, not the table's width, so a short context in a wide table
+        # (a CUDA-graph bucket sized for max_model_len) loops over its own blocks only.
+        first = tl.maximum(lo + 1, 0) // BLOCK_SIZE
+        last = (limit + BLOCK_SIZE - 1) // BLOCK_SIZE
+        span = tl.maximum(last - first, 0)
+        per_split = tl.maximum((span + num_splits - 1) // num_splits, min_split_blocks)
+        blk = first + s * per_split
+        end = tl.minimum(blk + per_split, last)
 
         m = tl.full((GROUP_P,), float("-inf"), tl.float32)  # running max, per query head
         l_sum = tl.zeros((GROUP_P,), tl.float32)  # running Σ exp(score − m)
         acc = tl.zeros((GROUP_P, BLOCK_D), tl.float32)  # running Σ exp(score − m) · v
         # A while loop: Triton's interpreter cannot take a runtime bound in range().
-        blk = s * blocks_per_split
-        end = blk + blocks_per_split
         while blk < end:
             pos = blk * BLOCK_SIZE + n
             visible = (pos < limit) & (pos > lo)
-            phys = tl.load(block_tables_ptr + b * max_blocks + tl.minimum(blk, max_blocks - 1))
+            phys = tl.load(block_tables_ptr + b * max_blocks + blk)
             slot = phys.to(tl.int64) * BLOCK_SIZE + n  # 64-bit: pools past 2³¹ elements
             offs = slot[:, None] * stride_kslot + kv_head * stride_khead + d[None, :]
             kv_mask = visible[:, None] & d_ok[None, :]
@@ -117,14 +123,56 @@ def _kernel():
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
         tl.store(lse_ptr + rows, lse, mask=g_ok)
 
-    return split_kv_decode
+    @triton.jit(do_not_specialize=["num_splits"])
+    def merge_splits(
+        part_ptr,  # [B·Hq, S, D] float32
+        part_lse_ptr,  # [B·Hq, S] float32
+        out_ptr,  # [B·Hq, D] in the query dtype
+        lse_ptr,  # [B·Hq] float32
+        num_splits,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        SPLITS_P: tl.constexpr,  # num_splits rounded up to a power of two
+    ):
+        # merge_partials for one (sequence, query head): lse = log Σ_s exp(lse_s) and
+        # out = Σ_s exp(lse_s − lse) · out_s, with splits that saw nothing (lse_s = −inf)
+        # weighing 0, and a row where every split saw nothing giving out 0, lse −inf.
+        row = tl.program_id(0)
+        s = tl.arange(0, SPLITS_P)
+        d = tl.arange(0, BLOCK_D)
+        s_ok = s < num_splits
+        lses = tl.load(part_lse_ptr + row * num_splits + s, mask=s_ok, other=float("-inf"))
+        top = tl.max(lses, axis=0)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lses - top_safe)  # 0 for empty splits and padding
+        total = tl.sum(w, axis=0)
+        parts = tl.load(
+            part_ptr + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
+            mask=s_ok[:, None] & (d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        safe_total = tl.where(total > 0, total, 1.0)
+        out = tl.sum(w[:, None] * parts, axis=0) / safe_total
+        lse = tl.where(total > 0, top_safe + tl.log(safe_total), float("-inf"))
+        tl.store(out_ptr + row * HEAD_DIM + d, out, mask=d < HEAD_DIM)
+        tl.store(lse_ptr + row, lse)
+
+    return split_kv_decode, merge_splits
 
 
-def choose_splits(max_context: int, block_size: int, batch_heads: int, sms: int = 132) -> int:
-    """Enough splits to give every SM a few programs, none shorter than 4 KV blocks."""
-    blocks = -(-max_context // block_size)
-    want = max(1, -(-2 * sms // max(1, batch_heads)))
-    return max(1, min(want, blocks // 4 or 1))
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: an H100's count, so tests split as a GPU would
+
+
+def choose_splits(batch_heads: int, max_blocks: int, sms: int, min_split_blocks: int) -> int:
+    """Splits per (sequence, KV head): enough programs for about two per SM, but no more
+    than a full table could fill with splits of ``min_split_blocks``. Fixed for a given batch
+    shape (a CUDA graph replays it); each sequence then divides its own blocks among them."""
+    want = -(-2 * sms // max(1, batch_heads))
+    return max(1, min(want, max_blocks // min_split_blocks))
 
 
 def paged_decode_attention(
@@ -137,11 +185,13 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    min_split_blocks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for B sequences: q [B, Hq, D]; k_pool / v_pool one layer's pool
-    [slots, Hkv, D]; block_tables [B, max_blocks] (int32); context_lens [B] (int32, ≥ 1, the
-    query's own key already written). Returns out [B, Hq, D] in q's dtype and lse [B, Hq]
-    float32, as ``batched_partial_attention`` does."""
+    [slots, Hkv, D]; block_tables [B, max_blocks] and context_lens [B] (int32 or int64; a
+    length counts the query's own key, already written; 0 marks a padding row, which gets
+    out 0 and lse −inf). Returns out [B, Hq, D] in q's dtype and lse [B, Hq] float32, as
+    ``batched_partial_attention`` does. No host synchronisation: CUDA-graph capturable."""
     b, hq, d = q.shape
     hkv = k_pool.shape[1]
     if block_size & (block_size - 1):
@@ -149,24 +199,29 @@ def paged_decode_attention(
             f"the Triton decode kernel needs a power-of-two block_size, got {block_size}"
         )
     max_blocks = block_tables.shape[1]
+    if min_split_blocks is None:
+        min_split_blocks = max(1, 64 // block_size)  # splits of at least 64 keys
     if num_splits is None:
-        num_splits = choose_splits(max_blocks * block_size, block_size, b * hkv)
-    per_split = -(-max_blocks // num_splits)
-    out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
+        sms = _multiprocessors(q.device)
+        num_splits = choose_splits(b * hkv, max_blocks, sms, min_split_blocks)
+    # One split: the kernel writes the final output directly, in q's dtype.
+    part_dtype = q.dtype if num_splits == 1 else torch.float32
+    out = torch.empty(b, hq, num_splits, d, dtype=part_dtype, device=q.device)
     lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
-    _kernel()[(b, hkv, num_splits)](
+    split_kv_decode, merge_splits = _kernels()
+    split_kv_decode[(b, hkv, num_splits)](
         q.contiguous(),
         k_pool,
         v_pool,
-        block_tables.to(torch.int32).contiguous(),
-        context_lens.to(torch.int32).contiguous(),
+        block_tables.contiguous(),
+        context_lens.contiguous(),
         out,
         lse,
         scale,
         sliding_window or 0,
         max_blocks,
-        per_split,
         num_splits,
+        min_split_blocks,
         k_pool.stride(0),
         k_pool.stride(1),
         GROUP=hq // hkv,
@@ -176,7 +231,17 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
     )
     if num_splits == 1:
-        return out[:, :, 0].to(q.dtype), lse[:, :, 0]
-    # [B, Hq, S, ·] → the merge's [S, B, Hq, ·]
-    merged, merged_lse = merge_partials(out.permute(2, 0, 1, 3), lse.permute(2, 0, 1))
-    return merged.to(q.dtype), merged_lse
+        return out[:, :, 0], lse[:, :, 0]
+    merged = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    merged_lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    merge_splits[(b * hq,)](
+        out,
+        lse,
+        merged,
+        merged_lse,
+        num_splits,
+        HEAD_DIM=d,
+        BLOCK_D=1 << (d - 1).bit_length(),
+        SPLITS_P=1 << (num_splits - 1).bit_length(),
+    )
+    return merged, merged_lse

@@ -1,10 +1,18 @@
-"""Fused elementwise kernels of the decoder layer, in Triton (one row per program):
+"""Fused elementwise kernels of the decoder layer, in Triton (one token per program).
+
+At batch 1 a decode step is ~10 kernels per layer once these replace their PyTorch chains
+(each of which launches 3–8 small kernels): launches, not bytes, would otherwise bound a
+1B model's step.
 
 * ``add_rms_norm``: residual ← x + residual, then y = w · residual / √(mean(residual²) + ε),
-  one read of each input and one write of each output instead of the three passes of
-  ``x + r`` then ``rms_norm``. Statistics in float32, as layers/norm.py computes them.
+  one read of each input and one write of each output instead of the passes of ``x + r``
+  then ``rms_norm``; ``rms_norm`` is the same without the residual. Statistics in float32,
+  as layers/norm.py computes them.
 * ``silu_and_mul``: SiLU(gate) ⊙ up of the fused [gate | up] projection output, in one pass
   (layers/activation.py is the reference).
+* ``rope_and_store``: RoPE on q and k straight out of the fused [q | k | v] projection, q
+  written out and k, v written into the paged KV pool at the token's slot — the rotation,
+  the split and the two cache writes of layers/rotary.py + PagedAttention in one kernel.
 """
 
 from __future__ import annotations
@@ -21,15 +29,24 @@ def _kernels():
 
     @triton.jit
     def add_rms_norm_kernel(
-        x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, n_cols, eps, BLOCK: tl.constexpr
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        out_ptr,
+        new_res_ptr,
+        n_cols,
+        eps,
+        BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < n_cols
-        x = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0)
-        r = tl.load(res_ptr + row * n_cols + cols, mask=ok, other=0.0)
-        total = x + r  # in the activation dtype, as `x + residual` is
-        tl.store(new_res_ptr + row * n_cols + cols, total, mask=ok)
+        total = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * n_cols + cols, mask=ok, other=0.0)
+            total = total + r  # in the activation dtype, as `x + residual` is
+            tl.store(new_res_ptr + row * n_cols + cols, total, mask=ok)
         t32 = total.to(tl.float32)
         inv = 1.0 / tl.sqrt(tl.sum(t32 * t32, axis=0) / n_cols + eps)
         normed = (t32 * inv).to(total.dtype)
@@ -47,7 +64,67 @@ def _kernels():
         silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
         tl.store(out_ptr + row * n_cols + cols, silu * up, mask=ok)
 
-    return add_rms_norm_kernel, silu_and_mul_kernel
+    @triton.jit
+    def rope_and_store_kernel(
+        qkv_ptr,  # [T, (Hq + 2·Hkv)·D]
+        positions_ptr,  # [T]
+        cos_ptr,  # [max_positions, D] (the two halves equal)
+        sin_ptr,
+        slots_ptr,  # [T] pool slot of each token's K/V
+        q_ptr,  # [T, Hq, D] out
+        k_pool_ptr,  # [slots, Hkv, D]
+        v_pool_ptr,
+        qkv_stride,
+        stride_kslot,
+        stride_khead,
+        NUM_Q: tl.constexpr,
+        NUM_KV: tl.constexpr,
+        HEADS_P: tl.constexpr,  # Hq + Hkv rounded up to a power of two
+        KV_P: tl.constexpr,  # Hkv rounded up to a power of two
+        HALF: tl.constexpr,  # D / 2
+        HALF_P: tl.constexpr,
+    ):
+        # Channel pairs (i, i + D/2) of every q and k head are rotated by pos · inv_freq[i]:
+        #   y_i = x_i cos − x_{i+D/2} sin,   y_{i+D/2} = x_{i+D/2} cos + x_i sin
+        # (layers/rotary.py's x·cos + rotate_half(x)·sin, with its tables).
+        t = tl.program_id(0)
+        head_dim = 2 * HALF
+        pos = tl.load(positions_ptr + t).to(tl.int64)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        h = tl.arange(0, HEADS_P)
+        j = tl.arange(0, HALF_P)
+        j_ok = j < HALF
+        ok = (h < NUM_Q + NUM_KV)[:, None] & j_ok[None, :]
+        src = qkv_ptr + t * qkv_stride + h[:, None] * head_dim + j[None, :]
+        x1 = tl.load(src, mask=ok, other=0.0)
+        x2 = tl.load(src + HALF, mask=ok, other=0.0)
+        cos = tl.load(cos_ptr + pos * head_dim + j, mask=j_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * head_dim + j, mask=j_ok, other=0.0).to(tl.float32)
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
+        y1 = (a * cos[None, :] - b * sin[None, :]).to(x1.dtype)
+        y2 = (b * cos[None, :] + a * sin[None, :]).to(x1.dtype)
+        is_q = (h < NUM_Q)[:, None] & ok
+        q_dst = q_ptr + (t * NUM_Q + h[:, None]) * head_dim + j[None, :]
+        tl.store(q_dst, y1, mask=is_q)
+        tl.store(q_dst + HALF, y2, mask=is_q)
+        is_k = (h >= NUM_Q)[:, None] & ok
+        k_dst = k_pool_ptr + slot * stride_kslot + (h[:, None] - NUM_Q) * stride_khead + j[None, :]
+        tl.store(k_dst, y1, mask=is_k)
+        tl.store(k_dst + HALF, y2, mask=is_k)
+        # v: copied as it is, in two halves like the rest.
+        vh = tl.arange(0, KV_P)
+        v_ok = (vh < NUM_KV)[:, None] & j_ok[None, :]
+        v_src = qkv_ptr + t * qkv_stride + (NUM_Q + NUM_KV + vh[:, None]) * head_dim + j[None, :]
+        v_dst = v_pool_ptr + slot * stride_kslot + vh[:, None] * stride_khead + j[None, :]
+        tl.store(v_dst, tl.load(v_src, mask=v_ok, other=0.0), mask=v_ok)
+        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_ok, other=0.0), mask=v_ok)
+
+    return add_rms_norm_kernel, silu_and_mul_kernel, rope_and_store_kernel
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def add_rms_norm(
@@ -57,12 +134,28 @@ def add_rms_norm(
     t, h = x.shape
     out = torch.empty_like(x)
     new_residual = torch.empty_like(x)
-    kernel, _ = _kernels()
-    block = 1 << (h - 1).bit_length()
+    kernel = _kernels()[0]
     kernel[(t,)](
-        x.contiguous(), residual.contiguous(), weight, out, new_residual, h, eps, BLOCK=block
+        x.contiguous(),
+        residual.contiguous(),
+        weight,
+        out,
+        new_residual,
+        h,
+        eps,
+        BLOCK=_pow2(h),
+        HAS_RESIDUAL=True,
     )
     return out, new_residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """layers/norm.py's rms_norm for x [T, H], one pass."""
+    t, h = x.shape
+    out = torch.empty_like(x)
+    x = x.contiguous()
+    _kernels()[0][(t,)](x, x, weight, out, out, h, eps, BLOCK=_pow2(h), HAS_RESIDUAL=False)
+    return out
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -70,7 +163,49 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     t, two_i = gate_up.shape
     i = two_i // 2
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
-    _, kernel = _kernels()
+    kernel = _kernels()[1]
     block = 1024
     kernel[(t, -(-i // block))](gate_up.contiguous(), out, i, BLOCK=block)
     return out
+
+
+def rope_and_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Rotated q [T, Hq, D] from qkv [T, (Hq + 2·Hkv)·D]; rotated k and v are written into
+    one layer's pools [slots, Hkv, D] at ``slot_mapping`` [T]. ``cos``/``sin``: RotaryEmbedding's
+    tables [max_positions, D]."""
+    t = qkv.shape[0]
+    d = cos.shape[1]
+    q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    kernel = _kernels()[2]
+    kernel[(t,)](
+        qkv,
+        positions,
+        cos,
+        sin,
+        slot_mapping,
+        q,
+        k_pool,
+        v_pool,
+        qkv.stride(0),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        NUM_Q=num_heads,
+        NUM_KV=num_kv_heads,
+        HEADS_P=_pow2(num_heads + num_kv_heads),
+        KV_P=_pow2(num_kv_heads),
+        HALF=d // 2,
+        HALF_P=_pow2(d // 2),
+    )
+    return q

@@ -15,10 +15,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """``forward(x)`` → rms_norm(x); ``forward(x, residual)`` → (rms_norm(x + residual),
+    x + residual): the decoder adds each sublayer's output to the residual stream right
+    before the next norm, so the add and the norm are one fused kernel when ``use_kernel``
+    is set (kernels/fused.py; the same math, this module is its reference)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
+        self.use_kernel = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.use_kernel:
+            from shardlm.kernels import fused
+
+            if residual is None:
+                return fused.rms_norm(x, self.weight, self.eps)
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        total = x + residual
+        return rms_norm(total, self.weight, self.eps), total

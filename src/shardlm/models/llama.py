@@ -149,6 +149,12 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if getattr(attn, "fuses_rope", False):
+            # The backend rotates q, k and writes k, v into its cache in one kernel.
+            out = attn.rope_attend(
+                self.layer_idx, qkv, positions, rotary, self.num_heads, self.num_kv_heads
+            )
+            return self.o_proj(out.reshape(t, self.q_size))
         # q and k sit side by side in the fused output: rotate both with one call.
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
         qk = rotary(qk, positions)
@@ -169,9 +175,15 @@ class LlamaMLP(nn.Module):
         # ARM (layers/arm.py): block of the online Hadamard on the down-projection input, set
         # when the transform is folded into the weights; 0 = off.
         self.hadamard_block = 0
+        self.use_kernel = False  # SiLU·mul in one Triton kernel (kernels/fused.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = silu_and_mul(self.gate_up_proj(x))
+        if self.use_kernel:
+            from shardlm.kernels.fused import silu_and_mul as fused_silu_and_mul
+
+            h = fused_silu_and_mul(self.gate_up_proj(x))
+        else:
+            h = silu_and_mul(self.gate_up_proj(x))
         if self.hadamard_block:
             h = fwht(h, self.hadamard_block)
         return self.down_proj(h)
@@ -190,12 +202,21 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         attn: AttentionBackend,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it is added): the addition
+        is left to the next norm, which fuses it (RMSNorm.forward). The sums are the plain
+        x + attn(norm(x)), then + mlp(norm(·)), in the same order."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, attn)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -228,9 +249,17 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for a flat batch of T tokens."""
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, attn)
+        return self.norm(x, residual)[0]
+
+    def use_triton_kernels(self, enabled: bool = True) -> None:
+        """Fused Triton kernels for the norms (+ residual adds) and SiLU·mul
+        (kernels/fused.py); RoPE + KV write is the attention backend's (PagedAttention)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaMLP)):
+                module.use_kernel = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [N, vocab] for the selected hidden states, on the driver; each rank

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 9's GPU checks and measurements, in parts that each fit one device call (≤ 10 min).
+# Run from the repository root on the lent GPU, e.g. through the device tool:
+#
+#   bash benchmarks/gpu_session.sh env tests       # versions; kernels + graphs, compiled (~3 min)
+#   bash benchmarks/gpu_session.sh 1b              # the 1B table, transformers eager + static
+#   bash benchmarks/gpu_session.sh 8b              # the 8B table
+#   bash benchmarks/gpu_session.sh ablation profile  # graphs off; where a step's time goes
+#
+# Each part's log (and the bench JSON) goes to $OUT. Uses the image's python3 with shardlm
+# from src/ (nothing to install; server extras are not needed).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/shardlm-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+TABLE=(--batch-sizes 1,8,64 --input-len 128 --output-len 256 --dtype bfloat16)
+
+bench() { $PY -m shardlm.entrypoints.cli bench "$@"; }
+
+for part in "$@"; do
+    echo "== $part ($(date -u +%FT%TZ))"
+    case $part in
+    env)
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+        $PY -c 'import torch, triton, transformers as t; print(torch.__version__, triton.__version__, t.__version__)'
+        ;;
+    tests)
+        SHARDLM_KERNEL_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -x \
+            tests/test_kernels.py tests/test_cuda_graphs.py
+        ;;
+    1b)
+        bench --shape llama-1b "${TABLE[@]}" --compare-hf eager,static --hf-output-len 64 \
+            --json "$OUT/bench_1b.json"
+        ;;
+    8b)
+        bench --shape llama-8b "${TABLE[@]}" --compare-hf eager,static --hf-output-len 32 \
+            --json "$OUT/bench_8b.json"
+        ;;
+    ablation)  # the same table without graphs, then without the Triton kernels
+        bench --shape llama-1b "${TABLE[@]}" --enforce-eager --json "$OUT/bench_1b_eager.json"
+        bench --shape llama-1b "${TABLE[@]}" --attention-backend torch \
+            --json "$OUT/bench_1b_torch.json"
+        ;;
+    profile)
+        $PY benchmarks/decode_profile.py --shape llama-1b --batch 1
+        $PY benchmarks/decode_profile.py --shape llama-1b --batch 64
+        $PY benchmarks/decode_profile.py --shape llama-8b --batch 1
+        ;;
+    *)
+        echo "unknown part $part (env, tests, 1b, 8b, ablation, profile)"
+        exit 2
+        ;;
+    esac 2>&1 | tee "$OUT/$part.log"
+done
