@@ -489,8 +489,12 @@ class LLMEngine:
         seqs, logits = self.runner.execute(batch)
         if not seqs:
             return [], [], []
+        # Token lists only for rows with penalties (the sampler reads them for no other):
+        # slicing every sequence's context each step would cost O(context) per token.
         rows = [
             SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_ids)
+            if s.params.has_penalties
+            else SamplingRow(s.params, s.generator, (), ())
             for s in seqs
         ]
         result = sample(logits, rows)
