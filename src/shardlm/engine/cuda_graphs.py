@@ -71,6 +71,11 @@ class DecodeGraphs:
         pin = device.type == "cuda"
         self.host_meta = torch.zeros(4, top, dtype=torch.long, pin_memory=pin)
         self.host_tables = torch.zeros(top, self.width, dtype=torch.long, pin_memory=pin)
+        # A padding row: token 0 at position 0, context length 0, K/V to the padding slot.
+        self.padding = torch.zeros(4, top, dtype=torch.long)
+        self.padding[SLOTS] = self.padding_slot
+        self.host_meta.copy_(self.padding)
+        self._staged_rows = 0  # rows [0, this) of host_meta hold a real step's values
         self.meta = torch.zeros(4, top, dtype=torch.long, device=device)
         self.tables = torch.zeros(top, self.width, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -92,9 +97,10 @@ class DecodeGraphs:
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         pool = None
+        self.host_meta.copy_(self.padding)
+        self._staged_rows = 0
+        self.meta.copy_(self.host_meta)
         for n in reversed(self.buckets):
-            self._stage_padding(0, n)
-            self.meta.copy_(self.host_meta)
             # Warm-up outside the capture: compiles the Triton kernels for this shape and lets
             # cuBLAS set up its workspaces, neither of which may happen during a capture.
             side = torch.cuda.Stream(self.device)
@@ -123,16 +129,18 @@ class DecodeGraphs:
         n = inputs.num_decodes
         bucket = next(b for b in self.buckets if b >= n)
         width = inputs.decode_tables.shape[1]
-        meta = self.host_meta
-        meta[IDS, :n] = inputs.input_ids
-        meta[POSITIONS, :n] = inputs.positions
-        meta[LENGTHS, :n] = inputs.decode_lens
-        meta[SLOTS, :n] = inputs.paged_step(self.block_size, gather_decode_keys=False).slot_mapping
-        self._stage_padding(n, bucket)
-        self.host_tables[:n, :width] = inputs.decode_tables
+        tables, lens = inputs.decode_tables, inputs.decode_lens
+        last = lens - 1
+        slots = tables.gather(1, (last // self.block_size)[:, None]).squeeze(1)
+        slots = slots * self.block_size + last % self.block_size
+        self.host_meta[:, :n] = torch.stack((inputs.input_ids, inputs.positions, lens, slots))
+        if self._staged_rows > n:  # rows a larger batch used become padding again
+            self._stage_padding(n, self._staged_rows)
+        self._staged_rows = n
+        self.host_tables[:n, :width] = tables
         # Pinned sources: asynchronous copies, ordered before the replay on the same stream.
         # The host buffers are next written after this step's sampled ids are read back.
-        self.meta[:, :bucket].copy_(meta[:, :bucket], non_blocking=True)
+        self.meta[:, :bucket].copy_(self.host_meta[:, :bucket], non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
         graph = self.graphs.get(bucket)
         if graph is None:  # not captured (CPU, tests): the same buffers, run eagerly
@@ -142,11 +150,7 @@ class DecodeGraphs:
 
     def _stage_padding(self, start: int, end: int) -> None:
         """Rows [start, end) of the staging buffer become padding rows."""
-        meta = self.host_meta
-        meta[IDS, start:end] = 0
-        meta[POSITIONS, start:end] = 0
-        meta[LENGTHS, start:end] = 0
-        meta[SLOTS, start:end] = self.padding_slot
+        self.host_meta[:, start:end] = self.padding[:, start:end]
 
     def _forward(self, n: int) -> torch.Tensor:
         meta = self.meta[:, :n]
