@@ -30,7 +30,7 @@ KINDS = (
     ("rope+kv write", ("rope_and_store",)),
     ("norm", ("rms_norm",)),
     ("silu·mul", ("silu_and_mul",)),
-    ("matmul", ("gemm", "gemv", "cutlass", "sm90", "matmul", "addmm", "mm")),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "sm90", "matmul", "addmm", "mm")),
 )
 
 

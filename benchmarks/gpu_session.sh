@@ -47,6 +47,7 @@ for part in "$@"; do
         $PY benchmarks/decode_profile.py --shape llama-1b --batch 1
         $PY benchmarks/decode_profile.py --shape llama-1b --batch 64
         $PY benchmarks/decode_profile.py --shape llama-8b --batch 1
+        $PY benchmarks/host_overhead.py --shape llama-1b --dtype bfloat16
         ;;
     *)
         echo "unknown part $part (env, tests, 1b, 8b, ablation, profile)"

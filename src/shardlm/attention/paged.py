@@ -166,10 +166,9 @@ class PagedAttention:
         step = self.step
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         window = self.sliding_windows[layer]
-        out = torch.empty_like(q)
         b = step.num_decodes
         if b and self.decode_kernel is not None:
-            out[:b] = self.decode_kernel(
+            decoded = self.decode_kernel(
                 q[:b],
                 k_pool,
                 v_pool,
@@ -179,6 +178,11 @@ class PagedAttention:
                 self.scale,
                 window,
             )[0]
+            if not step.prefills:
+                return decoded  # a decode-only step (every CUDA-graph step): no copy
+        out = torch.empty_like(q)
+        if b and self.decode_kernel is not None:
+            out[:b] = decoded
         elif b:
             keys = k_pool[step.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
             vals = v_pool[step.decode_slots].transpose(1, 2)

@@ -363,7 +363,7 @@ def print_table(
         print(line)
     for m in modes:
         firsts = ", ".join(f"{r[f'hf_{m}_first_s']:.1f}" for r in rows)
-        print(f"HF {m}: first generate call per batch (s; compile included): {firsts}")
+        print(f"HF {m}: first generate call per batch, s (static: compiles there): {firsts}")
     if len(rows) > 1:
         pct = [100 * r["tok_s"] / r["roofline"] for r in rows]
         print(f"median % of roofline: {statistics.median(pct):.1f}%")
