@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from shardlm.engine.llm_engine import LLMEngine
@@ -105,8 +106,11 @@ def main() -> None:
 
     per_kernel: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
+        # On CUDA, kernels only: an aten op's self device time is its kernels' again.
+        if cuda and evt.device_type != DeviceType.CUDA:
+            continue
         device_us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
-        if device_us > 0 and (cuda or not evt.key.startswith("ProfilerStep")):
+        if device_us > 0:
             per_kernel[evt.key] += device_us / args.steps
     if not cuda:  # CPU: leaf ops only, or parents count their children again
         per_kernel = {k: v for k, v in per_kernel.items() if k.startswith("aten::")}

@@ -19,7 +19,8 @@ is made data, not shape:
   bucket (kernels/decode_attention.py), so longer contexts change no shape.
 
 Per step the host fills one pinned staging buffer (ids, positions, lengths, write slots) and
-the new table columns, two host→device copies go out, and the graph replays. With
+one with the batch's block tables; two host→device copies and one device copy of the tables
+into place go out, and the graph replays. All buckets write their logits into one buffer. With
 ``capture=False`` the same buffers and padding run eagerly: that path is what the CPU tests
 check against the plain engine (graphs themselves need a GPU).
 """
@@ -69,17 +70,23 @@ class DecodeGraphs:
         top = self.buckets[-1]
         self.width = -(-max_model_len // self.block_size)
         pin = device.type == "cuda"
-        self.host_meta = torch.zeros(4, top, dtype=torch.long, pin_memory=pin)
-        self.host_tables = torch.zeros(top, self.width, dtype=torch.long, pin_memory=pin)
+        long = dict(dtype=torch.long)
+        # Host staging, pinned on CUDA so the copies are asynchronous. Both are copied whole or
+        # as a leading slice of a flat buffer: contiguous on both sides (a strided copy would go
+        # through a pageable temporary).
+        self.host_meta = torch.zeros(4, top, **long, pin_memory=pin)
+        self.host_tables = torch.zeros(top * self.width, **long, pin_memory=pin)
         # A padding row: token 0 at position 0, context length 0, K/V to the padding slot.
-        self.padding = torch.zeros(4, top, dtype=torch.long)
+        self.padding = torch.zeros(4, top, **long)
         self.padding[SLOTS] = self.padding_slot
         self.host_meta.copy_(self.padding)
         self._staged_rows = 0  # rows [0, this) of host_meta hold a real step's values
-        self.meta = torch.zeros(4, top, dtype=torch.long, device=device)
-        self.tables = torch.zeros(top, self.width, dtype=torch.long, device=device)
+        self.meta = torch.zeros(4, top, **long, device=device)
+        self.tables = torch.zeros(top, self.width, **long, device=device)
+        self.tables_in = torch.zeros(top * self.width, **long, device=device)  # flat landing
+        # One logits buffer for every bucket (each graph writes its rows): not one per graph.
+        self.logits = torch.zeros(top, model.config.vocab_size, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
 
     def can_run(self, inputs: StepInputs) -> bool:
@@ -101,8 +108,8 @@ class DecodeGraphs:
         self._staged_rows = 0
         self.meta.copy_(self.host_meta)
         for n in reversed(self.buckets):
-            # Warm-up outside the capture: compiles the Triton kernels for this shape and lets
-            # cuBLAS set up its workspaces, neither of which may happen during a capture.
+            # Warm-up outside the capture: compiles this bucket's Triton kernel variants and
+            # creates cuBLAS's handle, neither of which may happen during a capture.
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -110,7 +117,7 @@ class DecodeGraphs:
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[n] = self._forward(n)
+                self._forward(n)
             pool = graph.pool()
             self.graphs[n] = graph
         torch.cuda.synchronize(self.device)
@@ -124,8 +131,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [B, vocab] (float32) of a decode step that ``can_run``; a view of the graph's
-        output, valid until the next step."""
+        """Logits [B, vocab] (float32) of a decode step that ``can_run``: a view of the static
+        logits buffer, valid until the next step. (Module hooks do not fire in a replay.)"""
         n = inputs.num_decodes
         bucket = next(b for b in self.buckets if b >= n)
         width = inputs.decode_tables.shape[1]
@@ -135,24 +142,26 @@ class DecodeGraphs:
         slots = slots * self.block_size + last % self.block_size
         self.host_meta[:, :n] = torch.stack((inputs.input_ids, inputs.positions, lens, slots))
         if self._staged_rows > n:  # rows a larger batch used become padding again
-            self._stage_padding(n, self._staged_rows)
+            self.host_meta[:, n : self._staged_rows] = self.padding[:, n : self._staged_rows]
         self._staged_rows = n
-        self.host_tables[:n, :width] = tables
-        # Pinned sources: asynchronous copies, ordered before the replay on the same stream.
-        # The host buffers are next written after this step's sampled ids are read back.
-        self.meta[:, :bucket].copy_(self.host_meta[:, :bucket], non_blocking=True)
-        self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        flat = n * width
+        self.host_tables[:flat].view(n, width).copy_(tables)
+        # Pinned, contiguous sources: asynchronous copies, ordered before the replay on the
+        # same stream. The host buffers are next written after this step's sampled ids are
+        # read back, which waits for the copies.
+        self.meta.copy_(self.host_meta, non_blocking=True)
+        self.tables_in[:flat].copy_(self.host_tables[:flat], non_blocking=True)
+        # Entries past each row's width are stale: the kernel never reads past a sequence's
+        # own blocks.
+        self.tables[:n, :width].copy_(self.tables_in[:flat].view(n, width))
         graph = self.graphs.get(bucket)
         if graph is None:  # not captured (CPU, tests): the same buffers, run eagerly
-            return self._forward(bucket)[:n]
-        graph.replay()
-        return self.outputs[bucket][:n]
+            self._forward(bucket)
+        else:
+            graph.replay()
+        return self.logits[:n]
 
-    def _stage_padding(self, start: int, end: int) -> None:
-        """Rows [start, end) of the staging buffer become padding rows."""
-        self.host_meta[:, start:end] = self.padding[:, start:end]
-
-    def _forward(self, n: int) -> torch.Tensor:
+    def _forward(self, n: int) -> None:
         meta = self.meta[:, :n]
         self.attention.begin_step(
             PagedStep(
@@ -165,4 +174,4 @@ class DecodeGraphs:
             )
         )
         hidden = self.model(meta[IDS], meta[POSITIONS], self.attention)
-        return self.model.compute_logits(hidden)
+        self.model.compute_logits(hidden, out=self.logits[:n])

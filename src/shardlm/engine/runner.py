@@ -120,11 +120,23 @@ class ModelRunner:
         (engine/cuda_graphs.py). Needs the Triton kernels and the local paged pool."""
         if self.attention_backend != "triton" or not isinstance(self.attention, PagedAttention):
             raise ValueError("decode graphs need attention_backend='triton' and a local KV pool")
-        self.decode_graphs = DecodeGraphs(
+        graphs = DecodeGraphs(
             self.model, self.attention, max_batch, self.max_model_len, self.device
         )
         if capture:
-            self.decode_graphs.capture()
+            try:
+                graphs.capture()
+            except torch.OutOfMemoryError:
+                # The KV pool took the memory first; serving still works without graphs.
+                del graphs
+                gc.collect()
+                torch.cuda.empty_cache()
+                logger.warning(
+                    "out of GPU memory capturing decode graphs: decode steps run eagerly "
+                    "(lower memory_utilization or max_num_seqs to keep the graphs)"
+                )
+                return
+        self.decode_graphs = graphs
 
     def init_attention_nodes(
         self,

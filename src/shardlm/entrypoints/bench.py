@@ -18,6 +18,7 @@ capture; transformers' compile time as the first generate call's.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -182,13 +183,8 @@ def build_hf_model(config_dir: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built directly in dtype: no float32 copy of the weights
-    try:
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    with torch.device(device):  # built in place, directly in dtype (not the config's)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def hf_decode_rate(
@@ -266,29 +262,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
             attention_backend=args.attention_backend,
             enforce_eager=args.enforce_eager,
         )
-        startup = time.perf_counter() - start
         graphs = engine.runner.decode_graphs
-        capture = graphs.capture_seconds if graphs is not None else 0.0
-        try:
-            rows = measure(engine, batches, args)
-        finally:
-            engine.shutdown()
-        if modes:
-            measure_hf(rows, modes, args, path, engine.dtype, engine.device)
-    print_table(engine, args, (startup, engine.runner.load_seconds, capture), rows)
-    if args.json:
         record = {
             "shape": args.shape,
             "model": args.model,
+            "parameters": sum(p.numel() for p in engine.runner.model.parameters()),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "device": str(engine.device),
             "attention_backend": engine.args.attention_backend,
             "cuda_graphs": graphs is not None,
-            "startup_s": startup,
+            "startup_s": time.perf_counter() - start,
             "load_s": engine.runner.load_seconds,
-            "capture_s": capture,
-            "rows": rows,
+            "capture_s": graphs.capture_seconds if graphs is not None else 0.0,
         }
+        dtype, device = engine.dtype, engine.device
+        try:
+            record["rows"] = measure(engine, batches, args)
+        finally:
+            engine.shutdown()
+        # transformers gets the device to itself: shardlm's weights, KV pool and graphs go.
+        del engine, graphs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if modes:
+            measure_hf(record["rows"], modes, args, path, dtype, device)
+    print_table(record, args)
+    if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 
@@ -321,8 +321,8 @@ def measure(engine, batches: list[int], args: argparse.Namespace) -> list[dict]:
 def measure_hf(
     rows: list[dict], modes: list[str], args: argparse.Namespace, path: Path, dtype, device
 ) -> None:
-    """transformers on the same shape and batches, after shardlm's engine is gone (both
-    models never share the device's memory)."""
+    """transformers on the same shape and batches, after shardlm's engine is gone (the two
+    never share the device's memory)."""
     model = build_hf_model(path, dtype, device)
     new = args.hf_output_len or args.output_len
     for mode in modes:
@@ -330,23 +330,18 @@ def measure_hf(
             rate, first = hf_decode_rate(model, mode, row["batch"], args.input_len, new, device)
             row[f"hf_{mode}"] = rate
             row[f"hf_{mode}_first_s"] = first
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
-def print_table(
-    engine, args: argparse.Namespace, startup: tuple[float, float, float], rows: list[dict]
-) -> None:
-    params = sum(p.numel() for p in engine.runner.model.parameters())
+def print_table(record: dict, args: argparse.Namespace) -> None:
+    rows = record["rows"]
     what = f"shape {args.shape} (random weights)" if args.shape else str(args.model)
-    total, load, capture = startup
-    graphs = "CUDA graphs" if engine.runner.decode_graphs is not None else "eager"
+    graphs = "CUDA graphs" if record["cuda_graphs"] else "eager"
     print(
-        f"{what}: {params / 1e6:,.1f}M parameters, {str(engine.dtype).removeprefix('torch.')}, "
-        f"{engine.device}, {engine.args.attention_backend} kernels, {graphs}; copy bandwidth "
-        f"{rows[0]['bandwidth'] / 1e9:.1f} GB/s; start-up {total:.1f} s (load {load:.1f} s, "
-        f"capture {capture:.1f} s); {args.input_len} prompt + {args.output_len} new tokens"
+        f"{what}: {record['parameters'] / 1e6:,.1f}M parameters, {record['dtype']}, "
+        f"{record['device']}, {record['attention_backend']} kernels, {graphs}; copy bandwidth "
+        f"{rows[0]['bandwidth'] / 1e9:.1f} GB/s; start-up {record['startup_s']:.1f} s (load "
+        f"{record['load_s']:.1f} s, capture {record['capture_s']:.1f} s); "
+        f"{args.input_len} prompt + {args.output_len} new tokens"
     )
     modes = [m for m in HF_MODES if f"hf_{m}" in rows[0]]
     head = f"{'batch':>6}{'tok/s':>11}{'ms/step':>9}{'MB/step':>9}{'roofline':>10}{'% roof':>8}"

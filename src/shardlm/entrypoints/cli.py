@@ -296,9 +296,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "path: --attention-backend and --attention-nodes do not apply to it"
         )
     model = args.model or demo_checkpoint()
+    # Scoring is the reference path: plain PyTorch, and no decode graphs to capture.
+    kwargs = engine_kwargs(args) | dict(attention_backend="torch", enforce_eager=True)
     if is_torchrun_worker():
-        return run_torchrun_worker(model, **engine_kwargs(args))
-    with LLM(model, **engine_kwargs(args)) as llm:
+        return run_torchrun_worker(model, **kwargs)
+    with LLM(model, **kwargs) as llm:
         window = min(args.window, llm.engine.max_model_len)
         documents, total = [], 0
         for f in files:

@@ -17,15 +17,22 @@ def triton_available() -> bool:
 def resolve_attention_backend(
     backend: str, device_type: str, block_size: int, attention_nodes: int
 ) -> str:
-    """``"auto"`` → the Triton kernels where they run (a CUDA device, triton installed, a
-    power-of-two block size, the local paged pool), PyTorch everywhere else. Explicit
-    choices are returned unchanged (LLMEngine checks them)."""
+    """``"auto"`` → the Triton kernels where they are known to fit: a CUDA device of compute
+    capability ≥ 8 (bf16 in Triton), triton installed, a power-of-two block size of at most
+    32 (the decode kernel holds a [group, block, head_dim] tile in registers), the local
+    paged pool; PyTorch everywhere else. Explicit choices are returned unchanged (LLMEngine
+    checks them)."""
     if backend != "auto":
         return backend
     usable = (
         device_type == "cuda"
         and triton_available()
         and not block_size & (block_size - 1)
+        and block_size <= 32
         and not attention_nodes
     )
+    if usable:
+        import torch
+
+        usable = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
     return "triton" if usable else "torch"

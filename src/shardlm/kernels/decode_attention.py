@@ -44,7 +44,7 @@ def _kernels():
         v_ptr,
         block_tables_ptr,  # [B, max_blocks] int32 or int64
         context_lens_ptr,  # [B] int32 or int64; 0 = a padding row (sees nothing)
-        out_ptr,  # [B, Hq, S, D] float32
+        out_ptr,  # [B, Hq, S, D] float32 (q's dtype when S = 1: then it is the output)
         lse_ptr,  # [B, Hq, S] float32
         scale,
         window,  # keys at positions ≤ last − window are invisible; ≤ 0 = no window

@@ -1,4 +1,4 @@
-"""Fused elementwise kernels of the decoder layer, in Triton (one token per program).
+"""Fused elementwise kernels of the decoder layer, in Triton (programs over tokens).
 
 At batch 1 a decode step is ~10 kernels per layer once these replace their PyTorch chains
 (each of which launches 3–8 small kernels): launches, not bytes, would otherwise bound a
@@ -39,7 +39,7 @@ def _kernels():
         BLOCK: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit: row · n_cols may pass 2³¹
         cols = tl.arange(0, BLOCK)
         ok = cols < n_cols
         total = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0)
@@ -55,7 +55,7 @@ def _kernels():
 
     @triton.jit
     def silu_and_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit: row · 2·n_cols may pass 2³¹
         block = tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         ok = cols < n_cols
@@ -87,7 +87,7 @@ def _kernels():
         # Channel pairs (i, i + D/2) of every q and k head are rotated by pos · inv_freq[i]:
         #   y_i = x_i cos − x_{i+D/2} sin,   y_{i+D/2} = x_{i+D/2} cos + x_i sin
         # (layers/rotary.py's x·cos + rotate_half(x)·sin, with its tables).
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)  # 64-bit: t · qkv_stride may pass 2³¹
         head_dim = 2 * HALF
         pos = tl.load(positions_ptr + t).to(tl.int64)
         slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -132,12 +132,13 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) for x, residual [T, H]."""
     t, h = x.shape
+    x, residual = x.contiguous(), residual.contiguous()
     out = torch.empty_like(x)
     new_residual = torch.empty_like(x)
     kernel = _kernels()[0]
     kernel[(t,)](
-        x.contiguous(),
-        residual.contiguous(),
+        x,
+        residual,
         weight,
         out,
         new_residual,
@@ -152,8 +153,8 @@ def add_rms_norm(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """layers/norm.py's rms_norm for x [T, H], one pass."""
     t, h = x.shape
-    out = torch.empty_like(x)
     x = x.contiguous()
+    out = torch.empty_like(x)
     _kernels()[0][(t,)](x, x, weight, out, out, h, eps, BLOCK=_pow2(h), HAS_RESIDUAL=False)
     return out
 

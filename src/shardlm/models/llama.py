@@ -31,7 +31,9 @@ from shardlm.layers.rotary import RotaryEmbedding
 
 
 class AttentionBackend(Protocol):
-    """What a decoder layer needs from the KV-cache owner for the current step."""
+    """What a decoder layer needs from the KV-cache owner for the current step. A backend
+    with ``fuses_rope = True`` also offers ``rope_attend(layer, qkv, positions, rotary,
+    num_heads, num_kv_heads)``, which rotates and caches itself (PagedAttention)."""
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -261,13 +263,17 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, (RMSNorm, LlamaMLP)):
                 module.use_kernel = enabled
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def compute_logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Float32 logits [N, vocab] for the selected hidden states, on the driver; each rank
-        computes its vocabulary slice and the driver gathers them (None on other ranks)."""
+        computes its vocabulary slice and the driver gathers them (None on other ranks).
+        ``out``: a float32 [N, vocab] buffer to write them into (CUDA graphs' static output)."""
         logits = self.tp.gather_to_driver(self.lm_head(hidden))
         if logits is None:
             return None
-        return logits[:, : self.config.vocab_size].float()
+        logits = logits[:, : self.config.vocab_size]
+        return logits.float() if out is None else out.copy_(logits)
 
     def weight_specs(self) -> Iterator[WeightSpec]:
         """Where each of this rank's parameters comes from in a Hugging Face checkpoint."""
