@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh env tests       # versions; kernels + graphs, compiled (~3 min)
 #   bash benchmarks/gpu_session.sh 1b              # the 1B table, transformers eager + static
 #   bash benchmarks/gpu_session.sh 8b              # the 8B table
-#   bash benchmarks/gpu_session.sh ablation profile  # graphs off; where a step's time goes
+#   bash benchmarks/gpu_session.sh kernels ablation profile  # per kernel; graphs off; a step
 #
 # Each part's log (and the bench JSON) goes to $OUT. Uses the image's python3 with shardlm
 # from src/ (nothing to install; server extras are not needed).
@@ -43,6 +43,9 @@ for part in "$@"; do
         bench --shape llama-1b "${TABLE[@]}" --attention-backend torch \
             --json "$OUT/bench_1b_torch.json"
         ;;
+    kernels)  # each Triton kernel against the PyTorch code it replaces
+        $PY benchmarks/kernels.py
+        ;;
     profile)
         $PY benchmarks/decode_profile.py --shape llama-1b --batch 1
         $PY benchmarks/decode_profile.py --shape llama-1b --batch 64
@@ -50,7 +53,7 @@ for part in "$@"; do
         $PY benchmarks/host_overhead.py --shape llama-1b --dtype bfloat16
         ;;
     *)
-        echo "unknown part $part (env, tests, 1b, 8b, ablation, profile)"
+        echo "unknown part $part (env, tests, 1b, 8b, kernels, ablation, profile)"
         exit 2
         ;;
     esac 2>&1 | tee "$OUT/$part.log"
