@@ -100,9 +100,36 @@ def test_engine_flags_are_checked(llama_ckpt):
         LLM(path, device="cpu", enforce_eager="yes")
     with LLM(path, device="cpu") as llm:  # auto on CPU: the PyTorch path, no graphs
         assert llm.engine.args.attention_backend == "torch"
+        assert llm.engine.args.kernels_chosen_by_auto
         assert llm.runner.decode_graphs is None
         with pytest.raises(ValueError, match="decode graphs need attention_backend='triton'"):
             llm.runner.init_decode_graphs(4, capture=False)
+
+
+def test_kernels_that_fail_at_start_up_fall_back_only_when_auto_chose_them(llama_ckpt, monkeypatch):
+    """A kernel that cannot compile on this GPU must not take the default configuration
+    down: "auto" falls back to PyTorch (same tokens), an explicit "triton" raises."""
+    path, _ = llama_ckpt
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(path, dtype="float32", device=DEVICE, attention_backend="torch") as plain:
+        want = plain.generate(PROMPTS[:2], params, use_tqdm=False)
+    with LLM(path, dtype="float32", device=DEVICE, attention_backend="triton") as llm:
+        runner = llm.runner
+        runner.check_triton_kernels(fall_back=False)  # they run: nothing changes
+        assert runner.attention_backend == "triton"
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("PassManager::run failed")
+
+        monkeypatch.setattr("shardlm.kernels.fused.rope_and_store", broken)
+        with pytest.raises(RuntimeError, match="PassManager"):
+            runner.check_triton_kernels(fall_back=False)
+        runner.check_triton_kernels(fall_back=True)
+        assert runner.attention_backend == "torch"
+        assert not runner.attention.fuses_rope
+        assert not runner.model.norm.use_kernel
+        got = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 # -- on a GPU: real graphs --

@@ -71,6 +71,7 @@ class WorkerArgs:
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (benchmarks)
     attention_backend: str = "torch"  # resolved: "torch" (SDPA) | "triton" (the kernels)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    kernels_chosen_by_auto: bool = False  # "auto" picked triton: fall back if it cannot run
 
     @classmethod
     def of(

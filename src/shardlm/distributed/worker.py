@@ -110,6 +110,7 @@ def resolve_worker_args(
             attention_backend, dev.type, block_size, attention_nodes
         ),
         enforce_eager=enforce_eager,
+        kernels_chosen_by_auto=attention_backend == "auto",
     )
 
 
@@ -203,7 +204,9 @@ def setup_compute_rank(
     num_blocks, weights = join_startup(tp, propose, runner.weight_bytes, args.block_size, per_token)
     if args.attention_nodes == 0:
         runner.init_kv_cache(num_blocks, args.block_size)
-        if args.uses_cuda_graphs:
+        if runner.attention_backend == "triton" and runner.device.type == "cuda":
+            runner.check_triton_kernels(fall_back=args.kernels_chosen_by_auto)
+        if args.uses_cuda_graphs and runner.attention_backend == "triton":
             runner.init_decode_graphs(args.max_num_seqs, capture=True)
     elif args.remote_nodes:
         ranks = [args.node_rank(tp.rank, s) for s in range(args.attention_nodes)]

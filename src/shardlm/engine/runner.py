@@ -16,7 +16,7 @@ import torch
 
 from shardlm.attention.contiguous import ContiguousAttention
 from shardlm.attention.node import AttentionNode, node_name
-from shardlm.attention.paged import PagedAttention
+from shardlm.attention.paged import PagedAttention, PagedStep
 from shardlm.attention.rshard import RShard
 from shardlm.attention.sharded import LocalLink, NodeLink, RemoteLink, ShardedAttention
 from shardlm.cache.contiguous import ContiguousKVCache
@@ -113,6 +113,41 @@ class ModelRunner:
         self.attention = PagedAttention(
             self.kv_cache, self.scale, c.sliding_windows, self.attention_backend
         )
+
+    @torch.inference_mode()
+    def check_triton_kernels(self, fall_back: bool) -> None:
+        """Compile and run every Triton kernel once (a one-row decode step on the padding
+        slot), at start-up rather than at the first request. If they fail and "auto" chose
+        them (``fall_back``), use the PyTorch path instead, with a warning; if the user chose
+        them, the error stands."""
+        cache = self.kv_cache
+        meta = torch.tensor([[0], [0], [0], [cache.padding_slot]], device=self.device)
+        step = PagedStep(
+            slot_mapping=meta[3],
+            num_decodes=1,
+            decode_slots=None,
+            decode_context_lens=meta[2],
+            prefills=[],
+            decode_block_tables=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+        )
+        try:
+            self.attention.begin_step(step)
+            self.model.compute_logits(self.model(meta[0], meta[1], self.attention))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # a compile or launch failure, surfaced here
+            if not fall_back:
+                raise
+            logger.warning(
+                "the Triton kernels failed to run on %s (%s: %s); using the PyTorch path "
+                "(attention_backend='torch')",
+                self.device,
+                type(e).__name__,
+                e,
+            )
+            self.attention_backend = "torch"
+            self.model.use_triton_kernels(False)
+            self.attention = PagedAttention(cache, self.scale, self.config.sliding_windows, "torch")
 
     def init_decode_graphs(self, max_batch: int, capture: bool) -> None:
         """Run pure-decode steps of up to ``max_batch`` sequences from static buffers, padded

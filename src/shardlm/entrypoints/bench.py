@@ -269,7 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "parameters": sum(p.numel() for p in engine.runner.model.parameters()),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "device": str(engine.device),
-            "attention_backend": engine.args.attention_backend,
+            "attention_backend": engine.runner.attention_backend,
             "cuda_graphs": graphs is not None,
             "startup_s": time.perf_counter() - start,
             "load_s": engine.runner.load_seconds,
