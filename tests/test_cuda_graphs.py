@@ -124,12 +124,51 @@ def test_kernels_that_fail_at_start_up_fall_back_only_when_auto_chose_them(llama
         monkeypatch.setattr("shardlm.kernels.fused.rope_and_store", broken)
         with pytest.raises(RuntimeError, match="PassManager"):
             runner.check_triton_kernels(fall_back=False)
+        runner.init_decode_graphs(4, capture=False)
         runner.check_triton_kernels(fall_back=True)
         assert runner.attention_backend == "torch"
+        assert runner.decode_graphs is None  # they would run the Triton path
         assert not runner.attention.fuses_rope
         assert not runner.model.norm.use_kernel
         got = llm.generate(PROMPTS[:2], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_the_start_up_check_runs_the_split_merge_kernel_too(llama_ckpt, monkeypatch):
+    """The check's table is as wide as a graph's, so the split decode and its merge kernel
+    compile there (not first inside a capture, with no fallback around it)."""
+    from shardlm.kernels import decode_attention
+
+    path, _ = llama_ckpt
+    split_kv_decode, _ = decode_attention._kernels()
+
+    class BrokenMerge:
+        def __getitem__(self, grid):
+            raise RuntimeError("merge_splits: out of resources")
+
+    with LLM(path, dtype="float32", device=DEVICE, attention_backend="triton") as llm:
+        monkeypatch.setattr(decode_attention, "_kernels", lambda: (split_kv_decode, BrokenMerge()))
+        with pytest.raises(RuntimeError, match="merge_splits"):
+            llm.runner.check_triton_kernels(fall_back=False)
+
+
+def test_graphs_out_of_memory_at_capture_leave_decode_eager(llama_ckpt, monkeypatch, caplog):
+    path, _ = llama_ckpt
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def broken(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with LLM(path, dtype="float32", device=DEVICE, attention_backend="triton") as llm:
+        monkeypatch.setattr(DecodeGraphs, "capture", no_memory)
+        llm.runner.init_decode_graphs(4, capture=True)
+        assert llm.runner.decode_graphs is None
+        assert "out of GPU memory capturing decode graphs" in caplog.text
+        monkeypatch.setattr(DecodeGraphs, "capture", broken)  # not a memory shortage: raised
+        with pytest.raises(RuntimeError, match="stream is capturing"):
+            llm.runner.init_decode_graphs(4, capture=True)
 
 
 # -- on a GPU: real graphs --

@@ -185,6 +185,22 @@ def test_silu_and_mul_equals_the_reference(dtype, tol):
     )
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs ~9 GB of GPU memory")
+def test_fused_kernels_index_past_two_to_the_31_elements():
+    """Rows whose offsets pass 2³¹ elements (a long prefill of an 8B-sized MLP): 64-bit
+    offsets, or the last rows read and write the wrong memory."""
+    rows, inter = 75_000, 14_336  # rows · 2·inter > 2³¹
+    gate_up = torch.randn(rows, 2 * inter, dtype=torch.bfloat16, device=DEVICE)
+    out = silu_and_mul(gate_up)
+    tail = gate_up[-4:]
+    torch.testing.assert_close(out[-4:], silu_and_mul_reference(tail), rtol=2e-2, atol=2e-2)
+    del gate_up, out
+    x = torch.randn(600_000, 4096, dtype=torch.bfloat16, device=DEVICE)  # rows · 4096 > 2³¹
+    w = torch.randn(4096, dtype=torch.bfloat16, device=DEVICE)
+    normed = fused_rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(normed[-4:], rms_norm(x[-4:], w, 1e-5), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("variant", ["llama-gqa", "mistral-sliding", "qwen2-bias"])
 def test_engine_with_the_triton_kernels_gives_the_same_tokens(checkpoints, variant):
     """Continuous batching (mixed lengths, decodes joining prefills) with the Triton kernels

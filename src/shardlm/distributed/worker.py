@@ -107,7 +107,7 @@ def resolve_worker_args(
         quantize_all_linears=transforms.quantize_all_linears,
         load_format=load_format,
         attention_backend=resolve_attention_backend(
-            attention_backend, dev.type, block_size, attention_nodes
+            attention_backend, dev, block_size, attention_nodes
         ),
         enforce_eager=enforce_eager,
         kernels_chosen_by_auto=attention_backend == "auto",

@@ -85,7 +85,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(top, self.width, **long, device=device)
         self.tables_in = torch.zeros(top * self.width, **long, device=device)  # flat landing
         # One logits buffer for every bucket (each graph writes its rows): not one per graph.
-        self.logits = torch.zeros(top, model.config.vocab_size, device=device)
+        self.logits = torch.zeros(top, model.config.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
 

@@ -116,27 +116,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def check_triton_kernels(self, fall_back: bool) -> None:
-        """Compile and run every Triton kernel once (a one-row decode step on the padding
-        slot), at start-up rather than at the first request. If they fail and "auto" chose
-        them (``fall_back``), use the PyTorch path instead, with a warning; if the user chose
-        them, the error stands."""
+        """Compile and run every Triton kernel once, at start-up rather than at the first
+        request: a one-row decode step on the padding slot, with a table as wide as
+        max_model_len needs (so the split decode and its merge run too, as in a graph).
+
+        If they fail and "auto" chose them (``fall_back``), use the PyTorch path instead, with
+        a warning; if the user chose them, the error stands. A device fault (illegal address)
+        leaves the CUDA context unusable, so it is raised either way. Under tensor
+        parallelism each rank decides alone (identical GPUs fail alike)."""
         cache = self.kv_cache
-        meta = torch.tensor([[0], [0], [0], [cache.padding_slot]], device=self.device)
+        width = -(-self.max_model_len // cache.block_size)
+
+        def scalar(value: int) -> torch.Tensor:  # own allocations: aligned as in serving
+            return torch.tensor([value], device=self.device)
+
         step = PagedStep(
-            slot_mapping=meta[3],
+            slot_mapping=scalar(cache.padding_slot),
             num_decodes=1,
             decode_slots=None,
-            decode_context_lens=meta[2],
+            decode_context_lens=scalar(0),
             prefills=[],
-            decode_block_tables=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+            decode_block_tables=torch.zeros(1, width, dtype=torch.long, device=self.device),
         )
+        sticky = getattr(torch, "AcceleratorError", ())
         try:
             self.attention.begin_step(step)
-            self.model.compute_logits(self.model(meta[0], meta[1], self.attention))
+            hidden = self.model(scalar(0), scalar(0), self.attention)
+            self.model.compute_logits(hidden)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # a compile or launch failure, surfaced here
-            if not fall_back:
+            if not fall_back or (sticky and isinstance(e, sticky)):
                 raise
             logger.warning(
                 "the Triton kernels failed to run on %s (%s: %s); using the PyTorch path "
@@ -148,27 +158,41 @@ class ModelRunner:
             self.attention_backend = "torch"
             self.model.use_triton_kernels(False)
             self.attention = PagedAttention(cache, self.scale, self.config.sliding_windows, "torch")
+            self.decode_graphs = None  # graphs hold the Triton path
 
     def init_decode_graphs(self, max_batch: int, capture: bool) -> None:
         """Run pure-decode steps of up to ``max_batch`` sequences from static buffers, padded
         to batch-size buckets, and (``capture``, CUDA) replay them from CUDA graphs
-        (engine/cuda_graphs.py). Needs the Triton kernels and the local paged pool."""
+        (engine/cuda_graphs.py). Needs the Triton kernels and the local paged pool. If the
+        capture runs out of memory (the KV pool took it first), decode runs eagerly."""
         if self.attention_backend != "triton" or not isinstance(self.attention, PagedAttention):
             raise ValueError("decode graphs need attention_backend='triton' and a local KV pool")
         graphs = DecodeGraphs(
             self.model, self.attention, max_batch, self.max_model_len, self.device
         )
         if capture:
+            failure = None
             try:
                 graphs.capture()
-            except torch.OutOfMemoryError:
-                # The KV pool took the memory first; serving still works without graphs.
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                # cudaGraphInstantiate and cuBLAS report memory shortage as RuntimeErrors.
+                text = str(e)
+                if not isinstance(e, torch.OutOfMemoryError) and not (
+                    "out of memory" in text or "ALLOC_FAILED" in text
+                ):
+                    raise
+                failure = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+            if failure is not None:
+                # Outside the except block: the traceback no longer holds the half-captured
+                # graphs, so their memory can go back.
                 del graphs
                 gc.collect()
-                torch.cuda.empty_cache()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 logger.warning(
-                    "out of GPU memory capturing decode graphs: decode steps run eagerly "
-                    "(lower memory_utilization or max_num_seqs to keep the graphs)"
+                    "out of GPU memory capturing decode graphs (%s): decode steps run eagerly "
+                    "(lower memory_utilization or max_num_seqs to keep the graphs)",
+                    failure,
                 )
                 return
         self.decode_graphs = graphs

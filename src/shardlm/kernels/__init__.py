@@ -8,6 +8,10 @@ the kernels are compiled on first call. Tests run them on CPU through Triton's i
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def triton_available() -> bool:
@@ -15,7 +19,7 @@ def triton_available() -> bool:
 
 
 def resolve_attention_backend(
-    backend: str, device_type: str, block_size: int, attention_nodes: int
+    backend: str, device: torch.device, block_size: int, attention_nodes: int
 ) -> str:
     """``"auto"`` → the Triton kernels where they are known to fit: a CUDA device of compute
     capability ≥ 8 (bf16 in Triton), triton installed, a power-of-two block size of at most
@@ -25,7 +29,7 @@ def resolve_attention_backend(
     if backend != "auto":
         return backend
     usable = (
-        device_type == "cuda"
+        device.type == "cuda"
         and triton_available()
         and not block_size & (block_size - 1)
         and block_size <= 32
@@ -34,5 +38,5 @@ def resolve_attention_backend(
     if usable:
         import torch
 
-        usable = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+        usable = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     return "triton" if usable else "torch"
