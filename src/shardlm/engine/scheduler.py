@@ -145,6 +145,8 @@ class Scheduler:
         """Ensure ``seq`` has blocks for ``num_tokens`` tokens, preempting the most recently
         admitted sequences if needed. False if ``seq`` itself had to give way."""
         need = self.blocks.blocks_needed(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True  # most decode steps: the last block still has room
         while need > self.blocks.num_free_blocks:
             if self.running == [seq]:
                 # Alone and still no room: the pool is smaller than this sequence. Stop it
@@ -158,7 +160,7 @@ class Scheduler:
             self._preempt(victim, batch)
             if victim is seq:
                 return False
-        seq.block_table += self.blocks.allocate(max(need, 0))
+        seq.block_table += self.blocks.allocate(need)
         return True
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
