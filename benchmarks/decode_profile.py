@@ -18,13 +18,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from shardlm.engine.llm_engine import LLMEngine
-from shardlm.engine.sampling_params import SamplingParams
-from shardlm.entrypoints.bench import SHAPES, shape_checkpoint, sync
+from shardlm.entrypoints.bench import SHAPES, shape_checkpoint, start_decoding, sync
 
 KINDS = (
     ("attention", ("split_kv_decode", "merge_splits")),
@@ -41,18 +39,6 @@ def kind_of(name: str) -> str:
         if any(n in low for n in needles):
             return kind
     return "other"
-
-
-def start(engine: LLMEngine, batch: int, input_len: int, max_tokens: int) -> None:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    gen = torch.Generator().manual_seed(0)
-    for i in range(batch):
-        ids = torch.randint(2, engine.config.vocab_size, (input_len,), generator=gen).tolist()
-        engine.add_request(f"p{i}", ids, params)
-    while engine.scheduler.waiting or any(
-        s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
-    ):
-        engine.step()  # prefills, not measured
 
 
 def step_time(engine: LLMEngine, steps: int) -> float:
@@ -87,7 +73,7 @@ def main() -> None:
             enable_prefix_caching=False,
         )
         engine = LLMEngine(path, enforce_eager=True, **common)
-        start(engine, args.batch, args.input_len, 2 * args.steps + 8)
+        start_decoding(engine, args.batch, args.input_len, 2 * args.steps + 8, "profile")
         step_time(engine, 3)  # warm-up
         eager = step_time(engine, args.steps)
         cuda = engine.device.type == "cuda"
@@ -99,7 +85,7 @@ def main() -> None:
         if cuda:
             engine = LLMEngine(path, **common)
             if engine.runner.decode_graphs is not None:
-                start(engine, args.batch, args.input_len, 2 * args.steps + 8)
+                start_decoding(engine, args.batch, args.input_len, 2 * args.steps + 8, "profile")
                 step_time(engine, 3)
                 graphed = step_time(engine, args.steps)
             engine.shutdown()

@@ -20,21 +20,12 @@ from pathlib import Path
 import torch
 
 from shardlm.engine.llm_engine import LLMEngine
-from shardlm.engine.sampling_params import SamplingParams
-from shardlm.entrypoints.bench import SHAPES, shape_checkpoint, sync
+from shardlm.entrypoints.bench import SHAPES, shape_checkpoint, start_decoding, sync
 
 
 def decode_step_time(engine: LLMEngine, batch: int, steps: int) -> float:
     """Seconds per step of ``steps`` decode steps of ``batch`` sequences (prefill excluded)."""
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch)
-    for i in range(batch):
-        ids = torch.randint(2, engine.config.vocab_size, (64,), generator=gen).tolist()
-        engine.add_request(f"h{batch}-{i}", ids, params)
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or (
-        engine.scheduler.waiting
-    ):
-        engine.step()
+    start_decoding(engine, batch, 64, steps + 8, "host")
     for _ in range(3):
         engine.step()
     sync(engine.device)

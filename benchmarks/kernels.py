@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from shardlm.config import RopeConfig
+from shardlm.entrypoints.bench import copy_bandwidth
 from shardlm.kernels.decode_attention import paged_decode_attention
 from shardlm.kernels.fused import add_rms_norm, rope_and_store, silu_and_mul
 from shardlm.layers.activation import silu_and_mul as torch_silu_and_mul
@@ -58,12 +59,6 @@ def timer(device: torch.device, smoke: bool) -> Callable[[Callable[[], object]],
         return 1e6 * (time.perf_counter() - start)
 
     return cpu_time
-
-
-def copy_bandwidth(device: torch.device, time_us) -> float:
-    a = torch.empty(256 * 2**20 if device.type == "cuda" else 2**20, device=device)
-    b = torch.empty_like(a)
-    return 2 * a.nbytes / (time_us(lambda: b.copy_(a)) * 1e-6)
 
 
 def attention_rows(device, dtype, time_us, shapes, bandwidth) -> None:
@@ -157,7 +152,7 @@ def main() -> None:
     if device.type == "cpu":
         dtype = torch.float32 if args.dtype == "bfloat16" else dtype  # numpy has no bfloat16
     time_us = timer(device, args.smoke)
-    bandwidth = copy_bandwidth(device, time_us)
+    bandwidth = copy_bandwidth(device)  # the figure `shardlm bench`'s roofline uses
     print(f"{device}, {dtype}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     attention_rows(device, dtype, time_us, SMOKE_ATTENTION if args.smoke else ATTENTION, bandwidth)
     layer_rows(device, dtype, time_us, SMOKE_LAYERS if args.smoke else LAYERS)

@@ -68,6 +68,23 @@ class PagedStep:
     prefills: list[PrefillChunk]
     decode_block_tables: torch.Tensor | None = None  # [B, W]: for the Triton decode kernel
 
+    @classmethod
+    def decodes_only(
+        cls, slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor
+    ) -> PagedStep:
+        """A step of single-token decodes for the Triton kernel (which reads the block tables
+        itself): CUDA-graph steps and the start-up kernel check."""
+        return cls(slot_mapping, block_tables.shape[0], None, context_lens, [], block_tables)
+
+
+def decode_write_slots(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """The slot of each decode's new token (position context_len − 1) from its block table."""
+    last = context_lens - 1
+    block = block_tables.gather(1, (last // block_size)[:, None]).squeeze(1)
+    return block * block_size + last % block_size
+
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -167,6 +184,7 @@ class PagedAttention:
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         window = self.sliding_windows[layer]
         b = step.num_decodes
+        decoded = None
         if b and self.decode_kernel is not None:
             decoded = self.decode_kernel(
                 q[:b],
@@ -181,7 +199,7 @@ class PagedAttention:
             if not step.prefills:
                 return decoded  # a decode-only step (every CUDA-graph step): no copy
         out = torch.empty_like(q)
-        if b and self.decode_kernel is not None:
+        if decoded is not None:
             out[:b] = decoded
         elif b:
             keys = k_pool[step.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from shardlm.attention.paged import PagedAttention, PagedStep
+from shardlm.attention.paged import PagedAttention, PagedStep, decode_write_slots
 from shardlm.engine.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -137,9 +137,7 @@ class DecodeGraphs:
         bucket = next(b for b in self.buckets if b >= n)
         width = inputs.decode_tables.shape[1]
         tables, lens = inputs.decode_tables, inputs.decode_lens
-        last = lens - 1
-        slots = tables.gather(1, (last // self.block_size)[:, None]).squeeze(1)
-        slots = slots * self.block_size + last % self.block_size
+        slots = decode_write_slots(tables, lens, self.block_size)
         self.host_meta[:, :n] = torch.stack((inputs.input_ids, inputs.positions, lens, slots))
         if self._staged_rows > n:  # rows a larger batch used become padding again
             self.host_meta[:, n : self._staged_rows] = self.padding[:, n : self._staged_rows]
@@ -164,14 +162,7 @@ class DecodeGraphs:
     def _forward(self, n: int) -> None:
         meta = self.meta[:, :n]
         self.attention.begin_step(
-            PagedStep(
-                slot_mapping=meta[SLOTS],
-                num_decodes=n,
-                decode_slots=None,
-                decode_context_lens=meta[LENGTHS],
-                prefills=[],
-                decode_block_tables=self.tables[:n],
-            )
+            PagedStep.decodes_only(meta[SLOTS], meta[LENGTHS], self.tables[:n])
         )
         hidden = self.model(meta[IDS], meta[POSITIONS], self.attention)
         self.model.compute_logits(hidden, out=self.logits[:n])

@@ -130,13 +130,10 @@ class ModelRunner:
         def scalar(value: int) -> torch.Tensor:  # own allocations: aligned as in serving
             return torch.tensor([value], device=self.device)
 
-        step = PagedStep(
-            slot_mapping=scalar(cache.padding_slot),
-            num_decodes=1,
-            decode_slots=None,
-            decode_context_lens=scalar(0),
-            prefills=[],
-            decode_block_tables=torch.zeros(1, width, dtype=torch.long, device=self.device),
+        step = PagedStep.decodes_only(
+            scalar(cache.padding_slot),
+            scalar(0),
+            torch.zeros(1, width, dtype=torch.long, device=self.device),
         )
         sticky = getattr(torch, "AcceleratorError", ())
         try:

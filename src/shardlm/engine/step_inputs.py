@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardlm.attention.paged import PagedStep, PrefillChunk, sequence_slots
+from shardlm.attention.paged import PagedStep, PrefillChunk, decode_write_slots, sequence_slots
 from shardlm.engine.scheduler import ScheduledBatch
 from shardlm.engine.sequence import Sequence
 
@@ -59,8 +59,7 @@ class StepInputs:
                 decode_slots = torch.where(p[None, :] < decode_lens[:, None], slots, slots[:, :1])
                 slot_mapping.append(slots.gather(1, last[:, None]).squeeze(1))
             else:
-                block = self.decode_tables.gather(1, (last // block_size)[:, None]).squeeze(1)
-                slot_mapping.append(block * block_size + last % block_size)
+                slot_mapping.append(decode_write_slots(self.decode_tables, last + 1, block_size))
         chunks = []
         start = self.num_decodes
         for (n, context_len), table in zip(

@@ -131,6 +131,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def start_decoding(engine, batch: int, input_len: int, max_tokens: int, name: str) -> None:
+    """Add ``batch`` greedy requests of ``input_len`` random tokens and step until every one
+    has its prompt computed: what follows are decode steps (the profiling scripts')."""
+    from shardlm.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        ids = torch.randint(2, engine.config.vocab_size, (input_len,), generator=gen).tolist()
+        engine.add_request(f"{name}-{batch}-{i}", ids, params)
+    while engine.scheduler.waiting or any(
+        s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
+    ):
+        engine.step()
+
+
 def decode_run(engine, batch: int, input_len: int, output_len: int, vocab: int) -> tuple:
     """(decode seconds, decode steps, tokens generated while decoding) for ``batch``
     requests of ``input_len`` random tokens and ``output_len`` new tokens each."""

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     import torch
 
 
+def next_power_of_two(n: int) -> int:
+    """Triton tiles (tl.arange) must be powers of two: the smallest one ≥ n."""
+    return 1 << (n - 1).bit_length()
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -29,6 +29,8 @@ import functools
 
 import torch
 
+from shardlm.kernels import next_power_of_two
+
 
 @functools.cache
 def _kernels():
@@ -225,9 +227,9 @@ def paged_decode_attention(
         k_pool.stride(0),
         k_pool.stride(1),
         GROUP=hq // hkv,
-        GROUP_P=1 << (hq // hkv - 1).bit_length(),
+        GROUP_P=next_power_of_two(hq // hkv),
         HEAD_DIM=d,
-        BLOCK_D=1 << (d - 1).bit_length(),
+        BLOCK_D=next_power_of_two(d),
         BLOCK_SIZE=block_size,
     )
     if num_splits == 1:
@@ -241,7 +243,7 @@ def paged_decode_attention(
         merged_lse,
         num_splits,
         HEAD_DIM=d,
-        BLOCK_D=1 << (d - 1).bit_length(),
-        SPLITS_P=1 << (num_splits - 1).bit_length(),
+        BLOCK_D=next_power_of_two(d),
+        SPLITS_P=next_power_of_two(num_splits),
     )
     return merged, merged_lse

@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from shardlm.kernels import next_power_of_two
+
 
 @functools.cache
 def _kernels():
@@ -123,10 +125,6 @@ def _kernels():
     return add_rms_norm_kernel, silu_and_mul_kernel, rope_and_store_kernel
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +142,7 @@ def add_rms_norm(
         new_residual,
         h,
         eps,
-        BLOCK=_pow2(h),
+        BLOCK=next_power_of_two(h),
         HAS_RESIDUAL=True,
     )
     return out, new_residual
@@ -155,7 +153,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     t, h = x.shape
     x = x.contiguous()
     out = torch.empty_like(x)
-    _kernels()[0][(t,)](x, x, weight, out, out, h, eps, BLOCK=_pow2(h), HAS_RESIDUAL=False)
+    block = next_power_of_two(h)
+    _kernels()[0][(t,)](x, x, weight, out, out, h, eps, BLOCK=block, HAS_RESIDUAL=False)
     return out
 
 
@@ -204,9 +203,9 @@ def rope_and_store(
         k_pool.stride(1),
         NUM_Q=num_heads,
         NUM_KV=num_kv_heads,
-        HEADS_P=_pow2(num_heads + num_kv_heads),
-        KV_P=_pow2(num_kv_heads),
+        HEADS_P=next_power_of_two(num_heads + num_kv_heads),
+        KV_P=next_power_of_two(num_kv_heads),
         HALF=d // 2,
-        HALF_P=_pow2(d // 2),
+        HALF_P=next_power_of_two(d // 2),
     )
     return q
