@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Issue 9's GPU checks and measurements, in parts that each fit one device call (≤ 10 min).
+# The GPU checks and measurements, in parts that each fit one device call (≤ 10 min).
 # Run from the repository root on the lent GPU, e.g. through the device tool:
 #
+#   bash benchmarks/gpu_session.sh session         # all that a 15-minute loan allows (< 9 min):
+#                                                  # env, tests, then 1B and 8B vs transformers
+#                                                  # eager at batch 1/8/64 (3 timed runs each)
 #   bash benchmarks/gpu_session.sh env tests       # versions; kernels + graphs, compiled (~3 min)
 #   bash benchmarks/gpu_session.sh 1b              # the 1B table, transformers eager + static
 #   bash benchmarks/gpu_session.sh 8b              # the 8B table
@@ -26,9 +29,16 @@ for part in "$@"; do
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
         $PY -c 'import torch, triton, transformers as t; print(torch.__version__, triton.__version__, t.__version__)'
         ;;
-    tests)
+    tests)  # every CUDA path: kernels, graphs (through the AttentionBackend interface)
         SHARDLM_KERNEL_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -x \
-            tests/test_kernels.py tests/test_cuda_graphs.py
+            tests/test_kernels.py tests/test_cuda_graphs.py tests/test_attention.py
+        ;;
+    session)
+        "$0" env tests
+        bench --shape llama-1b "${TABLE[@]}" --repeats 3 --compare-hf eager --hf-output-len 64 \
+            --json "$OUT/bench_1b.json"
+        bench --shape llama-8b "${TABLE[@]}" --repeats 3 --compare-hf eager --hf-output-len 32 \
+            --json "$OUT/bench_8b.json"
         ;;
     1b)
         bench --shape llama-1b "${TABLE[@]}" --compare-hf eager,static --hf-output-len 64 \
@@ -53,7 +63,7 @@ for part in "$@"; do
         $PY benchmarks/host_overhead.py --shape llama-1b --dtype bfloat16
         ;;
     *)
-        echo "unknown part $part (env, tests, 1b, 8b, kernels, ablation, profile)"
+        echo "unknown part $part (session, env, tests, 1b, 8b, kernels, ablation, profile)"
         exit 2
         ;;
     esac 2>&1 | tee "$OUT/$part.log"

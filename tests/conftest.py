@@ -7,12 +7,16 @@ checkpoint directory also gets the byte-level tokenizer files, so text prompts w
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Calibrations of read-only checkpoints (and of the built-in model) go to a per-user cache
+# (shardlm calibrate): tests, and the processes they start, never touch the real one.
+os.environ.setdefault("SHARDLM_CACHE_DIR", tempfile.mkdtemp(prefix="shardlm-test-cache-"))
 
 BASE = dict(
     hidden_size=64,

@@ -78,10 +78,10 @@ def test_contiguous_sdpa_path_matches_reference(window, start, n):
     keys = torch.randn(start + n, hkv, d, generator=g)
     vals = torch.randn(start + n, hkv, d, generator=g)
     if start:
-        attn.begin_step(0, start)
+        attn.begin_chunk(0, start)
         attn.attend(0, torch.randn(start, hq, d, generator=g), keys[:start], vals[:start])
     q = torch.randn(n, hq, d, generator=g)
-    attn.begin_step(start, n)
+    attn.begin_chunk(start, n)
     fast = attn.attend(0, q, keys[start:], vals[start:])
     visible = visibility_mask(torch.arange(start, start + n), torch.arange(start + n), window)
     ref, _ = partial_attention(q, keys, vals, 0.35, visible)
@@ -138,7 +138,7 @@ def test_paged_backend_matches_paged_reference():
         q = torch.randn(2 + chunk_len, hq, d, generator=g)
         k = torch.randn(2 + chunk_len, hkv, d, generator=g)
         v = torch.randn(2 + chunk_len, hkv, d, generator=g)
-        attn.begin_step(step)
+        attn.plan(step)
         fast = attn.attend(0, q, k, v)
         for i, n in enumerate(lens):
             ref, _ = paged_partial_attention(

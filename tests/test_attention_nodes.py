@@ -23,7 +23,7 @@ from shardlm.attention.reference import (
     partial_attention,
     visibility_mask,
 )
-from shardlm.attention.rshard import RShard
+from shardlm.cache.rshard import RShard
 from shardlm.errors import WorkerFailure
 from tests.conftest import make_checkpoint
 from tests.test_tensor_parallel import SHARDLM, TORCHRUN, child_pids, cli_generate, finish

@@ -20,7 +20,7 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 from shardlm import LLM, SamplingParams  # noqa: E402
-from shardlm.engine.cuda_graphs import DecodeGraphs, graph_buckets  # noqa: E402
+from shardlm.runtime.cuda_graphs import DecodeGraphs, graph_buckets  # noqa: E402
 
 PROMPTS = ["abc", "a longer prompt, past a few blocks", "x" * 21, "hello there", "q"]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -97,8 +97,8 @@ def test_engine_flags_are_checked(llama_ckpt):
     with pytest.raises(ValueError, match="enforce_eager must be True or False, got 'yes'"):
         LLM(path, device="cpu", enforce_eager="yes")
     with LLM(path, device="cpu") as llm:  # auto on CPU: the PyTorch path, no graphs
-        assert llm.engine.args.attention_backend == "torch"
-        assert llm.engine.args.kernels_chosen_by_auto
+        assert llm.runner.attention_backend == "torch"
+        assert llm.engine.engine_config.kernels.attention_backend == "auto"
         assert llm.runner.decode_graphs is None
         with pytest.raises(ValueError, match="decode graphs need attention_backend='triton'"):
             llm.runner.init_decode_graphs(4, capture=False)
@@ -203,15 +203,15 @@ def test_gpu_graph_logits_match_eager_in_bfloat16(llama_ckpt):
         with LLM(path, dtype="bfloat16", device="cuda", **kwargs) as llm:
             engine = llm.engine
             seen: list[torch.Tensor] = []
-            execute = engine.runner.execute
+            run_step = engine.executor.run_step
 
-            def keep(batch):
-                seqs, logits = execute(batch)
-                if not batch.prefills:
+            def keep(inputs):
+                logits = run_step(inputs)
+                if not inputs.prefill_tables:
                     seen.append(logits.clone())
-                return seqs, logits
+                return logits
 
-            engine.runner.execute = keep
+            engine.executor.run_step = keep
             params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
             llm.generate(prompts, params, use_tqdm=False)
             return seen[0]

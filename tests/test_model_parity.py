@@ -55,7 +55,7 @@ def test_prompt_logits_match_transformers(variant, checkpoints, llms):
     _, hf = checkpoints[variant]
     llm = llms[variant]
     ids = prompts(llm.config.vocab_size)[0]
-    ours = llm.runner.prompt_logits(ids)
+    ours = llm.prompt_logits(ids)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     assert ours.shape == ref.shape
@@ -110,8 +110,8 @@ def test_variant_features_change_the_output(variant, plain_overrides, checkpoint
     make_checkpoint(tmp_path, arch, plain)
     ids = prompts(llms[variant].config.vocab_size)[0]
     with LLM(tmp_path, device="cpu") as other:
-        a = other.runner.prompt_logits(ids)
-    b = llms[variant].runner.prompt_logits(ids)
+        a = other.prompt_logits(ids)
+    b = llms[variant].prompt_logits(ids)
     assert (a - b).abs().max() > 1e-3
 
 
@@ -123,8 +123,8 @@ def test_sharded_index_checkpoint_loads_identically(tmp_path, llms, checkpoints)
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     ids = prompts(258)[1]
     with LLM(tmp_path, device="cpu") as sharded:
-        a = sharded.runner.prompt_logits(ids)
-    b = llms["llama-gqa"].runner.prompt_logits(ids)
+        a = sharded.prompt_logits(ids)
+    b = llms["llama-gqa"].prompt_logits(ids)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -136,10 +136,10 @@ def test_half_precision_dtypes_load_and_stay_close(dtype, torch_dtype, llama_ckp
     ids = prompts(258)[0]
     with LLM(path, dtype=dtype, device="cpu") as llm:
         assert all(p.dtype == torch_dtype for p in llm.runner.model.parameters())
-        low = llm.runner.prompt_logits(ids)
+        low = llm.prompt_logits(ids)
         out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 4
-    ref = llms["llama-gqa"].runner.prompt_logits(ids)
+    ref = llms["llama-gqa"].prompt_logits(ids)
     rel = ((low - ref).abs().max() / ref.abs().max()).item()
     assert rel < 5e-2
 

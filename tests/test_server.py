@@ -56,9 +56,8 @@ class Server:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited {self.proc.returncode}: {self.proc.stdout.read()}"
-                )
+                self.log.seek(0)
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log.read()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
@@ -337,6 +336,12 @@ def test_server_is_healthy_after_the_bad_inputs(server, offline):
     assert r.json()["choices"][0]["text"] == greedy(offline, "The cat")
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     assert server.metric('shardlm_requests_total{endpoint="/v1/completions",status="400"}') > 20
+
+
+def test_serve_says_once_where_it_listens(server):
+    log = Path(server.log.name).read_text()
+    assert log.count("shardlm serve: listening on") == 1, log
+    assert f"listening on {server.url} (model {NAME}, dtype float32, device cpu," in log
 
 
 def test_unknown_route_and_method_are_openai_errors(server):

@@ -3,6 +3,14 @@
 from shardlm.engine.llm import LLM
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.engine_config import EngineConfig
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "RequestOutput",
+    "SamplingParams",
+    "__version__",
+]

@@ -6,13 +6,20 @@ safetensors beside the checkpoint (``arm_calibration.safetensors``: one float32 
 ``layers.{n}.mlp.down_proj.input_absmax`` of the full MLP width per layer). Tensor-parallel
 ranks later read their own slice of it.
 
+Where that file lives: beside the checkpoint when its directory can be written, else (the
+built-in model, which is inside the installed package, or a read-only checkpoint) in a
+per-user cache directory, keyed by the checkpoint's resolved path. Readers look in the
+per-user place first (``find_calibration``).
+
 Also here: the distribution statistics ``shardlm inspect`` prints (kurtosis, max/RMS, int8
 round-trip error), measured on captured down-projection inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +33,58 @@ from shardlm.config import ModelConfig
 from shardlm.errors import CheckpointError
 
 CALIBRATION_FILE = "arm_calibration.safetensors"
+PACKAGE_DIR = Path(__file__).resolve().parent  # the installed shardlm package
+
+
+def user_cache_dir() -> Path:
+    """shardlm's per-user directory: $SHARDLM_CACHE_DIR, else $XDG_CACHE_HOME/shardlm, else
+    ~/.cache/shardlm. Calibrations of checkpoints that cannot be written beside go here."""
+    if os.environ.get("SHARDLM_CACHE_DIR"):
+        return Path(os.environ["SHARDLM_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "shardlm"
+
+
+def user_calibration_path(model: str | os.PathLike) -> Path:
+    """The per-user calibration of ``model``: one directory per resolved checkpoint path (its
+    name for people, a hash so two checkpoints of the same name do not collide)."""
+    resolved = Path(model).resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    return user_cache_dir() / "calibration" / f"{resolved.name}-{digest}" / CALIBRATION_FILE
+
+
+def calibration_candidates(model: str | os.PathLike) -> tuple[Path, Path]:
+    """Where a model's calibration is looked for, in order: the per-user one (written only
+    when the checkpoint's directory could not be, so it is the newer), then the checkpoint's."""
+    return user_calibration_path(model), Path(model) / CALIBRATION_FILE
+
+
+def find_calibration(model: str | os.PathLike) -> Path | None:
+    """The calibration ``arm="smooth"|"both"`` reads by default, or None if there is none."""
+    return next((p for p in calibration_candidates(model) if p.is_file()), None)
+
+
+def inside_package(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is in the installed package: never written to (an upgrade or
+    reinstall would replace it, and it may be shared or read-only)."""
+    return Path(path).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def writable_beside(model: str | os.PathLike) -> bool:
+    """Whether calibrate may write its file into the checkpoint's directory."""
+    directory = Path(model)
+    existing = directory / CALIBRATION_FILE
+    if inside_package(directory) or not os.access(directory, os.W_OK):
+        return False
+    return not existing.exists() or os.access(existing, os.W_OK)
+
+
+def calibration_out_path(model: str | os.PathLike) -> Path:
+    """Where ``shardlm calibrate`` writes without --out: beside the checkpoint when it can and
+    no per-user calibration of it exists (that one would be read first), else the per-user
+    place, so ``find_calibration`` always finds the file just written."""
+    user, beside = calibration_candidates(model)
+    return beside if writable_beside(model) and not user.exists() else user
 
 
 def tensor_name(layer: int) -> str:

@@ -11,6 +11,16 @@ class ShardlmError(ValueError):
     """Base for errors caused by the user's input (checkpoint, config, arguments)."""
 
 
+class ParamError(ShardlmError):
+    """One argument has a value that is not allowed. ``param`` names it (as the caller spelt
+    it: an engine option, a SamplingParams field, ``prompt``), so a server can report the
+    field without parsing the message."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class ConfigError(ShardlmError):
     """config.json describes a model shardlm cannot run, or is malformed."""
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.reference import sdpa_mask
 from shardlm.cache.contiguous import ContiguousKVCache
+from shardlm.step_inputs import StepInputs
 
 
-class ContiguousAttention:
+class ContiguousAttention(AttentionBackend):
     """Per-step attention state: which cache rows the new tokens go to and what they see."""
 
     def __init__(
@@ -26,7 +28,12 @@ class ContiguousAttention:
         self.end = 0
         self._masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
 
-    def begin_step(self, start: int, num_tokens: int) -> None:
+    def begin_step(self, inputs: StepInputs) -> None:
+        """One sequence's chunk: its (tokens, context length after it) from the host metadata."""
+        ((num_tokens, context_len),) = inputs.on_host.prefill_meta.tolist()
+        self.begin_chunk(context_len - num_tokens, num_tokens)
+
+    def begin_chunk(self, start: int, num_tokens: int) -> None:
         """Prepare for tokens at positions [start, start + num_tokens)."""
         if start + num_tokens > self.cache.capacity:
             raise ValueError(

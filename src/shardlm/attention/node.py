@@ -12,7 +12,7 @@ lse = −inf (out = 0) where it holds no key the query may see. The compute node
 partials exactly (reference.merge_partials).
 
 The same class runs as an object inside the compute process (in-process transport) or
-inside its own rank (distributed transport, attention/node_server.py).
+inside its own rank (distributed transport, executor/node_rank.py).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from shardlm.attention.reference import (
     partial_attention,
     visibility_mask,
 )
-from shardlm.attention.rshard import RShard
 from shardlm.cache.block_manager import BlockManager, NoFreeBlocksError
 from shardlm.cache.paged import PagedKVCache
+from shardlm.cache.rshard import RShard
 from shardlm.errors import ShardlmError
 
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.reference import partial_attention, sdpa_mask, visibility_mask
 from shardlm.cache.paged import PagedKVCache
+from shardlm.step_inputs import StepInputs
 
 
 def sequence_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -68,14 +70,6 @@ class PagedStep:
     prefills: list[PrefillChunk]
     decode_block_tables: torch.Tensor | None = None  # [B, W]: for the Triton decode kernel
 
-    @classmethod
-    def decodes_only(
-        cls, slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor
-    ) -> PagedStep:
-        """A step of single-token decodes for the Triton kernel (which reads the block tables
-        itself): CUDA-graph steps and the start-up kernel check."""
-        return cls(slot_mapping, block_tables.shape[0], None, context_lens, [], block_tables)
-
 
 def decode_write_slots(
     block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
@@ -86,10 +80,46 @@ def decode_write_slots(
     return block * block_size + last % block_size
 
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+def paged_step(inputs: StepInputs, block_size: int, gather_decode_keys: bool = True) -> PagedStep:
+    """Slot mapping and per-sequence key slots of a step over the paged pool.
+    ``gather_decode_keys`` False (the Triton decode kernel, which reads the block tables
+    itself): only each decode's write slot, not the [B, Lmax] slots of all its keys."""
+    slot_mapping = []
+    decode_slots = decode_lens = None
+    if inputs.num_decodes:
+        decode_lens = inputs.decode_lens
+        last = decode_lens - 1
+        if inputs.decode_write_slots is not None:
+            slot_mapping.append(inputs.decode_write_slots)
+        if gather_decode_keys:
+            p = torch.arange(inputs.max_decode_len, device=decode_lens.device)
+            slots = inputs.decode_tables[:, p // block_size] * block_size + p % block_size
+            # Padding points at position 0's slot: always written, so never garbage.
+            decode_slots = torch.where(p[None, :] < decode_lens[:, None], slots, slots[:, :1])
+            if inputs.decode_write_slots is None:
+                slot_mapping.append(slots.gather(1, last[:, None]).squeeze(1))
+        elif inputs.decode_write_slots is None:
+            slot_mapping.append(decode_write_slots(inputs.decode_tables, last + 1, block_size))
+    chunks = []
+    start = inputs.num_decodes
+    for (n, context_len), table in zip(
+        inputs.prefill_meta.tolist(), inputs.prefill_tables, strict=True
+    ):
+        slots = sequence_slots(table, context_len, block_size)
+        slot_mapping.append(slots[context_len - n :])
+        chunks.append(PrefillChunk(start, start + n, context_len, slots))
+        start += n
+    return PagedStep(
+        slot_mapping=slot_mapping[0] if len(slot_mapping) == 1 else torch.cat(slot_mapping),
+        num_decodes=inputs.num_decodes,
+        decode_slots=decode_slots,
+        decode_context_lens=decode_lens,
+        prefills=chunks,
+        decode_block_tables=inputs.decode_tables if inputs.num_decodes else None,
+    )
 
 
-class PagedAttention:
+class PagedAttention(AttentionBackend):
     """The attention backend for a batch of sequences over the paged pool. ``decode_backend``
     "triton" runs the decodes through kernels/decode_attention.py (split-KV over the block
     tables) instead of SDPA over gathered keys, and RoPE + the K/V writes through one fused
@@ -115,7 +145,11 @@ class PagedAttention:
         self._decode_masks: dict[int | None, torch.Tensor] = {}
         self._prefill_masks: list[dict[int | None, tuple[torch.Tensor | None, bool]]] = []
 
-    def begin_step(self, step: PagedStep) -> None:
+    def begin_step(self, inputs: StepInputs) -> None:
+        self.plan(paged_step(inputs, self.cache.block_size, self.decode_kernel is None))
+
+    def plan(self, step: PagedStep) -> None:
+        """Take a step's metadata as built (tests build PagedSteps directly)."""
         self.step = step
         windows = set(self.sliding_windows)
         self._decode_masks = {}

@@ -24,9 +24,11 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.node import AttentionNode
 from shardlm.attention.reference import merge_partials
-from shardlm.attention.rshard import RShard
+from shardlm.cache.rshard import RShard
+from shardlm.step_inputs import StepInputs
 
 
 class AttentionNodeUnreachable(RuntimeError):
@@ -35,6 +37,7 @@ class AttentionNodeUnreachable(RuntimeError):
 
 class NodeLink(Protocol):
     name: str
+    node: AttentionNode | None  # the node object itself, when it lives in this process
 
     def begin_step(
         self, seq_ids: list[int], positions: torch.Tensor, num_decodes: int, counts: list[int]
@@ -93,6 +96,7 @@ class RemoteLink:
         self.group = group
         self.timeout = timeout
         self.compute_device = compute_device
+        self.node = None  # it lives in its own process
         self._pending: list[dist.Work] = []
         self._message = self._out = self._lse = None
 
@@ -140,29 +144,37 @@ class AttentionTraffic:
     last_step_bytes_from_nodes: int = 0
 
 
-class ShardedAttention:
+class ShardedAttention(AttentionBackend):
     """AttentionBackend for a compute rank whose KV cache is on β attention nodes."""
 
     def __init__(self, rshard: RShard, links: list[NodeLink], device: torch.device) -> None:
         self.rshard = rshard
         self.links = links
         self.device = device
-        self.traffic = AttentionTraffic()
+        self._traffic = AttentionTraffic()
         self._rows: list[torch.Tensor] = []
 
-    def begin_step(
-        self, seq_ids: list[int], positions: torch.Tensor, num_decodes: int, counts: list[int]
-    ) -> None:
-        """``positions``: the step's token positions, on the host."""
+    @property
+    def traffic(self) -> AttentionTraffic:
+        return self._traffic
+
+    def local_nodes(self) -> list[AttentionNode]:
+        return [link.node for link in self.links if link.node is not None]
+
+    def begin_step(self, inputs: StepInputs) -> None:
+        """Which of the step's rows each node owns, planned on the host copy."""
+        host = inputs.on_host
+        seq_ids, positions = host.seq_ids.tolist(), host.positions
+        num_decodes, counts = host.num_decodes, host.token_counts()
         owner = self.rshard.owner(positions)
         self._rows = [
             torch.nonzero(owner == s).flatten().to(self.device) for s in range(len(self.links))
         ]
         for link in self.links:
             link.begin_step(seq_ids, positions, num_decodes, counts)
-        self.traffic.steps += 1
-        self.traffic.last_step_bytes_to_nodes = 0
-        self.traffic.last_step_bytes_from_nodes = 0
+        self._traffic.steps += 1
+        self._traffic.last_step_bytes_to_nodes = 0
+        self._traffic.last_step_bytes_from_nodes = 0
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         sent = 0
@@ -172,7 +184,7 @@ class ShardedAttention:
             sent += q.nbytes + k_s.nbytes + v_s.nbytes
         parts = [link.collect() for link in self.links]
         received = sum(out.nbytes + lse.nbytes for out, lse in parts)
-        t = self.traffic
+        t = self._traffic
         t.bytes_to_nodes += sent
         t.bytes_from_nodes += received
         t.last_step_bytes_to_nodes += sent

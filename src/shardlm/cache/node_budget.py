@@ -15,8 +15,8 @@ cached-prefix hit would have to be reconciled across all β nodes (not built).
 
 from __future__ import annotations
 
-from shardlm.attention.rshard import RShard
 from shardlm.cache.block_manager import BlockManager
+from shardlm.cache.rshard import RShard
 
 
 class NodeBlockBudget(BlockManager):

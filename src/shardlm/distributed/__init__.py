@@ -1,1 +1,2 @@
-"""Process groups, roles and launch for tensor parallelism (all over torch.distributed)."""
+"""The torch.distributed primitives: who this process is (TPContext) and the driver → worker
+command broadcast."""

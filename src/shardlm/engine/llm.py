@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from shardlm.engine.llm_engine import LLMEngine, Prompt
+from shardlm.engine.llm_engine import LLMEngine
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
+from shardlm.engine.prompts import Prompt
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.engine_config import EngineConfig
 
 
 @dataclass
@@ -27,26 +29,17 @@ class StreamEvent:
 class LLM:
     """A model loaded from a Hugging Face checkpoint directory, ready to generate.
 
-    ``dtype``: auto | float32 | bfloat16 | float16 (auto = the checkpoint's dtype on GPU,
-    float32 on CPU). ``device``: auto (CUDA if available) | cpu | cuda[:N].
-    ``max_model_len``: the longest sequence (prompt + output); default max_position_embeddings.
-    ``seed`` seeds sampling of requests without a seed. Engine options: ``kv_cache_tokens``
-    (exact pool size) or ``memory_utilization`` (fraction of free memory, default 0.9 on GPU,
-    0.3 on CPU), ``block_size`` (16), ``max_num_batched_tokens`` (2048 per step),
-    ``max_num_seqs`` (256 running at once), ``enable_prefix_caching`` (True).
-    ``tensor_parallel_size`` N > 1 splits the model over N processes (spawned here, or the
-    ranks of a torchrun job); ``tp_timeout_s`` bounds how long a dead or hung rank can stall
-    a step before WorkerFailure is raised (default 60). ``attention_nodes`` β ≥ 1 R-shards the
-    KV cache over β attention nodes per head group (docs/architecture.md).
-    ``quantization``: None | "int8" | "fp8" (W8A8) for the MLP down projection, or every
-    linear but the LM head with ``quantize_all_linears=True``. ``arm``: none | hadamard |
-    smooth | both, the activation redistribution in front of the down projection
-    (docs/arm.md); smoothing reads ``arm_calibration`` (default: the checkpoint's
-    arm_calibration.safetensors, written by ``shardlm calibrate``).
+    ``LLM(model, **options)``: every option of ``shardlm.EngineConfig`` as a keyword argument
+    (dtype, device, max_model_len, KV cache, scheduler, tensor parallelism, attention nodes,
+    kernels, quantization and ARM; the table is in docs/configuration.md), or
+    ``LLM(config=EngineConfig(...))``. An unknown option is refused with the closest valid
+    names. ``model`` None is the built-in model.
     """
 
-    def __init__(self, model: str, **engine_args) -> None:
-        self.engine = LLMEngine(model, **engine_args)
+    def __init__(
+        self, model: str | None = None, *, config: EngineConfig | None = None, **options
+    ) -> None:
+        self.engine = LLMEngine(model, config=config, **options)
         self._request_ids = itertools.count()
         # Step outputs not yet collected, per request: whoever drives the engine (a generate
         # call or any open stream) files every request's output here for its owner.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from shardlm.errors import ParamError
+
 
 @dataclass
 class SamplingParams:
@@ -63,8 +65,8 @@ class SamplingParams:
         if not isinstance(self.stop, (list, tuple)) or not all(
             isinstance(s, str) and s for s in self.stop
         ):
-            raise ValueError(
-                f"stop must be a non-empty string or a list of them, got {self.stop!r}"
+            raise ParamError(
+                "stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}"
             )
         self.stop = list(self.stop)
         if self.top_k == -1:
@@ -74,15 +76,16 @@ class SamplingParams:
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, "an integer ≥ 1", lambda v: v >= 1)
         if not isinstance(self.stop_token_ids, (list, tuple)):
-            raise ValueError(
-                f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}"
+            raise ParamError(
+                "stop_token_ids",
+                f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}",
             )
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, "a list of integers ≥ 0", lambda v: v >= 0)
         self.stop_token_ids = list(self.stop_token_ids)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
@@ -104,9 +107,9 @@ def _check_number(name: str, value: object, allowed: str, ok) -> None:
         or not math.isfinite(value)
         or not ok(value)
     ):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ParamError(name, f"{name} must be {allowed}, got {value!r}")
 
 
 def _check_int(name: str, value: object, allowed: str, ok) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ParamError(name, f"{name} must be {allowed}, got {value!r}")

@@ -4,11 +4,16 @@ Both load the checkpoint unmodified (one process; float32, or calibrate's --dtyp
 the down-projection inputs through forward hooks (calibration.down_proj_inputs). ``inspect``
 computes the after-ARM activations by applying the layer's transform T = diag(s)·H to the
 captured ones: the same T the engine folds into the weights when ``arm`` is set.
+
+Without --model both use the built-in model. calibrate never writes inside the installed
+package: the built-in model's (or a read-only checkpoint's) calibration goes to a per-user
+directory, where ``arm="smooth"|"both"`` and ``inspect`` look first (calibration.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -16,10 +21,15 @@ from safetensors import SafetensorError
 
 from shardlm.calibration import (
     CALIBRATION_FILE,
+    PACKAGE_DIR,
     AbsMaxRecorder,
     DistributionStats,
+    calibration_candidates,
+    calibration_out_path,
     distribution_stats,
     down_proj_inputs,
+    find_calibration,
+    inside_package,
     load_calibration,
     save_calibration,
     token_windows,
@@ -28,20 +38,25 @@ from shardlm.errors import ShardlmError
 from shardlm.layers.arm import ARM_MODES, uses_smoothing
 from shardlm.models.transforms import layer_arm
 
+MODEL_HELP = "Hugging Face checkpoint directory (default: the built-in model, tiny-code)"
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     cal = sub.add_parser(
         "calibrate",
         help="record per-channel max |x| of each down-projection input (for arm=smooth|both)",
     )
-    cal.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    cal.add_argument("--model", help=MODEL_HELP)
     cal.add_argument("--data", required=True, help="a UTF-8 text file to run through the model")
     cal.add_argument(
         "--samples", type=int, default=128, help="windows of text to use (default 128)"
     )
     cal.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     cal.add_argument(
-        "--out", default=None, help=f"where to write (default: MODEL/{CALIBRATION_FILE})"
+        "--out",
+        default=None,
+        help=f"where to write (default: MODEL/{CALIBRATION_FILE}, or a per-user cache "
+        "directory for the built-in model and checkpoints whose directory is read-only)",
     )
     cal.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16")
     cal.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -51,7 +66,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="histograms and statistics of one layer's down-projection input, before/after ARM",
     )
-    ins.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ins.add_argument("--model", help=MODEL_HELP)
     ins.add_argument("--layer", type=int, required=True, help="decoder layer index (from 0)")
     ins.add_argument("--prompt", required=True, help="text whose tokens are measured")
     ins.add_argument(
@@ -60,7 +75,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         choices=[m for m in ARM_MODES if m != "none"],
         help="transform to show (default: both if the checkpoint is calibrated, else hadamard)",
     )
-    ins.add_argument("--arm-calibration", default=None, help=f"default: MODEL/{CALIBRATION_FILE}")
+    ins.add_argument(
+        "--arm-calibration",
+        default=None,
+        help="default: the per-user calibration of MODEL if there is one (see calibrate), "
+        f"else MODEL/{CALIBRATION_FILE}",
+    )
     ins.add_argument("--out", default=None, help="write the two histograms here (PNG; matplotlib)")
     ins.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ins.set_defaults(func=cmd_inspect)
@@ -74,6 +94,52 @@ def _writable(flag: str, path: Path) -> None:
         raise ShardlmError(f"{flag} {str(path)!r}: directory {str(path.parent)!r} does not exist")
 
 
+def _model(args: argparse.Namespace) -> Path:
+    """--model, else the built-in model (saying so on stderr, as generate does)."""
+    from shardlm.demo import DEMO_NOTICE, demo_checkpoint
+
+    if args.model is not None:
+        return Path(args.model)
+    print(DEMO_NOTICE, file=sys.stderr)
+    return demo_checkpoint()
+
+
+def _calibration_out(out: str | None, model: Path) -> Path:
+    """Where calibrate writes, checked before the model runs: --out (never inside the
+    installed package), else calibration_out_path's choice, its directory made here."""
+    if out is not None:
+        path = Path(out)
+        if inside_package(path):
+            raise ShardlmError(
+                f"--out {out!r} is inside the installed shardlm package ({PACKAGE_DIR}), which "
+                "is never written to; leave --out out to use the per-user cache directory"
+            )
+        _writable("--out", path)
+        return path
+    path = calibration_out_path(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ShardlmError(
+            f"cannot create {str(path.parent)!r} for the calibration ({e.strerror}); set "
+            "SHARDLM_CACHE_DIR to a writable directory, or pass --out FILE"
+        ) from None
+    return path
+
+
+def _where_written(out: Path, model: Path) -> str:
+    """Where the file went, and whether ``arm=smooth|both`` on this model will read it."""
+    user, _ = calibration_candidates(model)
+    found = find_calibration(model)
+    if found is not None and found.resolve() == out.resolve():
+        where = " (the per-user cache, where arm=smooth|both look first)" if out == user else ""
+        return f"wrote {out}{where}"
+    return (
+        f"wrote {out}; arm=smooth|both on this model read {found} instead: pass "
+        f"--arm-calibration {out}"
+    )
+
+
 def _positive(name: str, value: int, limit: int = 2**31) -> None:
     if not 1 <= value <= limit:
         raise ValueError(f"{name} must be in [1, {limit}], got {value}")
@@ -83,7 +149,7 @@ def collect_absmax(llm, windows: list[list[int]]) -> tuple[list[torch.Tensor], i
     """Run each window of token ids through ``llm`` (prefill only, one generated token) and
     return per layer the per-channel max |x| of the down-projection input, and the number of
     tokens seen. ``llm`` must run in this process, without ARM, without prefix caching."""
-    from shardlm import SamplingParams
+    from shardlm.engine.sampling_params import SamplingParams
 
     recorder = AbsMaxRecorder(llm.config.num_hidden_layers)
     with down_proj_inputs(llm.runner.model, recorder):
@@ -92,7 +158,7 @@ def collect_absmax(llm, windows: list[list[int]]) -> tuple[list[torch.Tensor], i
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from shardlm import LLM
+    from shardlm.engine.llm import LLM
 
     _positive("--samples", args.samples)
     _positive("--seq-len", args.seq_len)
@@ -102,10 +168,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     text = data.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ShardlmError(f"--data {args.data!r} has no text")
-    out = Path(args.out) if args.out else Path(args.model) / CALIBRATION_FILE
-    _writable("--out", out)
+    model = _model(args)
+    out = _calibration_out(args.out, model)
     # No prefix caching: a cached prefix would skip its tokens' forward, and their statistics.
-    with LLM(args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False) as llm:
+    with LLM(model, dtype=args.dtype, device=args.device, enable_prefix_caching=False) as llm:
         seq_len = min(args.seq_len, llm.engine.max_model_len - 1)
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
         windows = token_windows(ids, seq_len, args.samples)
@@ -117,7 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ShardlmError(f"could not write --out {str(out)!r}: {e}") from None
     print(
         f"calibrated on {tokens} tokens ({len(windows)} windows of ≤{seq_len}) "
-        f"from {data.name}; wrote {out}"
+        f"from {data.name}; {_where_written(out, model)}"
     )
     print("layer  max|x|  median max|x|  ratio (outlier channels stand out as a large ratio)")
     for n, a in enumerate(tables):
@@ -127,21 +193,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from shardlm import LLM
+    from shardlm.engine.llm import LLM
 
-    model = Path(args.model)
-    calibration = Path(args.arm_calibration) if args.arm_calibration else model / CALIBRATION_FILE
-    arm = args.arm or ("both" if calibration.is_file() else "hadamard")
-    if args.arm_calibration and not uses_smoothing(arm):
+    model = _model(args)
+    given = Path(args.arm_calibration) if args.arm_calibration else None
+    calibration = given or find_calibration(model)
+    calibrated = calibration is not None and calibration.is_file()
+    arm = args.arm or ("both" if calibrated else "hadamard")
+    if given and not uses_smoothing(arm):
         raise ShardlmError(f"--arm-calibration is only used with --arm smooth or both, not {arm}")
     if args.out:
         _writable("--out", Path(args.out))
-    if uses_smoothing(arm) and not calibration.is_file():
+    if uses_smoothing(arm) and not calibrated:
+        user, beside = calibration_candidates(model)
+        missing = f"{given} does not exist" if given else f"neither {beside} nor {user} exists"
         raise ShardlmError(
-            f"--arm {arm} needs calibration statistics and {calibration} does not exist; run "
-            f"`shardlm calibrate --model {args.model} --data FILE.txt` (or use --arm hadamard)"
+            f"--arm {arm} needs calibration statistics and {missing}; run `shardlm calibrate "
+            f"--model {model} --data FILE.txt` (or use --arm hadamard)"
         )
-    with LLM(args.model, dtype="float32", device=args.device, enable_prefix_caching=False) as llm:
+    with LLM(model, dtype="float32", device=args.device, enable_prefix_caching=False) as llm:
         layers = llm.config.num_hidden_layers
         if not 0 <= args.layer < layers:
             raise ValueError(
@@ -165,6 +235,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(
         f"layer {args.layer} down-projection input: {before.shape[0]} tokens × "
         f"{before.shape[1]} channels, arm={arm}"
+        + (f" (calibration {calibration})" if uses_smoothing(arm) else "")
     )
     print(format_stats(*stats))
     if args.out:

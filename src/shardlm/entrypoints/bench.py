@@ -13,6 +13,11 @@ transformers' ``generate`` on the same shape runs in the same process — eager,
 with a static cache, which makes ``generate`` compile the decode step with torch.compile —
 and the table gives the ratios. Start-up is reported as the weights' load and the CUDA-graph
 capture; transformers' compile time as the first generate call's.
+
+One run's rate is not to be trusted: the first steps at a batch size pay one-time costs
+(kernel selection, the first graph replay, allocator growth) and runs vary. So each batch size
+first runs --warmup-steps untimed decode steps, then --repeats timed runs; the table gives the
+median and the min–max of the runs, for shardlm and transformers alike, and ratios of medians.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from shardlm.attention.paged import ATTENTION_BACKENDS
+from shardlm.engine_config import add_engine_arguments, engine_kwargs
 from shardlm.loader import resolve_device
 
 SHAPES: dict[str, dict] = {
@@ -64,6 +71,12 @@ SHAPES: dict[str, dict] = {
 }
 
 
+WARMUP_STEPS = 16
+# The median of 5 runs is right with up to two bad ones; of 3, with one. Four runs of the
+# same batch-1 bench once gave 88, 456, 315 and 308 tok/s: two bad runs in four.
+REPEATS = 5
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="decode tokens/s against the memory-bandwidth roofline")
     where = b.add_mutually_exclusive_group(required=True)
@@ -72,10 +85,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-sizes", default="1,8,64", help="comma-separated (default 1,8,64)")
     b.add_argument("--input-len", type=int, default=128)
     b.add_argument("--output-len", type=int, default=256)
-    b.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    b.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS))
-    b.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     b.add_argument(
         "--compare-hf",
         nargs="?",
@@ -90,7 +99,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="new tokens per transformers run (default --output-len; its rate is per token)",
     )
+    b.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=WARMUP_STEPS,
+        help=f"untimed decode steps at each batch size before it is timed (default {WARMUP_STEPS})",
+    )
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=REPEATS,
+        help=f"timed runs per measurement, shown as median (min–max) (default {REPEATS})",
+    )
     b.add_argument("--json", default=None, help="also write the rows to this file")
+    # Every other engine option (dtype, device, kernels, quantization, parallelism, ...).
+    add_engine_arguments(b, exclude=BENCH_SETS)
     b.set_defaults(func=cmd_bench)
 
 
@@ -147,9 +170,28 @@ def start_decoding(engine, batch: int, input_len: int, max_tokens: int, name: st
         engine.step()
 
 
-def decode_run(engine, batch: int, input_len: int, output_len: int, vocab: int) -> tuple:
-    """(decode seconds, decode steps, tokens generated while decoding) for ``batch``
-    requests of ``input_len`` random tokens and ``output_len`` new tokens each."""
+Clock = Callable[[], float]
+
+
+class DecodeRun(NamedTuple):
+    """One timed decode: its seconds, engine steps and tokens generated."""
+
+    seconds: float
+    steps: int
+    tokens: int
+
+
+def decode_run(
+    engine,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    vocab: int,
+    clock: Clock = time.perf_counter,
+) -> DecodeRun:
+    """``batch`` requests of ``input_len`` random tokens (the same ones at every call) and
+    ``output_len`` new tokens each; the prefill is run first, untimed, then the decode steps
+    are timed with ``clock`` (injectable, so tests can count what falls inside it)."""
     from shardlm.engine.sampling_params import SamplingParams
 
     gen = torch.Generator().manual_seed(batch)
@@ -171,13 +213,44 @@ def decode_run(engine, batch: int, input_len: int, output_len: int, vocab: int) 
     while min(produced.values()) == 0:  # prefill (not timed)
         step()
     sync(engine.device)
-    start = time.perf_counter()
+    start = clock()
     steps = tokens = 0
     while engine.has_unfinished_requests():
         tokens += step()
         steps += 1
     sync(engine.device)
-    return time.perf_counter() - start, steps, tokens
+    return DecodeRun(clock() - start, steps, tokens)
+
+
+def warm_up(engine, batch: int, input_len: int, output_len: int, steps: int, vocab: int) -> None:
+    """``steps`` untimed decode steps at this batch size (in runs no longer than the timed
+    ones, which the KV pool and max_model_len are sized for)."""
+    while steps > 0:
+        n = min(steps, output_len - 1)
+        decode_run(engine, batch, input_len, n + 1, vocab)
+        steps -= n
+
+
+def decode_runs(
+    engine, batch: int, args: argparse.Namespace, vocab: int, clock: Clock
+) -> list[DecodeRun]:
+    """The warm-up, then ``args.repeats`` timed runs at one batch size."""
+    warm_up(engine, batch, args.input_len, args.output_len, args.warmup_steps, vocab)
+    return [
+        decode_run(engine, batch, args.input_len, args.output_len, vocab, clock)
+        for _ in range(args.repeats)
+    ]
+
+
+def spread(key: str, values: list[float]) -> dict:
+    """``key``: the median of the runs (what ratios and % of roofline use), with its min, max
+    and every run, so a reader sees how far one run is from the next."""
+    return {
+        key: statistics.median(values),
+        f"{key}_min": min(values),
+        f"{key}_max": max(values),
+        f"{key}_runs": list(values),
+    }
 
 
 HF_MODES = ("eager", "static")
@@ -203,13 +276,22 @@ def build_hf_model(config_dir: Path, dtype: torch.dtype, device: torch.device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-def hf_decode_rate(
-    model, mode: str, batch: int, input_len: int, output_len: int, device: torch.device
-) -> tuple[float, float]:
-    """(decode tokens/s, seconds of the first call) of transformers' generate on ``model``:
-    "eager" (its default attention, SDPA, dynamic cache) or "static" (a StaticCache sized for
-    the run, with which generate compiles the decode step: the first call's time is mostly
-    that compile). The prefill is timed on its own and removed."""
+def hf_decode_rates(
+    model,
+    mode: str,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    device: torch.device,
+    repeats: int,
+    clock: Clock = time.perf_counter,
+) -> tuple[list[float], float]:
+    """(decode tokens/s of each of ``repeats`` runs, seconds of the first call) of
+    transformers' generate on ``model``: "eager" (its default attention, SDPA, dynamic cache)
+    or "static" (a StaticCache sized for the run, with which generate compiles the decode
+    step: the first call's time is mostly that compile). The first call is the warm-up and is
+    not in the rates; the prefill (generate for one token, timed ``repeats`` times: the median)
+    is removed from each run."""
     ids = torch.randint(2, model.config.vocab_size, (batch, input_len), device=device)
     kwargs: dict = dict(do_sample=False, pad_token_id=0)
     cache = None
@@ -224,16 +306,34 @@ def hf_decode_rate(
             cache.reset()
             kwargs["past_key_values"] = cache
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         with torch.no_grad():
             model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
         sync(device)
-        return time.perf_counter() - start
+        return clock() - start
 
     first = timed(output_len)  # warm-up (and the compile, for "static")
-    prefill = timed(1)
-    total = timed(output_len)
-    return batch * (output_len - 1) / max(total - prefill, 1e-9), first
+    prefills, totals = [], []
+    for _ in range(repeats):
+        prefills.append(timed(1))
+        totals.append(timed(output_len))
+    # One prefill estimate for every run: a run's own short prefill timing is as noisy as the
+    # difference it is subtracted from.
+    prefill = statistics.median(prefills)
+    return [batch * (output_len - 1) / max(t - prefill, 1e-9) for t in totals], first
+
+
+# Engine options bench sets itself: the model comes from --model / --shape, the KV pool and
+# batch from --batch-sizes and the lengths, and prefix caching is off (every prompt is new).
+BENCH_SETS = (
+    "model",
+    "skip_tokenizer_init",
+    "load_format",
+    "max_model_len",
+    "kv_cache_tokens",
+    "max_num_seqs",
+    "enable_prefix_caching",
+)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -251,12 +351,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--output-len must be ≥ 2 (decode steps follow the first token), got {args.output_len}"
         )
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be ≥ 0, got {args.warmup_steps}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be ≥ 1, got {args.repeats}")
     if args.hf_output_len is not None and not 2 <= args.hf_output_len <= args.output_len:
         raise ValueError(
             f"--hf-output-len must be in [2, --output-len={args.output_len}], "
             f"got {args.hf_output_len}"
         )
-    modes = hf_modes(args.compare_hf, resolve_device(args.device))  # refused before loading
+    options = engine_kwargs(args)
+    modes = hf_modes(args.compare_hf, resolve_device(options.get("device", "auto")))
     total = args.input_len + args.output_len
     with tempfile.TemporaryDirectory() as scratch:
         path = (
@@ -267,16 +372,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         engine = LLMEngine(
             path,
-            dtype=args.dtype,
-            device=args.device,
+            **options,
             skip_tokenizer_init=True,
             load_format="dummy" if args.shape else "auto",
             max_model_len=total + 1 if args.model else None,
             kv_cache_tokens=max(batches) * (total + 16),
             max_num_seqs=max(batches),
             enable_prefix_caching=False,
-            attention_backend=args.attention_backend,
-            enforce_eager=args.enforce_eager,
         )
         graphs = engine.runner.decode_graphs
         record = {
@@ -290,6 +392,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "startup_s": time.perf_counter() - start,
             "load_s": engine.runner.load_seconds,
             "capture_s": graphs.capture_seconds if graphs is not None else 0.0,
+            "warmup_steps": args.warmup_steps,
+            "repeats": args.repeats,
         }
         dtype, device = engine.dtype, engine.device
         try:
@@ -309,28 +413,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(engine, batches: list[int], args: argparse.Namespace) -> list[dict]:
+def measure(
+    engine, batches: list[int], args: argparse.Namespace, clock: Clock = time.perf_counter
+) -> list[dict]:
+    """One row per batch size: tokens/s of the timed runs (median, min, max, each run), the
+    median ms per step, and the roofline of that batch."""
     model = engine.runner.model
     weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed_"))
     per_token_kv = engine.runner.kv_bytes_per_token()
     bandwidth = copy_bandwidth(engine.device)
     vocab = engine.config.vocab_size
-    decode_run(engine, 1, 4, 4, vocab)  # warm-up
     rows = []
     for batch in batches:
-        seconds, steps, tokens = decode_run(engine, batch, args.input_len, args.output_len, vocab)
+        runs = decode_runs(engine, batch, args, vocab, clock)
         mean_context = args.input_len + args.output_len / 2
         step_bytes = weights + batch * mean_context * per_token_kv
-        roofline = batch * bandwidth / step_bytes
-        row = {
-            "batch": batch,
-            "tok_s": tokens / seconds,
-            "ms_step": 1e3 * seconds / max(steps, 1),
-            "step_mb": step_bytes / 1e6,
-            "roofline": roofline,
-            "bandwidth": bandwidth,
-        }
-        rows.append(row)
+        rows.append(
+            {
+                "batch": batch,
+                **spread("tok_s", [r.tokens / max(r.seconds, 1e-9) for r in runs]),
+                "ms_step": statistics.median(1e3 * r.seconds / max(r.steps, 1) for r in runs),
+                "timed_steps": [r.steps for r in runs],
+                "step_mb": step_bytes / 1e6,
+                "roofline": batch * bandwidth / step_bytes,
+                "bandwidth": bandwidth,
+            }
+        )
     return rows
 
 
@@ -343,8 +451,11 @@ def measure_hf(
     new = args.hf_output_len or args.output_len
     for mode in modes:
         for row in rows:
-            rate, first = hf_decode_rate(model, mode, row["batch"], args.input_len, new, device)
-            row[f"hf_{mode}"] = rate
+            rates, first = hf_decode_rates(
+                model, mode, row["batch"], args.input_len, new, device, args.repeats
+            )
+            row.update(spread(f"hf_{mode}", rates))
+            row[f"hf_{mode}_ratio"] = row["tok_s"] / row[f"hf_{mode}"]  # of medians
             row[f"hf_{mode}_first_s"] = first
 
 
@@ -355,22 +466,24 @@ def print_table(record: dict, args: argparse.Namespace) -> None:
     print(
         f"{what}: {record['parameters'] / 1e6:,.1f}M parameters, {record['dtype']}, "
         f"{record['device']}, {record['attention_backend']} kernels, {graphs}; copy bandwidth "
-        f"{rows[0]['bandwidth'] / 1e9:.1f} GB/s; start-up {record['startup_s']:.1f} s (load "
-        f"{record['load_s']:.1f} s, capture {record['capture_s']:.1f} s); "
+        f"{rows[0]['bandwidth'] / 1e9:.1f} GB/s; start-up {seconds(record['startup_s'])} (load "
+        f"{seconds(record['load_s'])}, capture {seconds(record['capture_s'])}); "
         f"{args.input_len} prompt + {args.output_len} new tokens"
     )
     modes = [m for m in HF_MODES if f"hf_{m}" in rows[0]]
-    head = f"{'batch':>6}{'tok/s':>11}{'ms/step':>9}{'MB/step':>9}{'roofline':>10}{'% roof':>8}"
+    print(timing_note(record, modes, args.output_len))
+    head = f"{'batch':>6}{'tok/s (min–max)':>24}{'ms/step':>9}{'MB/step':>9}{'roofline':>10}"
+    head += f"{'% roof':>8}"
     for m in modes:
-        head += f"{'HF ' + m:>11}{'ratio':>7}"
+        head += f"{f'HF {m} (min–max)':>24}{'ratio':>7}"
     print(head)
     for r in rows:
         line = (
-            f"{r['batch']:6d}{r['tok_s']:11.1f}{r['ms_step']:9.2f}{r['step_mb']:9.1f}"
+            f"{r['batch']:6d}{rate_cell(r, 'tok_s'):>24}{r['ms_step']:9.2f}{r['step_mb']:9.1f}"
             f"{r['roofline']:10.1f}{100 * r['tok_s'] / r['roofline']:7.1f}%"
         )
         for m in modes:
-            line += f"{r[f'hf_{m}']:11.1f}{r['tok_s'] / r[f'hf_{m}']:6.2f}×"
+            line += f"{rate_cell(r, f'hf_{m}'):>24}{r[f'hf_{m}_ratio']:6.2f}×"
         print(line)
     for m in modes:
         firsts = ", ".join(f"{r[f'hf_{m}_first_s']:.1f}" for r in rows)
@@ -378,3 +491,27 @@ def print_table(record: dict, args: argparse.Namespace) -> None:
     if len(rows) > 1:
         pct = [100 * r["tok_s"] / r["roofline"] for r in rows]
         print(f"median % of roofline: {statistics.median(pct):.1f}%")
+
+
+def timing_note(record: dict, modes: list[str], output_len: int) -> str:
+    """What the table's rates are: how much was warm-up, how many runs, which statistic."""
+    note = (
+        f"each batch: {record['warmup_steps']} untimed warm-up decode steps, then "
+        f"{record['repeats']} timed runs of {output_len - 1} decode steps; tok/s = median "
+        "(min–max) of the runs, ms/step = median"
+    )
+    if modes:
+        note += "; HF: one untimed generate call, then as many runs; ratio = median / median"
+    return note
+
+
+def rate_cell(row: dict, key: str) -> str:
+    """``312 (305–320)``: the median and the range of the runs, one precision for all three."""
+    digits = 0 if row[key] >= 100 else 1
+    low, mid, high = (f"{row[k]:,.{digits}f}" for k in (f"{key}_min", key, f"{key}_max"))
+    return f"{mid} ({low}–{high})"
+
+
+def seconds(value: float) -> str:
+    """A duration with a precision that does not round start-up times below 0.05 s to 0."""
+    return f"{value:.1f} s" if value >= 1 else f"{1e3 * value:.0f} ms"

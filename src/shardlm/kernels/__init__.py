@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     import torch
 
 
+# attention_backend: "torch" (PyTorch, SDPA), "triton" (these kernels), "auto" (resolved below).
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
 def next_power_of_two(n: int) -> int:
     """Triton tiles (tl.arange) must be powers of two: the smallest one ≥ n."""
     return 1 << (n - 1).bit_length()

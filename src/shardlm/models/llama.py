@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
 
+from shardlm.attention.backend import AttentionBackend
 from shardlm.config import ModelConfig
 from shardlm.distributed.parallel_state import TPContext
 from shardlm.errors import ConfigError
@@ -28,16 +28,6 @@ from shardlm.layers.hadamard import fwht
 from shardlm.layers.linear import Linear
 from shardlm.layers.norm import RMSNorm
 from shardlm.layers.rotary import RotaryEmbedding
-
-
-class AttentionBackend(Protocol):
-    """What a decoder layer needs from the KV-cache owner for the current step. A backend
-    with ``fuses_rope = True`` also offers ``rope_attend(layer, qkv, positions, rotary,
-    num_heads, num_kv_heads)``, which rotates and caches itself (PagedAttention)."""
-
-    def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -151,7 +141,7 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        if getattr(attn, "fuses_rope", False):
+        if attn.fuses_rope:
             # The backend rotates q, k and writes k, v into its cache in one kernel.
             out = attn.rope_attend(
                 self.layer_idx, qkv, positions, rotary, self.num_heads, self.num_kv_heads

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from shardlm.calibration import CALIBRATION_FILE, load_calibration
+from shardlm.calibration import calibration_candidates, find_calibration, load_calibration
 from shardlm.errors import ConfigError
 from shardlm.layers.arm import ArmTransform, arm_transform, check_arm_mode, uses_smoothing
 from shardlm.layers.linear import Linear
@@ -30,7 +30,8 @@ class WeightTransforms:
     """The engine's ARM and quantization arguments, validated.
 
     ``calibration``: the file of per-channel statistics smoothing needs (``shardlm
-    calibrate`` writes it beside the checkpoint, which is where it is looked for by default).
+    calibrate`` writes it beside the checkpoint, or in a per-user directory when it cannot:
+    ``calibration.find_calibration`` looks in both).
     """
 
     arm: str = "none"
@@ -67,15 +68,7 @@ class WeightTransforms:
             )
         calibration = None
         if uses_smoothing(arm):
-            path = Path(arm_calibration) if arm_calibration else Path(model) / CALIBRATION_FILE
-            if not path.is_file():
-                why = "is not a file" if path.exists() else "does not exist"
-                raise ConfigError(
-                    f"arm={arm!r} needs calibration statistics, and {path} {why}; "
-                    f"run `shardlm calibrate --model {model} --data FILE.txt` first (or use "
-                    "arm='hadamard', which needs none)"
-                )
-            calibration = str(path)
+            calibration = str(calibration_file(model, arm, arm_calibration))
         return cls(arm, calibration, quantization, quantize_all_linears)
 
     def check_device(self, device: torch.device) -> None:
@@ -95,6 +88,35 @@ class WeightTransforms:
             which = "all linears" if self.quantize_all_linears else "down_proj"
             parts.append(f"{self.quantization} {which}")
         return ", ".join(parts) or "no weight transforms"
+
+
+def calibration_file(model: str | Path, arm: str, given: str | os.PathLike | None) -> Path:
+    """The statistics smoothing reads: the file given, else the model's own (the per-user one
+    first, then the checkpoint's), refused with the command to run when there is none."""
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            why = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(
+                f"arm={arm!r} needs calibration statistics, and {path} {why}; "
+                + _how_to_calibrate(model)
+            )
+        return path
+    found = find_calibration(model)
+    if found is None:
+        user, beside = calibration_candidates(model)
+        raise ConfigError(
+            f"arm={arm!r} needs calibration statistics, and neither {beside} nor {user} "
+            "exists; " + _how_to_calibrate(model)
+        )
+    return found
+
+
+def _how_to_calibrate(model: str | Path) -> str:
+    return (
+        f"run `shardlm calibrate --model {model} --data FILE.txt` first (or use "
+        "arm='hadamard', which needs none)"
+    )
 
 
 def apply_weight_transforms(model: LlamaForCausalLM, transforms: WeightTransforms) -> None:

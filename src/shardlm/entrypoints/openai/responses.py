@@ -101,3 +101,14 @@ def envelope(kind: str, request_id: str, model: str, created: int | None = None)
         "created": int(time.time()) if created is None else created,
         "model": model,
     }
+
+
+def model_card(name: str, max_model_len: int, created: int | None = None) -> dict:
+    """The one entry of /v1/models (``max_model_len`` is vLLM's extension)."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(time.time()) if created is None else created,
+        "owned_by": "shardlm",
+        "max_model_len": max_model_len,
+    }

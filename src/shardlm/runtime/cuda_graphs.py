@@ -32,8 +32,8 @@ import time
 
 import torch
 
-from shardlm.attention.paged import PagedAttention, PagedStep, decode_write_slots
-from shardlm.engine.step_inputs import StepInputs
+from shardlm.attention.paged import PagedAttention, decode_write_slots
+from shardlm.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ class DecodeGraphs:
     def _forward(self, n: int) -> None:
         meta = self.meta[:, :n]
         self.attention.begin_step(
-            PagedStep.decodes_only(meta[SLOTS], meta[LENGTHS], self.tables[:n])
+            StepInputs.static_decodes(
+                meta[IDS], meta[POSITIONS], meta[LENGTHS], meta[SLOTS], self.tables[:n]
+            )
         )
         hidden = self.model(meta[IDS], meta[POSITIONS], self.attention)
         self.model.compute_logits(hidden, out=self.logits[:n])

@@ -1,8 +1,9 @@
-"""Builds the model on its device and executes scheduled batches over the paged KV pool.
+"""One rank's model: built on its device, with its KV pool (or its links to attention nodes),
+running steps given as plain tensors (step_inputs.StepInputs).
 
-Each step flattens the scheduled sequences into one token batch (decodes first, then prefill
-chunks) with positions and slot mappings, runs the model once, and returns the logits of the
-sequences that need a new token.
+The driver's executor (executor/driver.py) calls ``run`` after broadcasting the step; worker
+ranks call the same ``run`` from their command loop (executor/compute_rank.py), so every
+rank's forward pairs up its collectives.
 """
 
 from __future__ import annotations
@@ -14,63 +15,64 @@ from pathlib import Path
 
 import torch
 
+from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.contiguous import ContiguousAttention
 from shardlm.attention.node import AttentionNode, node_name
-from shardlm.attention.paged import PagedAttention, PagedStep
-from shardlm.attention.rshard import RShard
+from shardlm.attention.paged import PagedAttention
 from shardlm.attention.sharded import LocalLink, NodeLink, RemoteLink, ShardedAttention
 from shardlm.cache.contiguous import ContiguousKVCache
 from shardlm.cache.paged import PagedKVCache
+from shardlm.cache.rshard import RShard
 from shardlm.config import ModelConfig
-from shardlm.distributed import protocol
 from shardlm.distributed.parallel_state import TPContext
-from shardlm.engine.cuda_graphs import DecodeGraphs
-from shardlm.engine.scheduler import ScheduledBatch
-from shardlm.engine.sequence import Sequence
-from shardlm.engine.step_inputs import StepInputs, build_step_inputs
+from shardlm.engine_config import EngineConfig
+from shardlm.kernels import resolve_attention_backend
 from shardlm.loader import init_dummy_weights, load_weights
 from shardlm.models.llama import LlamaForCausalLM
 from shardlm.models.registry import model_class
-from shardlm.models.transforms import WeightTransforms, apply_weight_transforms
+from shardlm.models.transforms import apply_weight_transforms
+from shardlm.runtime.cuda_graphs import DecodeGraphs
+from shardlm.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Holds this rank's shard of the model and KV pool, and runs steps.
-
-    On the driver, ``execute`` flattens a scheduled batch and, under tensor parallelism,
-    broadcasts it to the workers first; every rank then runs the same ``run``. Workers call
-    ``run`` / ``score`` from their command loop (distributed/worker.py).
-    """
+    """Holds this rank's shard of the model and its attention backend, and runs steps."""
 
     def __init__(
         self,
-        path: str | Path,
+        engine: EngineConfig,
         config: ModelConfig,
-        dtype: torch.dtype,
         device: torch.device,
-        max_model_len: int,
         tp: TPContext | None = None,
-        transforms: WeightTransforms | None = None,
-        load_format: str = "auto",
-        attention_backend: str = "torch",
     ) -> None:
+        """``engine``: the resolved configuration (EngineConfig.resolve)."""
         self.config = config
-        self.attention_backend = attention_backend
-        self.dtype = dtype
+        self.dtype = dtype = engine.torch_dtype
         self.device = device
-        self.max_model_len = max_model_len
+        self.max_model_len = max_model_len = engine.model.max_model_len
         self.tp = tp or TPContext.single()
+        # "auto" is resolved here, on this rank's device: each rank may fall back alone.
+        self.attention_backend = resolve_attention_backend(
+            engine.kernels.attention_backend,
+            device,
+            engine.cache.block_size,
+            engine.parallel.attention_nodes,
+        )
         self.decode_graphs: DecodeGraphs | None = None
+        self.kv_cache: PagedKVCache | None = None
+        self.attention: AttentionBackend | None = None
+        path = Path(engine.model.model)
         start = time.perf_counter()
         self.model = build_model(config, dtype, device, max_model_len, self.tp)
-        if load_format == "dummy":
+        if engine.model.load_format == "dummy":
             init_dummy_weights(self.model, seed=self.tp.rank)
         else:
             load_weights(self.model, path, dtype)
-        self.transforms = transforms or WeightTransforms()
+        self.transforms = engine.quantization.transforms
         apply_weight_transforms(self.model, self.transforms)
+        attention_backend = self.attention_backend
         if attention_backend == "triton":
             self.model.use_triton_kernels()
         if self.transforms.quantization and device.type == "cuda":
@@ -130,9 +132,11 @@ class ModelRunner:
         def scalar(value: int) -> torch.Tensor:  # own allocations: aligned as in serving
             return torch.tensor([value], device=self.device)
 
-        step = PagedStep.decodes_only(
-            scalar(cache.padding_slot),
+        step = StepInputs.static_decodes(
             scalar(0),
+            scalar(0),
+            scalar(0),
+            scalar(cache.padding_slot),
             torch.zeros(1, width, dtype=torch.long, device=self.device),
         )
         sticky = getattr(torch, "AcceleratorError", ())
@@ -162,7 +166,7 @@ class ModelRunner:
         to batch-size buckets, and (``capture``, CUDA) replay them from CUDA graphs
         (engine/cuda_graphs.py). Needs the Triton kernels and the local paged pool. If the
         capture runs out of memory (the KV pool took it first), decode runs eagerly."""
-        if self.attention_backend != "triton" or not isinstance(self.attention, PagedAttention):
+        if self.attention_backend != "triton" or self.kv_cache is None:
             raise ValueError("decode graphs need attention_backend='triton' and a local KV pool")
         graphs = DecodeGraphs(
             self.model, self.attention, max_batch, self.max_model_len, self.device
@@ -245,57 +249,30 @@ class ModelRunner:
 
     def release(self, seq_ids: list[int]) -> None:
         """Every rank: sequences the scheduler freed (attention nodes drop their KV)."""
-        if isinstance(self.attention, ShardedAttention):
-            self.attention.release(seq_ids)
+        self.attention.release(seq_ids)
 
     # -- steps --
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """Driver: run one step. Returns the sequences that reached the end of their known
-        tokens (in batch order) and their next-token logits [N, vocab] (float32)."""
-        inputs, to_sample = build_step_inputs(batch)
-        if self.tp.has_peers:
-            protocol.send(self.tp, protocol.Command.STEP, inputs.header(), inputs.payload())
-        return to_sample, self.run(inputs)
-
     @torch.inference_mode()
     def run(self, host_inputs: StepInputs) -> torch.Tensor | None:
         """Every rank: one forward over the step's tokens; logits on the driver."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(host_inputs):
             return self.decode_graphs.run(host_inputs)
         inputs = host_inputs.to(self.device)
-        if isinstance(self.attention, ShardedAttention):
-            self.attention.begin_step(
-                host_inputs.seq_ids.tolist(),
-                host_inputs.positions,
-                host_inputs.num_decodes,
-                host_inputs.token_counts(),
-            )
-        else:
-            self.attention.begin_step(
-                inputs.paged_step(self.block_size, self.attention.decode_kernel is None)
-            )
+        self.attention.begin_step(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
-    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Driver: float32 logits [T, vocab] at every prompt position (scoring and tests).
-
-        Runs on a private contiguous cache, independent of the paged pool and the scheduler.
-        """
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
-        if self.tp.has_peers:
-            protocol.send(self.tp, protocol.Command.SCORE, [], ids)
-        return self.score(ids)
-
     @torch.inference_mode()
     def score(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [T, vocab] at every position of one prompt (scoring and tests), on a
+        private contiguous cache, independent of the paged pool and the scheduler."""
         c = self.config
         n = ids.shape[0]
         cache = ContiguousKVCache(
             c.num_hidden_layers, self.model.shard.kv_heads, c.head_dim, n, self.dtype, self.device
         )
         attn = ContiguousAttention(cache, self.scale, c.sliding_windows)
-        attn.begin_step(0, n)
+        attn.begin_step(StepInputs.prompt(n))
         hidden = self.model(ids.to(self.device), torch.arange(n, device=self.device), attn)
         return self.model.compute_logits(hidden)
 

@@ -1,0 +1,491 @@
+"""``EngineConfig``: every engine option, declared once, grouped by concern.
+
+    LLM("ckpt", block_size=32, tensor_parallel_size=2)          # flat keyword arguments
+    EngineConfig.from_kwargs(model="ckpt", block_size=32)       # the same, as one object
+    config.cache.block_size, config.parallel.world_size         # grouped access
+
+Each field (shardlm/options.py) carries its type, default, help and check; the keyword
+arguments of ``LLM`` / ``LLMEngine``, the CLI flags (``add_engine_arguments``), the workers'
+configuration (``to_json`` / ``from_json``: one serialised form, sent once at spawn) and the
+options table in docs/configuration.md all come from it.
+
+``resolve()`` turns what the user asked for into what runs: the built-in model when none is
+given, ``dtype``/``device`` "auto", ``max_model_len`` from the checkpoint, the tensor-parallel
+size under torchrun, the calibration file ARM smoothing reads. A resolved configuration
+resolves to itself, so the driver and every worker agree. ``attention_backend`` stays as
+asked: each rank resolves "auto" on its own device (and falls back alone if the kernels fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shardlm.attention.node import node_name
+from shardlm.config import ModelConfig
+from shardlm.demo import demo_checkpoint
+from shardlm.distributed.torchrun import torchrun_rank, under_torchrun
+from shardlm.errors import ParamError
+from shardlm.kernels import ATTENTION_BACKENDS, triton_available
+from shardlm.layers.arm import ARM_MODES
+from shardlm.layers.quant import QUANTIZATIONS
+from shardlm.loader import DTYPES, LOAD_FORMATS, resolve_device, resolve_dtype
+from shardlm.models.llama import check_tensor_parallel
+from shardlm.models.transforms import WeightTransforms
+from shardlm.options import (
+    add_arguments,
+    check_fields,
+    flat_values,
+    from_kwargs,
+    int_in,
+    kwargs_from,
+    number_in,
+    option,
+)
+
+ATTENTION_TRANSPORTS = ("distributed", "in-process")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _device(name: str):
+    def check(value: Any) -> None:
+        if not isinstance(value, str):
+            raise ParamError(
+                name, f"{name} must be a string (auto, cpu, cuda, cuda:N), got {value!r}"
+            )
+        try:
+            resolve_device(value)
+        except ValueError as e:
+            raise ParamError(name, f"{name}: {e}" if name != "device" else str(e)) from None
+
+    return check
+
+
+def _dtype(value: Any) -> None:
+    if value != "auto" and value not in DTYPES:
+        raise ParamError(
+            "dtype", f"dtype {value!r} is not supported; allowed: {', '.join(DTYPE_CHOICES)}"
+        )
+
+
+def _path(name: str):
+    def check(value: Any) -> None:
+        if not isinstance(value, str):
+            raise ParamError(name, f"{name} must be a path, got {type(value).__name__}")
+
+    return check
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which checkpoint, in which precision, on which device."""
+
+    model: str | None = option(
+        None,
+        "Hugging Face checkpoint directory",
+        check=_path("model"),
+        default_text="the built-in model, tiny-code",
+    )
+    tokenizer: str | None = option(
+        None, "tokenizer directory", check=_path("tokenizer"), default_text="the model's"
+    )
+    dtype: str = option(
+        "auto",
+        "auto (the checkpoint's dtype on GPU, float32 on CPU) | float32 | bfloat16 | float16",
+        check=_dtype,
+    )
+    device: str = option(
+        "auto", "auto (CUDA when available) | cpu | cuda | cuda:N", check=_device("device")
+    )
+    seed: int = option(0, "seed of requests that bring none", check=int_in(0, 2**63 - 1))
+    max_model_len: int | None = option(
+        None,
+        "longest sequence, prompt + output",
+        check=int_in(1, 2**31),
+        default_text="max_position_embeddings",
+    )
+    skip_tokenizer_init: bool = option(
+        False, "no tokenizer: prompts and outputs are token ids only"
+    )
+    load_format: str = option(
+        "auto", "auto: the checkpoint's safetensors; dummy: random weights", choices=LOAD_FORMATS
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The paged KV pool and its prefix cache."""
+
+    kv_cache_tokens: int | None = option(
+        None,
+        "exact KV pool size in tokens (with attention nodes: of each node)",
+        check=int_in(1, 2**40),
+        default_text="from memory_utilization",
+    )
+    memory_utilization: float | None = option(
+        None,
+        "fraction of free memory (after the weights) for the KV pool",
+        check=number_in(0, 1, open_low=True),
+        aliases=("gpu_memory_utilization",),
+        flags=("--gpu-memory-utilization",),
+        default_text="0.9 on GPU, 0.3 of available RAM on CPU",
+    )
+    block_size: int = option(16, "tokens per KV block", check=int_in(1, 1024))
+    enable_prefix_caching: bool = option(
+        True, "reuse the KV of full blocks shared with earlier prompts"
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ParamError(
+                "kv_cache_tokens",
+                f"kv_cache_tokens must be an integer in [{self.block_size}, {2**40}] (at least "
+                f"one block of block_size), got {self.kv_cache_tokens}",
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """What one step may hold."""
+
+    max_num_batched_tokens: int = option(
+        2048, "tokens per step (decodes + prefill chunks)", check=int_in(1, 2**20)
+    )
+    max_num_seqs: int = option(256, "sequences running at once", check=int_in(1, 2**16))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """Tensor parallelism (figure 1) and attention nodes (figure 2)."""
+
+    tensor_parallel_size: int | None = option(
+        None,
+        "split the model over N processes",
+        check=int_in(1, 1024),
+        flags=("--tp",),
+        default_text="1; under torchrun WORLD_SIZE / (1 + β)",
+    )
+    tp_timeout_s: float = option(
+        60.0,
+        "seconds before a dead or hung rank is reported",
+        check=number_in(1, 3600),
+        flags=("--tp-timeout",),
+    )
+    attention_nodes: int = option(
+        0,
+        "β: R-shard the KV cache over β attention nodes per head group (0: none)",
+        check=int_in(0, 1024),
+    )
+    kv_chunk_size: int = option(
+        16,
+        "tokens per R-shard chunk: position p lives on node (p // c) % β",
+        check=int_in(1, 2**20),
+    )
+    attention_device: str | None = option(
+        None,
+        "device of the attention nodes' KV",
+        check=_device("attention_device"),
+        default_text="the compute device",
+    )
+    attention_transport: str = option(
+        "distributed",
+        "attention nodes as their own ranks, or as objects in the compute ranks",
+        choices=ATTENTION_TRANSPORTS,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.attention_device is not None and not self.attention_nodes:
+            raise ParamError("attention_device", "attention_device needs attention_nodes ≥ 1")
+
+    @property
+    def tp_size(self) -> int:
+        return self.tensor_parallel_size or 1
+
+    @property
+    def remote_nodes(self) -> bool:
+        """Attention nodes that are ranks of their own (the distributed transport)."""
+        return self.attention_nodes > 0 and self.attention_transport == "distributed"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the job: t compute ranks, then t·β attention nodes if they are ranks."""
+        return self.tp_size * (1 + (self.attention_nodes if self.remote_nodes else 0))
+
+    def node_rank(self, head_group: int, shard: int) -> int:
+        return self.tp_size + head_group * self.attention_nodes + shard
+
+    def role_of(self, rank: int) -> str:
+        """How a rank is named in logs and errors."""
+        if rank < self.tp_size:
+            return f"tensor-parallel rank {rank}"
+        g, s = divmod(rank - self.tp_size, self.attention_nodes)
+        return f"{node_name(g, s)} (rank {rank})"
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Which code runs the step on a GPU."""
+
+    attention_backend: str = option(
+        "auto",
+        "torch: PyTorch (SDPA); triton: the Triton kernels; auto: triton on CUDA when they fit",
+        choices=ATTENTION_BACKENDS,
+    )
+    enforce_eager: bool = option(False, "no CUDA graphs: every decode step runs eagerly")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class QuantizationOptions:
+    """W8A8 quantization and the activation redistribution module (figure 3, docs/arm.md)."""
+
+    quantization: str | None = option(
+        None, "W8A8 quantization of the MLP down projection", choices=(None, *QUANTIZATIONS)
+    )
+    quantize_all_linears: bool = option(
+        False, "quantize QKV/O/gate/up too (everything but the LM head)"
+    )
+    arm: str = option(
+        "none", "activation redistribution in front of the down projection", choices=ARM_MODES
+    )
+    arm_calibration: str | None = option(
+        None,
+        "statistics for arm smooth|both",
+        check=_path("arm_calibration"),
+        default_text="your calibration of the model if any (shardlm calibrate), else "
+        "MODEL/arm_calibration.safetensors",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.quantize_all_linears and self.quantization is None:
+            raise ParamError(
+                "quantize_all_linears",
+                "quantize_all_linears=True needs quantization='int8' or 'fp8'",
+            )
+        if self.arm_calibration is not None and self.arm not in ("smooth", "both"):
+            raise ParamError(
+                "arm_calibration",
+                f"arm_calibration is only used with arm='smooth' or 'both', not {self.arm!r}",
+            )
+
+    @property
+    def transforms(self) -> WeightTransforms:
+        return WeightTransforms(
+            self.arm, self.arm_calibration, self.quantization, self.quantize_all_linears
+        )
+
+
+GROUP_TITLES = {
+    "model": "Model and loading",
+    "cache": "KV cache",
+    "scheduler": "Scheduler",
+    "parallel": "Parallelism",
+    "kernels": "Kernels",
+    "quantization": "Quantization and ARM",
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every option of the engine, by concern (see the module docstring)."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    cache: CacheOptions = field(default_factory=CacheOptions)
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    kernels: KernelOptions = field(default_factory=KernelOptions)
+    quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
+
+    def __post_init__(self) -> None:
+        backend, nodes = self.kernels.attention_backend, self.parallel.attention_nodes
+        if backend == "triton" and nodes:
+            raise ParamError(
+                "attention_backend",
+                "attention_backend='triton' is for the local paged pool; attention nodes "
+                "compute with the reference primitive (use attention_backend='torch' with them)",
+            )
+        bs = self.cache.block_size
+        if backend == "triton" and bs & (bs - 1):
+            raise ParamError(
+                "attention_backend",
+                f"attention_backend='triton' needs a power-of-two block_size, got {bs}",
+            )
+
+    # -- building --
+    @classmethod
+    def from_kwargs(cls, caller: str = "LLM", **kwargs: Any) -> EngineConfig:
+        """From flat keyword arguments (``LLM(model, **kwargs)``); a torch.dtype is taken by
+        name."""
+        if isinstance(kwargs.get("dtype"), torch.dtype):
+            kwargs["dtype"] = _dtype_name(kwargs["dtype"])
+        return from_kwargs(cls, kwargs, caller)
+
+    def replace(self, **kwargs: Any) -> EngineConfig:
+        """A copy with some options changed (flat names)."""
+        return EngineConfig.from_kwargs("EngineConfig.replace", **{**self.flat(), **kwargs})
+
+    def flat(self) -> dict[str, Any]:
+        return flat_values(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.flat())
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineConfig:
+        return cls.from_kwargs("the worker configuration", **json.loads(text))
+
+    # -- resolving --
+    def resolve(self) -> EngineConfig:
+        """What runs (module docstring). Reads config.json; raises before anything loads."""
+        m, p = self.model, self.parallel
+        path = Path(m.model) if m.model is not None else demo_checkpoint()
+        if not path.is_dir():
+            raise ParamError(
+                "model", f"model {str(m.model)!r} is not a directory (expected a checkpoint dir)"
+            )
+        config = ModelConfig.from_pretrained(path)
+        limit = config.max_position_embeddings
+        if m.max_model_len is not None and m.max_model_len > limit:
+            raise ParamError(
+                "max_model_len",
+                f"max_model_len must be an integer in [1, {limit}] (max_position_embeddings), "
+                f"got {m.max_model_len}",
+            )
+        tp = tensor_parallel_size(p.tensor_parallel_size, p.attention_nodes, p.attention_transport)
+        check_tensor_parallel(config, tp)
+        device = resolve_device(m.device)
+        dtype = resolve_dtype(m.dtype, config.torch_dtype, device)
+        self._check_kernels(device)
+        attention_device = None
+        if p.attention_device is not None:
+            attention_device = str(resolve_device(p.attention_device))
+        check_attention_device(
+            attention_device, p.attention_transport, tp, p.attention_nodes, device
+        )
+        q = self.quantization
+        transforms = WeightTransforms.resolve(
+            path, q.arm, q.arm_calibration, q.quantization, q.quantize_all_linears
+        )
+        return self.replace(
+            model=str(path),
+            dtype=_dtype_name(dtype),
+            device=str(device),
+            max_model_len=m.max_model_len or limit,
+            tensor_parallel_size=tp,
+            attention_device=attention_device,
+            arm_calibration=transforms.calibration,
+        )
+
+    def _check_kernels(self, device: torch.device) -> None:
+        """The Triton kernels need triton and a CUDA device (or, for tests on CPU, Triton's
+        interpreter: TRITON_INTERPRET=1)."""
+        if self.kernels.attention_backend != "triton":
+            return
+        if not triton_available():
+            raise ParamError(
+                "attention_backend",
+                "attention_backend='triton' needs triton installed (pip install triton)",
+            )
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ParamError(
+                "attention_backend",
+                "attention_backend='triton' runs on CUDA devices; on CPU only in Triton's "
+                "interpreter (TRITON_INTERPRET=1, for tests)",
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The resolved dtype (after ``resolve``)."""
+        return DTYPES[self.model.dtype]
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Decode graphs are possible: one CUDA rank, not turned off. (They also need the
+        Triton kernels, which each rank resolves on its own.)"""
+        return (
+            torch.device(self.model.device).type == "cuda"
+            and self.parallel.world_size == 1
+            and not self.kernels.enforce_eager
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ParamError(
+            "dtype", f"dtype {dtype} is not supported; allowed: {', '.join(DTYPE_CHOICES)}"
+        )
+    return {"float": "float32", "half": "float16"}.get(name, name)
+
+
+def tensor_parallel_size(requested: int | None, attention_nodes: int, transport: str) -> int:
+    """The given size, or under torchrun what the job's WORLD_SIZE implies (they must agree
+    when both are given): WORLD_SIZE = t compute ranks, plus t·β attention-node ranks when
+    the nodes are distributed."""
+    if not under_torchrun():
+        return requested or 1
+    world = torchrun_rank()[1]
+    per_group = 1 + (attention_nodes if attention_nodes > 0 and transport == "distributed" else 0)
+    if world % per_group or requested not in (None, world // per_group):
+        tp = "t" if requested is None else str(requested)
+        raise ParamError(
+            "tensor_parallel_size",
+            f"torchrun's WORLD_SIZE {world} does not fit {tp} compute ranks × (1 + "
+            f"{per_group - 1} attention-node ranks each); WORLD_SIZE must be t·(1 + β) with "
+            "distributed attention nodes, else t (tensor_parallel_size)",
+        )
+    return world // per_group
+
+
+def check_attention_device(
+    attention_device: str | None,
+    transport: str,
+    tensor_parallel_size: int,
+    attention_nodes: int,
+    compute_device: torch.device,
+) -> None:
+    """Refuse, before anything starts, an attention device that cannot work."""
+    dev = torch.device(attention_device) if attention_device is not None else compute_device
+    if attention_nodes and transport == "distributed" and dev.type == "cuda":
+        if attention_device is not None and dev.index is not None:
+            raise ParamError(
+                "attention_device",
+                f"attention_device={attention_device!r}: distributed attention nodes each take "
+                "the GPU of their local rank; give 'cuda' without an index",
+            )
+        ranks = tensor_parallel_size * (1 + attention_nodes)
+        if not under_torchrun() and torch.cuda.device_count() < ranks:
+            raise ParamError(
+                "attention_nodes",
+                f"attention_nodes={attention_nodes} on CUDA with the distributed transport needs "
+                f"one GPU per rank ({ranks}), this machine has {torch.cuda.device_count()}; "
+                "use attention_device='cpu' or attention_transport='in-process'",
+            )
+
+
+# -- the command line --
+def add_engine_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """The engine's flags, generated from the options (``--help`` shows each default)."""
+    add_arguments(parser, EngineConfig, exclude=exclude, titles=GROUP_TITLES)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options given on the command line, as ``LLM`` keyword arguments."""
+    return kwargs_from(args, EngineConfig)

@@ -1,0 +1,157 @@
+"""One step's model inputs as plain integer tensors: built by the driver from the scheduled
+sequences (engine/batching.py), sent unchanged to the other ranks (the payload of
+distributed/protocol.py), and turned into attention metadata by each rank's attention
+backend (``AttentionBackend.begin_step``).
+
+Nothing here refers to sequences or requests, so a worker needs no scheduler state: the
+block tables travel with the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] decodes first, then prefill chunks
+    positions: torch.Tensor  # [T]
+    decode_tables: torch.Tensor  # [B, W] block tables of decode sequences, padded with block 0
+    decode_lens: torch.Tensor  # [B] context length including the new token
+    prefill_meta: torch.Tensor  # [P, 2] (tokens in chunk, context length after it)
+    prefill_tables: list[torch.Tensor]  # P block tables
+    sample_rows: torch.Tensor  # [R] rows of the batch whose logits are needed
+    seq_ids: torch.Tensor  # [B + P] the scheduled sequences (attention nodes key KV by them)
+    # Longest decode context, read while decode_lens is still on the host (reading it from a
+    # device tensor would sync the device every step).
+    max_decode_len: int = -1
+    # [B] where each decode's new K/V goes, when the caller fixed it (CUDA graphs: padding
+    # rows write to the pool's padding slot); None: from the block tables.
+    decode_write_slots: torch.Tensor | None = None
+    # The same inputs on the host, when these are a device copy (``to``): backends that
+    # plan on the host (attention nodes) read them there without a device sync.
+    host: StepInputs | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_decode_len < 0:
+            self.max_decode_len = int(self.decode_lens.max()) if self.num_decodes else 0
+
+    @property
+    def on_host(self) -> StepInputs:
+        return self.host if self.host is not None else self
+
+    @classmethod
+    def static_decodes(
+        cls,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        context_lens: torch.Tensor,
+        write_slots: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> StepInputs:
+        """A step of single-token decodes held in fixed buffers (CUDA graphs, the start-up
+        kernel check): no host reads, the write slots given."""
+        empty = torch.zeros(0, dtype=torch.long)
+        return cls(
+            input_ids=input_ids,
+            positions=positions,
+            decode_tables=block_tables,
+            decode_lens=context_lens,
+            prefill_meta=empty.view(0, 2),
+            prefill_tables=[],
+            sample_rows=empty,
+            seq_ids=empty,
+            max_decode_len=0,
+            decode_write_slots=write_slots,
+        )
+
+    @classmethod
+    def prompt(cls, num_tokens: int) -> StepInputs:
+        """One whole prompt as a single prefill chunk, with no block table (scoring on a
+        contiguous cache): positions 0..num_tokens-1."""
+        empty = torch.zeros(0, dtype=torch.long)
+        return cls(
+            input_ids=empty,  # the caller passes the ids to the model itself
+            positions=torch.arange(num_tokens),
+            decode_tables=empty.view(0, 0),
+            decode_lens=empty,
+            prefill_meta=torch.tensor([[num_tokens, num_tokens]]),
+            prefill_tables=[empty],
+            sample_rows=empty,
+            seq_ids=empty,
+        )
+
+    @property
+    def num_decodes(self) -> int:
+        return self.decode_lens.shape[0]
+
+    def token_counts(self) -> list[int]:
+        """Tokens each scheduled sequence brings this step (decodes 1, then prefill chunks)."""
+        return [1] * self.num_decodes + self.prefill_meta[:, 0].tolist()
+
+    # -- flat encoding for the driver → worker broadcast --
+    def header(self) -> list[int]:
+        """Sizes a receiver needs to split the payload: [T, B, W, P, R]."""
+        return [
+            self.input_ids.shape[0],
+            self.num_decodes,
+            self.decode_tables.shape[1] if self.num_decodes else 0,
+            len(self.prefill_tables),
+            self.sample_rows.shape[0],
+        ]
+
+    def payload(self) -> torch.Tensor:
+        parts = [
+            self.input_ids,
+            self.positions,
+            self.decode_tables.reshape(-1),
+            self.decode_lens,
+            self.prefill_meta.reshape(-1),
+            torch.tensor([t.shape[0] for t in self.prefill_tables], dtype=torch.long),
+            *self.prefill_tables,
+            self.sample_rows,
+            self.seq_ids,
+        ]
+        return torch.cat(parts)
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same inputs on ``device`` (prefill_meta stays on the host: it is read there)."""
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return StepInputs(
+            input_ids=move(self.input_ids),
+            positions=move(self.positions),
+            decode_tables=move(self.decode_tables),
+            decode_lens=move(self.decode_lens),
+            prefill_meta=self.prefill_meta,
+            prefill_tables=[move(t) for t in self.prefill_tables],
+            sample_rows=move(self.sample_rows),
+            seq_ids=self.seq_ids,
+            max_decode_len=self.max_decode_len,
+            decode_write_slots=(
+                None if self.decode_write_slots is None else move(self.decode_write_slots)
+            ),
+            host=self.on_host,
+        )
+
+    @classmethod
+    def decode(cls, header: list[int], payload: torch.Tensor) -> StepInputs:
+        """Inverse of ``header()`` + ``payload()``; host tensors."""
+        t, b, w, p, r = header
+        sizes = [t, t, b * w, b, 2 * p, p]
+        ids, pos, tables, lens, meta, table_lens, rest = payload.split(
+            [*sizes, payload.numel() - sum(sizes)]
+        )
+        rest, seq_ids = rest.split([rest.numel() - b - p, b + p])
+        prefill_tables = list(rest[: rest.numel() - r].split(table_lens.tolist()))
+        return cls(
+            input_ids=ids,
+            positions=pos,
+            decode_tables=tables.view(b, w),
+            decode_lens=lens,
+            prefill_meta=meta.view(p, 2),
+            prefill_tables=prefill_tables,
+            sample_rows=rest[rest.numel() - r :],
+            seq_ids=seq_ids,
+        )
