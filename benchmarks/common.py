@@ -25,6 +25,7 @@ def make_checkpoint(
     byte_vocab: bool = False,
     init_std: float | None = None,
     edit=None,
+    max_positions: int = 2048,
 ) -> int:
     """Save a seeded random LlamaForCausalLM of that shape to ``path``; return its size.
 
@@ -44,7 +45,7 @@ def make_checkpoint(
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         vocab_size=BYTE_VOCAB_SIZE if byte_vocab else args.vocab,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         **({"bos_token_id": 0, "eos_token_id": 1} if byte_vocab else {}),
     )

@@ -31,10 +31,10 @@ for part in "$@"; do
         ;;
     tests)  # every CUDA path: kernels, graphs (through the AttentionBackend interface)
         SHARDLM_KERNEL_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -x \
-            tests/test_kernels.py tests/test_cuda_graphs.py tests/test_attention.py
+            tests/test_kernels.py tests/test_cuda_graphs.py
         ;;
     session)
-        "$0" env tests
+        bash "$0" env tests || exit 1
         bench --shape llama-1b "${TABLE[@]}" --repeats 3 --compare-hf eager --hf-output-len 64 \
             --json "$OUT/bench_1b.json"
         bench --shape llama-8b "${TABLE[@]}" --repeats 3 --compare-hf eager --hf-output-len 32 \

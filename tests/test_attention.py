@@ -165,3 +165,48 @@ def test_paged_backend_matches_paged_reference():
             window,
         )
         torch.testing.assert_close(fast[2:], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_step_turns_step_inputs_into_the_plan():
+    """PagedAttention.begin_step's translation (paged_step) against a plan built by hand:
+    two decodes (tables padded with block 0, as the driver sends them) and one prefill chunk
+    continuing a cached prefix; then the Triton form (write slots only) and a static step."""
+    from shardlm.attention.paged import paged_step, sequence_slots
+    from shardlm.step_inputs import StepInputs
+
+    bs = 4
+    tables = [[3, 7, 1], [0, 9], [5, 2, 11, 4]]
+    lens, chunk_start, chunk_len = [10, 6], 7, 6
+    inputs = StepInputs(
+        input_ids=torch.arange(2 + chunk_len),
+        positions=torch.tensor([9, 5, *range(chunk_start, chunk_start + chunk_len)]),
+        decode_tables=torch.tensor([tables[0], [*tables[1], 0]]),
+        decode_lens=torch.tensor(lens),
+        prefill_meta=torch.tensor([[chunk_len, chunk_start + chunk_len]]),
+        prefill_tables=[torch.tensor(tables[2])],
+        sample_rows=torch.tensor([0, 1, 7]),
+        seq_ids=torch.tensor([4, 5, 6]),
+    )
+    slots = [
+        sequence_slots(torch.tensor(t), n, bs) for t, n in zip(tables, [*lens, 13], strict=True)
+    ]
+    step = paged_step(inputs, bs)
+    assert step.slot_mapping.tolist() == [slots[0][9], slots[1][5], *slots[2][7:13].tolist()]
+    assert step.decode_slots[0].tolist() == slots[0].tolist()
+    assert step.decode_slots[1].tolist() == [*slots[1].tolist(), *[slots[1][0].item()] * 4]
+    (chunk,) = step.prefills
+    assert (chunk.start, chunk.end, chunk.context_len) == (2, 8, 13)
+    assert chunk.slots.tolist() == slots[2].tolist()
+    kernel = paged_step(inputs, bs, gather_decode_keys=False)  # the Triton kernel's form
+    assert kernel.decode_slots is None
+    assert torch.equal(kernel.slot_mapping, step.slot_mapping)
+    static = StepInputs.static_decodes(
+        torch.tensor([1]),
+        torch.tensor([0]),
+        torch.tensor([0]),
+        torch.tensor([99]),
+        torch.zeros(1, 3, dtype=torch.long),
+    )
+    assert paged_step(static, bs, gather_decode_keys=False).slot_mapping.tolist() == [99]
+    with pytest.raises(ValueError, match="needs the Triton decode kernel"):
+        paged_step(static, bs)

@@ -192,3 +192,26 @@ def test_inspect_smooth_without_calibration_names_both_places(ckpt, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert str(ckpt / CALIBRATION_FILE) in err and str(user_calibration_path(ckpt)) in err
+
+
+def test_the_newer_of_the_two_calibrations_is_read(tmp_path, monkeypatch):
+    """A per-user file is keyed by the checkpoint's path: a checkpoint recalibrated (or
+    replaced) in place since must not lose to it, nor it to an older checkpoint file."""
+    import os
+
+    from shardlm.calibration import calibration_candidates, find_calibration
+
+    monkeypatch.setenv("SHARDLM_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    user, beside = calibration_candidates(model)
+    user.parent.mkdir(parents=True)
+    user.write_bytes(b"u")
+    beside.write_bytes(b"b")
+    os.utime(user, (1_000, 1_000))
+    os.utime(beside, (2_000, 2_000))
+    assert find_calibration(model) == beside
+    os.utime(user, (3_000, 3_000))
+    assert find_calibration(model) == user
+    beside.unlink()
+    assert find_calibration(model) == user

@@ -41,6 +41,8 @@ FLAG_VALUES = {
     "kv_chunk_size": ("4", 4),
     "attention_device": ("cpu", "cpu"),
     "attention_transport": ("in-process", "in-process"),
+    "compute_nodes": ("2", 2),
+    "compute_chunk_size": ("4", 4),
     "attention_backend": ("torch", "torch"),
     "quantization": ("int8", "int8"),
     "arm": ("hadamard", "hadamard"),
@@ -162,3 +164,21 @@ def test_docs_table_is_generated_from_the_declarations():
     assert tool.render(text.replace("tokens per KV block", "tokens per block")) != text.replace(
         "tokens per KV block", "tokens per block"
     )
+
+
+def test_python_api_under_torchrun_is_a_standalone_engine_unless_told(llama_ckpt, monkeypatch):
+    """A torchrun script that builds LLM() on every rank gets one engine per rank (data
+    parallel); only the CLI reads the tensor-parallel size from WORLD_SIZE."""
+    path, _ = llama_ckpt
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with LLM(str(path), device="cpu", kv_cache_tokens=64) as llm:
+        assert llm.engine.engine_config.parallel.world_size == 1
+        assert llm.engine.workers is None
+    args = subparser("generate").parse_args([])
+    from shardlm.engine_config import engine_kwargs
+
+    assert engine_kwargs(args) == {"tensor_parallel_size": 2}
+    with pytest.raises(ParamError, match="WORLD_SIZE 2 does not fit"):
+        engine_kwargs(subparser("generate").parse_args(["--tp", "4"]))

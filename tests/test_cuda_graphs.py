@@ -1,4 +1,4 @@
-"""Decode steps from static buffers padded to batch-size buckets (engine/cuda_graphs.py).
+"""Decode steps from static buffers padded to batch-size buckets (runtime/cuda_graphs.py).
 
 On CPU the buffers and padding run eagerly through Triton's interpreter (capture needs a
 GPU): the tokens must equal the plain PyTorch path's (SHARDLM_KERNEL_DEVICE=cuda runs the

@@ -55,7 +55,9 @@ def imports_of(path: Path) -> set[str]:
     def visit(node: ast.AST) -> None:
         if _type_checking_block(node):
             return
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            found.add(f"{RELATIVE}{'.' * node.level}{node.module or ''}")
+        elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "shardlm")
         elif (
             isinstance(node, ast.ImportFrom)
@@ -74,9 +76,26 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
+RELATIVE = "relative import "
+
+
 def graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in SRC.rglob("*.py")}
-    return {m: {i for i in imports_of(p) if i != m} for m, p in modules.items()}
+    return {
+        m: {i for i in imports_of(p) if i != m and not i.startswith(RELATIVE)}
+        for m, p in modules.items()
+    }
+
+
+def test_imports_are_absolute():
+    """The checks below read absolute imports; a relative one would slip past them."""
+    relative = [
+        f"{module_name(p)}: {i}"
+        for p in SRC.rglob("*.py")
+        for i in imports_of(p)
+        if i.startswith(RELATIVE)
+    ]
+    assert not relative
 
 
 def unit(module: str) -> str:
@@ -166,3 +185,5 @@ def test_the_order_check_sees_function_level_imports(tmp_path):
         "def g():\n    from shardlm.engine import llm_engine\n"
     )
     assert imports_of(f) == {"shardlm.engine.llm_engine"}
+    f.write_text("from . import x\n")
+    assert imports_of(f) == {RELATIVE + "."}

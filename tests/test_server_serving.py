@@ -16,7 +16,7 @@ import pytest
 
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
 from shardlm.engine.sampling_params import SamplingParams
-from shardlm.entrypoints.openai.async_engine import EngineDead, RequestStream
+from shardlm.entrypoints.openai.async_engine import EngineDead, NodeSnapshot, RequestStream
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shardlm.entrypoints.openai.server import build_app
@@ -54,6 +54,7 @@ class FakeEngine:
         self.stats = SimpleNamespace(
             num_waiting=waiting, num_running=0, blocks_in_use=0, num_blocks=8, decode_tokens=0
         )
+        self.node_stats = NodeSnapshot()
         self.pending_sequences = 0
         self.dead: BaseException | None = None
         self.refuse = refuse

@@ -60,8 +60,12 @@ def calibration_candidates(model: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def find_calibration(model: str | os.PathLike) -> Path | None:
-    """The calibration ``arm="smooth"|"both"`` reads by default, or None if there is none."""
-    return next((p for p in calibration_candidates(model) if p.is_file()), None)
+    """The calibration ``arm="smooth"|"both"`` reads by default, or None if there is none:
+    of the per-user file and the checkpoint's own, the one written last (a per-user file is
+    keyed by the checkpoint's path, so a checkpoint replaced or recalibrated in place since
+    must not lose to it)."""
+    found = [p for p in calibration_candidates(model) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 def inside_package(path: str | os.PathLike) -> bool:
@@ -81,8 +85,8 @@ def writable_beside(model: str | os.PathLike) -> bool:
 
 def calibration_out_path(model: str | os.PathLike) -> Path:
     """Where ``shardlm calibrate`` writes without --out: beside the checkpoint when it can and
-    no per-user calibration of it exists (that one would be read first), else the per-user
-    place, so ``find_calibration`` always finds the file just written."""
+    no per-user calibration of it exists, else the per-user place. The file just written is
+    the newest, so ``find_calibration`` finds it."""
     user, beside = calibration_candidates(model)
     return beside if writable_beside(model) and not user.exists() else user
 

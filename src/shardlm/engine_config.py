@@ -68,7 +68,7 @@ def _device(name: str):
 
 
 def _dtype(value: Any) -> None:
-    if value != "auto" and value not in DTYPES:
+    if not isinstance(value, str) or (value != "auto" and value not in DTYPES):
         raise ParamError(
             "dtype", f"dtype {value!r} is not supported; allowed: {', '.join(DTYPE_CHOICES)}"
         )
@@ -171,12 +171,12 @@ class SchedulerOptions:
 class ParallelOptions:
     """Tensor parallelism (figure 1) and attention nodes (figure 2)."""
 
-    tensor_parallel_size: int | None = option(
-        None,
+    tensor_parallel_size: int = option(
+        1,
         "split the model over N processes",
         check=int_in(1, 1024),
         flags=("--tp",),
-        default_text="1; under torchrun WORLD_SIZE / (1 + β)",
+        default_text="1; the CLI under torchrun: WORLD_SIZE / (α + β)",
     )
     tp_timeout_s: float = option(
         60.0,
@@ -202,37 +202,70 @@ class ParallelOptions:
     )
     attention_transport: str = option(
         "distributed",
-        "attention nodes as their own ranks, or as objects in the compute ranks",
+        "attention nodes (and compute nodes) as their own ranks, or as objects in the "
+        "tensor-parallel ranks (a test aid)",
         choices=ATTENTION_TRANSPORTS,
+    )
+    compute_nodes: int = option(
+        1,
+        "α: compute nodes, each t ranks holding the dense weights, sharing the attention "
+        "nodes; each runs its own sequences' decodes and its share of every prefill",
+        check=int_in(1, 64),
+    )
+    compute_chunk_size: int = option(
+        16,
+        "prefill positions are dealt to compute nodes in runs: position p goes to compute "
+        "node (p // size) % α",
+        check=int_in(1, 2**20),
     )
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.attention_device is not None and not self.attention_nodes:
             raise ParamError("attention_device", "attention_device needs attention_nodes ≥ 1")
+        if self.compute_nodes > 1 and not self.attention_nodes:
+            raise ParamError(
+                "compute_nodes",
+                f"compute_nodes={self.compute_nodes} needs attention_nodes ≥ 1: compute nodes "
+                "share the KV cache that the attention nodes hold",
+            )
 
     @property
     def tp_size(self) -> int:
-        return self.tensor_parallel_size or 1
+        return self.tensor_parallel_size
 
     @property
     def remote_nodes(self) -> bool:
-        """Attention nodes that are ranks of their own (the distributed transport)."""
+        """Attention and compute nodes are ranks of their own (the distributed transport);
+        in-process, the t tensor-parallel ranks host them all."""
         return self.attention_nodes > 0 and self.attention_transport == "distributed"
 
     @property
+    def compute_ranks(self) -> int:
+        """Ranks of the compute side: α·t when compute nodes are ranks, else t."""
+        return self.tp_size * (self.compute_nodes if self.remote_nodes else 1)
+
+    @property
     def world_size(self) -> int:
-        """Ranks in the job: t compute ranks, then t·β attention nodes if they are ranks."""
-        return self.tp_size * (1 + (self.attention_nodes if self.remote_nodes else 0))
+        """Ranks in the job: α·t compute ranks, then t·β attention nodes (distributed
+        transport); t ranks in-process."""
+        nodes = self.tp_size * self.attention_nodes if self.remote_nodes else 0
+        return self.compute_ranks + nodes
+
+    def compute_rank(self, compute_node: int, tp_rank: int) -> int:
+        return compute_node * self.tp_size + tp_rank
 
     def node_rank(self, head_group: int, shard: int) -> int:
-        return self.tp_size + head_group * self.attention_nodes + shard
+        return self.compute_ranks + head_group * self.attention_nodes + shard
 
     def role_of(self, rank: int) -> str:
         """How a rank is named in logs and errors."""
-        if rank < self.tp_size:
-            return f"tensor-parallel rank {rank}"
-        g, s = divmod(rank - self.tp_size, self.attention_nodes)
+        if rank < self.compute_ranks:
+            a, r = divmod(rank, self.tp_size)
+            if self.compute_nodes == 1 or not self.remote_nodes:
+                return f"tensor-parallel rank {rank}"
+            return f"compute node {a}, tensor-parallel rank {r} (rank {rank})"
+        g, s = divmod(rank - self.compute_ranks, self.attention_nodes)
         return f"{node_name(g, s)} (rank {rank})"
 
 
@@ -330,7 +363,7 @@ class EngineConfig:
 
     # -- building --
     @classmethod
-    def from_kwargs(cls, caller: str = "LLM", **kwargs: Any) -> EngineConfig:
+    def from_kwargs(cls, caller: str = "LLM", /, **kwargs: Any) -> EngineConfig:
         """From flat keyword arguments (``LLM(model, **kwargs)``); a torch.dtype is taken by
         name."""
         if isinstance(kwargs.get("dtype"), torch.dtype):
@@ -368,7 +401,7 @@ class EngineConfig:
                 f"max_model_len must be an integer in [1, {limit}] (max_position_embeddings), "
                 f"got {m.max_model_len}",
             )
-        tp = tensor_parallel_size(p.tensor_parallel_size, p.attention_nodes, p.attention_transport)
+        tp = p.tensor_parallel_size
         check_tensor_parallel(config, tp)
         device = resolve_device(m.device)
         dtype = resolve_dtype(m.dtype, config.torch_dtype, device)
@@ -377,7 +410,12 @@ class EngineConfig:
         if p.attention_device is not None:
             attention_device = str(resolve_device(p.attention_device))
         check_attention_device(
-            attention_device, p.attention_transport, tp, p.attention_nodes, device
+            attention_device,
+            p.attention_transport,
+            tp,
+            p.compute_nodes,
+            p.attention_nodes,
+            device,
         )
         q = self.quantization
         transforms = WeightTransforms.resolve(
@@ -388,7 +426,6 @@ class EngineConfig:
             dtype=_dtype_name(dtype),
             device=str(device),
             max_model_len=m.max_model_len or limit,
-            tensor_parallel_size=tp,
             attention_device=attention_device,
             arm_calibration=transforms.calibration,
         )
@@ -435,29 +472,34 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {"float": "float32", "half": "float16"}.get(name, name)
 
 
-def tensor_parallel_size(requested: int | None, attention_nodes: int, transport: str) -> int:
+def tensor_parallel_size(
+    requested: int | None, compute_nodes: int, attention_nodes: int, transport: str
+) -> int:
     """The given size, or under torchrun what the job's WORLD_SIZE implies (they must agree
-    when both are given): WORLD_SIZE = t compute ranks, plus t·β attention-node ranks when
-    the nodes are distributed."""
+    when both are given): WORLD_SIZE = α·t compute ranks + t·β attention-node ranks when the
+    nodes are distributed, else t."""
     if not under_torchrun():
         return requested or 1
     world = torchrun_rank()[1]
-    per_group = 1 + (attention_nodes if attention_nodes > 0 and transport == "distributed" else 0)
-    if world % per_group or requested not in (None, world // per_group):
+    remote = attention_nodes > 0 and transport == "distributed"
+    per_tp_rank = compute_nodes + attention_nodes if remote else 1
+    if world % per_tp_rank or requested not in (None, world // per_tp_rank):
         tp = "t" if requested is None else str(requested)
         raise ParamError(
             "tensor_parallel_size",
-            f"torchrun's WORLD_SIZE {world} does not fit {tp} compute ranks × (1 + "
-            f"{per_group - 1} attention-node ranks each); WORLD_SIZE must be t·(1 + β) with "
-            "distributed attention nodes, else t (tensor_parallel_size)",
+            f"torchrun's WORLD_SIZE {world} does not fit t = {tp} tensor-parallel ranks × "
+            f"(α = {compute_nodes} compute nodes + β = {attention_nodes if remote else 0} "
+            "attention nodes); WORLD_SIZE must be t·(α + β) with distributed attention "
+            "nodes, else t (tensor_parallel_size)",
         )
-    return world // per_group
+    return world // per_tp_rank
 
 
 def check_attention_device(
     attention_device: str | None,
     transport: str,
     tensor_parallel_size: int,
+    compute_nodes: int,
     attention_nodes: int,
     compute_device: torch.device,
 ) -> None:
@@ -470,7 +512,7 @@ def check_attention_device(
                 f"attention_device={attention_device!r}: distributed attention nodes each take "
                 "the GPU of their local rank; give 'cuda' without an index",
             )
-        ranks = tensor_parallel_size * (1 + attention_nodes)
+        ranks = tensor_parallel_size * (compute_nodes + attention_nodes)
         if not under_torchrun() and torch.cuda.device_count() < ranks:
             raise ParamError(
                 "attention_nodes",
@@ -487,5 +529,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine options given on the command line, as ``LLM`` keyword arguments."""
-    return kwargs_from(args, EngineConfig)
+    """The engine options given on the command line, as ``LLM`` keyword arguments. Under
+    torchrun every rank runs the same command, so the job's WORLD_SIZE fixes the tensor-
+    parallel size (checked against --tp when both are given). The Python API does not infer
+    it: ``LLM()`` in a torchrun script is one standalone engine per rank unless told."""
+    given = kwargs_from(args, EngineConfig)
+    if under_torchrun():
+        defaults = ParallelOptions()
+        given["tensor_parallel_size"] = tensor_parallel_size(
+            given.get("tensor_parallel_size"),
+            given.get("compute_nodes", defaults.compute_nodes),
+            given.get("attention_nodes", defaults.attention_nodes),
+            given.get("attention_transport", defaults.attention_transport),
+        )
+    return given

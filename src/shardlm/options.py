@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -160,9 +161,14 @@ def option_fields(cls: type) -> list[OptionField]:
 
 
 def check_fields(instance: Any) -> None:
-    """Validate every option of one (group) dataclass instance: call from __post_init__."""
+    """Validate every option of one (group) dataclass instance: call from __post_init__.
+    Paths given as Path objects are kept as strings (the configuration travels as JSON)."""
     for f in option_fields(type(instance)):
-        f.validate(getattr(instance, f.name))
+        value = getattr(instance, f.name)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            object.__setattr__(instance, f.name, value)  # frozen: set once, here
+        f.validate(value)
 
 
 def groups_of(cls: type) -> Iterator[tuple[str, type]]:

@@ -33,6 +33,9 @@ class StepInputs:
     # The same inputs on the host, when these are a device copy (``to``): backends that
     # plan on the host (attention nodes) read them there without a device sync.
     host: StepInputs | None = None
+    # [T] the compute node of each row (figure 2, α > 1; host). None: every row is compute
+    # node 0's.
+    row_groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.max_decode_len < 0:
@@ -41,6 +44,25 @@ class StepInputs:
     @property
     def on_host(self) -> StepInputs:
         return self.host if self.host is not None else self
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    def rows_of(self, group: int) -> torch.Tensor:
+        """Rows (host indices, ascending) that compute node ``group`` computes."""
+        groups = self.on_host.row_groups
+        if groups is None:
+            n = self.num_tokens if group == 0 else 0
+            return torch.arange(n)
+        return torch.nonzero(groups == group).flatten()
+
+    def active_groups(self) -> list[int]:
+        """Compute nodes with at least one row this step."""
+        groups = self.on_host.row_groups
+        if groups is None:
+            return [0] if self.num_tokens else []
+        return sorted(set(groups.tolist()))
 
     @classmethod
     def static_decodes(
@@ -93,13 +115,15 @@ class StepInputs:
 
     # -- flat encoding for the driver → worker broadcast --
     def header(self) -> list[int]:
-        """Sizes a receiver needs to split the payload: [T, B, W, P, R]."""
+        """Sizes a receiver needs to split the payload: [T, B, W, P, R, G] (G: whether the
+        rows' compute nodes follow)."""
         return [
             self.input_ids.shape[0],
             self.num_decodes,
             self.decode_tables.shape[1] if self.num_decodes else 0,
             len(self.prefill_tables),
             self.sample_rows.shape[0],
+            int(self.row_groups is not None),
         ]
 
     def payload(self) -> torch.Tensor:
@@ -114,6 +138,8 @@ class StepInputs:
             self.sample_rows,
             self.seq_ids,
         ]
+        if self.row_groups is not None:
+            parts.append(self.row_groups)
         return torch.cat(parts)
 
     def to(self, device: torch.device) -> StepInputs:
@@ -133,12 +159,16 @@ class StepInputs:
                 None if self.decode_write_slots is None else move(self.decode_write_slots)
             ),
             host=self.on_host,
+            row_groups=self.row_groups,
         )
 
     @classmethod
     def decode(cls, header: list[int], payload: torch.Tensor) -> StepInputs:
         """Inverse of ``header()`` + ``payload()``; host tensors."""
-        t, b, w, p, r = header
+        t, b, w, p, r, g = header
+        row_groups = None
+        if g:
+            payload, row_groups = payload.split([payload.numel() - t, t])
         sizes = [t, t, b * w, b, 2 * p, p]
         ids, pos, tables, lens, meta, table_lens, rest = payload.split(
             [*sizes, payload.numel() - sum(sizes)]
@@ -154,4 +184,5 @@ class StepInputs:
             prefill_tables=prefill_tables,
             sample_rows=rest[rest.numel() - r :],
             seq_ids=seq_ids,
+            row_groups=row_groups,
         )

@@ -108,6 +108,11 @@ class AttentionNode:
         self._decode_slots: torch.Tensor | None = None
         self._decode_masks: dict[int | None, torch.Tensor] = {}
         self._chunks: list[_Chunk] = []
+        # Per compute node this step (figure 2, α > 1): its rows of the step, and which of
+        # this node's owned rows (in owned_rows order) are its.
+        self._group_rows: dict[int, torch.Tensor] = {}
+        self._group_owned: dict[int, torch.Tensor] = {}
+        self._num_owned = 0
 
     # -- bookkeeping --
     def release(self, seq_ids: list[int]) -> None:
@@ -151,10 +156,13 @@ class AttentionNode:
         positions: torch.Tensor,
         num_decodes: int,
         token_counts: list[int],
+        row_groups: torch.Tensor | None = None,
     ) -> None:
         """Take in one step's metadata (host tensors): the scheduled sequences (decodes
-        first), the position of each of the T tokens, and how many tokens each sequence
-        brings. Allocates blocks for the node's new tokens and builds the attention masks."""
+        first), the position of each of the T tokens, how many tokens each sequence brings
+        and (α > 1) which compute node computes each row. Allocates blocks for the node's
+        new tokens and builds the attention masks."""
+        self._plan_groups(positions, row_groups)
         rs, bs = self.rshard, self.blocks.block_size
         windows = set(self.sliding_windows)
         write_slots = []
@@ -227,6 +235,52 @@ class AttentionNode:
                 if w is not None:
                     visible &= key_pos > q_pos - w
                 self._decode_masks[w] = visible.to(self.device)
+
+    def _plan_groups(self, positions: torch.Tensor, row_groups: torch.Tensor | None) -> None:
+        owned = self.owned_rows(positions)
+        self._num_owned = owned.numel()
+        if row_groups is None:
+            row_groups = torch.zeros(positions.shape[0], dtype=torch.long)
+        owners = row_groups[owned]
+        self._group_rows, self._group_owned = {}, {}
+        for a in sorted(set(row_groups.tolist())):
+            self._group_rows[a] = torch.nonzero(row_groups == a).flatten().to(self.device)
+            self._group_owned[a] = torch.nonzero(owners == a).flatten().to(self.device)
+
+    def group_sizes(self) -> dict[int, tuple[int, int]]:
+        """Per compute node with rows this step: (its rows, the rows of those this node
+        owns) — the sizes of its message q | k | v."""
+        return {
+            a: (rows.numel(), self._group_owned[a].numel()) for a, rows in self._group_rows.items()
+        }
+
+    def attend_groups(
+        self, layer: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Figure 2's exchange, node side: every compute node's queries and new K/V of this
+        layer (``parts[a]`` = q of its rows, k/v of its rows this node owns, in row order),
+        all written before any query is answered — a query must see the keys the other
+        compute nodes produced in the same layer — then each compute node gets (out, lse)
+        of its own rows."""
+        if set(parts) != set(self._group_rows):
+            raise AttentionNodeError(
+                f"{self.name}: layer {layer} got parts of compute nodes {sorted(parts)}, "
+                f"the step has rows on {sorted(self._group_rows)}"
+            )
+        if len(parts) == 1:
+            ((a, (q, k, v)),) = parts.items()
+            return {a: self.attend(layer, q, k, v)}
+        q0, k0, _ = next(iter(parts.values()))
+        t = sum(rows.numel() for rows in self._group_rows.values())
+        q = q0.new_empty(t, *q0.shape[1:])
+        k = k0.new_empty(self._num_owned, *k0.shape[1:])
+        v = torch.empty_like(k)
+        for a, (q_a, k_a, v_a) in parts.items():
+            q[self._group_rows[a]] = q_a
+            k[self._group_owned[a]] = k_a
+            v[self._group_owned[a]] = v_a
+        out, lse = self.attend(layer, q, k, v)
+        return {a: (out[rows], lse[rows]) for a, rows in self._group_rows.items()}
 
     def attend(
         self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor

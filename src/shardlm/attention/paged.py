@@ -61,7 +61,7 @@ class PrefillChunk:
 
 @dataclass
 class PagedStep:
-    """What one step's attention needs; built by the model runner."""
+    """What one step's attention needs; built from StepInputs by ``paged_step``."""
 
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decodes: int  # the first num_decodes tokens are single-token decodes, one per sequence
@@ -84,6 +84,12 @@ def paged_step(inputs: StepInputs, block_size: int, gather_decode_keys: bool = T
     """Slot mapping and per-sequence key slots of a step over the paged pool.
     ``gather_decode_keys`` False (the Triton decode kernel, which reads the block tables
     itself): only each decode's write slot, not the [B, Lmax] slots of all its keys."""
+    if gather_decode_keys and inputs.num_decodes and inputs.decode_write_slots is not None:
+        # Static decode steps (CUDA graphs) carry no key count to gather by.
+        raise ValueError(
+            "a static decode step (fixed write slots) needs the Triton decode kernel, which "
+            "reads the block tables itself"
+        )
     slot_mapping = []
     decode_slots = decode_lens = None
     if inputs.num_decodes:
@@ -91,14 +97,13 @@ def paged_step(inputs: StepInputs, block_size: int, gather_decode_keys: bool = T
         last = decode_lens - 1
         if inputs.decode_write_slots is not None:
             slot_mapping.append(inputs.decode_write_slots)
-        if gather_decode_keys:
+        elif gather_decode_keys:
             p = torch.arange(inputs.max_decode_len, device=decode_lens.device)
             slots = inputs.decode_tables[:, p // block_size] * block_size + p % block_size
             # Padding points at position 0's slot: always written, so never garbage.
             decode_slots = torch.where(p[None, :] < decode_lens[:, None], slots, slots[:, :1])
-            if inputs.decode_write_slots is None:
-                slot_mapping.append(slots.gather(1, last[:, None]).squeeze(1))
-        elif inputs.decode_write_slots is None:
+            slot_mapping.append(slots.gather(1, last[:, None]).squeeze(1))
+        else:
             slot_mapping.append(decode_write_slots(inputs.decode_tables, last + 1, block_size))
     chunks = []
     start = inputs.num_decodes

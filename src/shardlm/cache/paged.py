@@ -2,7 +2,7 @@
 
 A token's K/V lives at slot ``block_table[pos // block_size] * block_size + pos % block_size``
 of its sequence. One more slot, past the blocks (``padding_slot``), takes the writes of the
-padding rows of a CUDA-graph batch (engine/cuda_graphs.py); nothing reads it.
+padding rows of a CUDA-graph batch (runtime/cuda_graphs.py); nothing reads it.
 
 The pool is allocated with ``torch.empty``: pages are touched only as slots
 are written, and no read ever looks at a slot that was not written (see attention/paged.py).

@@ -9,9 +9,11 @@ Two process groups span the same ranks:
   steps, possibly for a long time (an idle server), so its timeout is long.
 
 With attention nodes on their own ranks (second design figure), the job also holds those
-ranks: ``group`` then spans only the compute ranks [0, world_size), the control group spans
-the whole job (``job_size`` ranks: nodes follow the driver's steps too), and ``node_group``
-(gloo, failure timeout) carries the compute ↔ attention-node messages.
+ranks, and with α compute nodes, α groups of t compute ranks: ``group`` then spans this
+compute node's t ranks, the control group spans the whole job (``job_size`` ranks: nodes
+follow the driver's steps too), and ``node_group`` (gloo, failure timeout, every rank)
+carries the compute ↔ attention-node messages and the sampled rows' hidden states that
+compute nodes send to compute node 0.
 
 A single-process run uses ``TPContext.single()``: every collective becomes a no-op.
 """
@@ -27,14 +29,16 @@ import torch.distributed as dist
 
 @dataclass
 class TPContext:
-    rank: int = 0
-    world_size: int = 1  # compute (tensor-parallel) ranks
+    rank: int = 0  # tensor-parallel rank within this compute node (attention nodes: job rank)
+    world_size: int = 1  # tensor-parallel ranks of one compute node
     group: dist.ProcessGroup | None = None
     control_group: dist.ProcessGroup | None = None
     job_size: int = 1  # every rank of the job: compute ranks, then attention nodes
     node_group: dist.ProcessGroup | None = None
     # The failure timeout: how long the driver waits on any rank before declaring it lost.
     timeout: datetime.timedelta = datetime.timedelta(seconds=60)
+    job_rank: int = 0  # rank in the whole job (torch.distributed's)
+    compute_node: int = 0  # which of the α compute nodes this rank belongs to
     # Counters of the model's AllReduces (for benchmarks and tests).
     all_reduce_calls: int = 0
     all_reduce_bytes: int = 0
@@ -45,7 +49,7 @@ class TPContext:
 
     @property
     def is_driver(self) -> bool:
-        return self.rank == 0
+        return self.job_rank == 0
 
     @property
     def enabled(self) -> bool:
@@ -66,7 +70,8 @@ class TPContext:
         return x
 
     def gather_to_driver(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Concatenate every rank's ``x`` along the last dim on the driver (None elsewhere)."""
+        """Concatenate every rank's ``x`` along the last dim on the driver (None elsewhere).
+        Only compute node 0 (the driver's) computes logits."""
         if not self.enabled:
             return x
         x = x.contiguous()

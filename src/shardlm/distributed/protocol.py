@@ -24,6 +24,7 @@ class Command(enum.IntEnum):
     SHUTDOWN = 3
     RELEASE = 4  # payload: ids of sequences whose KV the attention nodes drop
     NODE_STATS = 5  # no payload; every rank joins a SUM of the attention nodes' stats
+    COMPUTE_STATS = 6  # no payload; every rank joins a SUM of the compute nodes' counters
 
 
 def send(tp: TPContext, command: Command, sizes: list[int], payload: torch.Tensor | None) -> None:

@@ -9,10 +9,16 @@ from shardlm.engine.sequence import Sequence
 from shardlm.step_inputs import StepInputs
 
 
-def build_step_inputs(batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
+def build_step_inputs(
+    batch: ScheduledBatch, compute_nodes: int = 1, compute_chunk_size: int = 16
+) -> tuple[StepInputs, list[Sequence]]:
     """Flatten a scheduled batch (driver side) into host tensors: they are broadcast to
     workers as they are, and copied to the device once. Also returns the sequences whose
-    logits are computed (they reached the end of their known tokens), in row order."""
+    logits are computed (they reached the end of their known tokens), in row order.
+
+    With α = ``compute_nodes`` > 1 every row gets its compute node: a decode its sequence's,
+    a prefill token at position p node (p // compute_chunk_size) % α, so a long prompt's
+    dense work is divided α ways whatever sequence it belongs to."""
     ids: list[int] = []
     pos: list[int] = []
     rows: list[int] = []
@@ -49,5 +55,19 @@ def build_step_inputs(batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]
         seq_ids=torch.tensor(
             [s.seq_id for s in batch.decodes] + [s.seq_id for s, _ in batch.prefills], **long
         ),
+        row_groups=(
+            row_groups(batch, pos, compute_nodes, compute_chunk_size) if compute_nodes > 1 else None
+        ),
     )
     return inputs, to_sample
+
+
+def row_groups(
+    batch: ScheduledBatch, positions: list[int], compute_nodes: int, run: int
+) -> torch.Tensor:
+    """The compute node of each row: decodes on their sequence's, prefill positions dealt in
+    runs of ``run``."""
+    groups = torch.tensor(positions, dtype=torch.long) // run % compute_nodes
+    b = len(batch.decodes)
+    groups[:b] = torch.tensor([s.compute_node or 0 for s in batch.decodes], dtype=torch.long)
+    return groups

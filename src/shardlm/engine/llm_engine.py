@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +35,13 @@ from shardlm.engine.sampler import SamplingRow, sample
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.scheduler import ScheduledBatch, Scheduler
 from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
+from shardlm.engine.stats import ComputeNodeStats, EngineStats
 from shardlm.engine_config import EngineConfig
 from shardlm.errors import ParamError
 from shardlm.executor.driver import Executor
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    """Counters since the engine started (for tests and /metrics)."""
-
-    preemptions: int
-    prefix_cache_hit_tokens: int
-    prefix_cache_query_tokens: int
-    prefill_tokens: int
-    decode_tokens: int
-    blocks_in_use: int
-    num_blocks: int
-    num_running: int
-    num_waiting: int
 
 
 class LLMEngine:
@@ -88,7 +73,10 @@ class LLMEngine:
         self.rank_weight_bytes = self.executor.rank_weight_bytes
         self.blocks = self._block_manager(self.executor.num_blocks)
         self.scheduler = Scheduler(
-            self.blocks, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
+            self.blocks,
+            config.scheduler.max_num_batched_tokens,
+            config.scheduler.max_num_seqs,
+            config.parallel.compute_nodes,
         )
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests: dict[str, Request] = {}
@@ -261,7 +249,8 @@ class LLMEngine:
     def _execute_and_sample(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list]:
         """Forward + sampling. Reading the sampled ids is the step's one host sync; it stays
         inside the guarded call because on CUDA a failed collective surfaces only there."""
-        inputs, seqs = build_step_inputs(batch)
+        p = self.engine_config.parallel
+        inputs, seqs = build_step_inputs(batch, p.compute_nodes, p.compute_chunk_size)
         logits = self.executor.run_step(inputs)
         if not seqs:
             return [], [], []
@@ -335,6 +324,13 @@ class LLMEngine:
             return []
         self._release_finished()  # an abort since the last step: its KV goes first
         return self.executor.node_stats()
+
+    def compute_node_stats(self) -> list[ComputeNodeStats]:
+        """What each compute node computed, as its ranks count it (runtime/compute_nodes.py):
+        tokens and dense FLOPs in the last step and in total, bytes to and from the
+        attention nodes. One entry with α = 1."""
+        table = self.executor.compute_stats()
+        return [ComputeNodeStats(a, *(int(x) for x in row)) for a, row in enumerate(table.tolist())]
 
     @property
     def stats(self) -> EngineStats:

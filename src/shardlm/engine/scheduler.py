@@ -13,6 +13,10 @@ When the pool has no block for a running sequence's next tokens, the most recent
 running sequence is preempted: its blocks are freed and it goes back to the front of the
 waiting queue, keeping the tokens it generated; when readmitted they are recomputed (often
 from the prefix cache). No step admits new work after it had to preempt.
+
+With α compute nodes (figure 2), a sequence is placed on one of them at its first admission
+— the one whose running sequences hold the fewest tokens — and keeps it: that node runs its
+decodes. (Prefill tokens are dealt to all compute nodes by position: engine/batching.py.)
 """
 
 from __future__ import annotations
@@ -49,8 +53,15 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        compute_nodes: int = 1,
+    ):
         self.blocks = blocks
+        self.compute_nodes = compute_nodes
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -125,12 +136,22 @@ class Scheduler:
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
             seq.admitted_at = next(self._admissions)
+            if seq.compute_node is None:
+                seq.compute_node = self._least_loaded_compute_node()
             self.running.append(seq)
             batch.prefills.append((seq, n))
             budget -= n
         return batch
 
     # -- helpers --
+    def _least_loaded_compute_node(self) -> int:
+        """The compute node whose running sequences hold the fewest tokens (lowest index on a
+        tie)."""
+        load = [0] * self.compute_nodes
+        for s in self.running:
+            load[s.compute_node or 0] += s.num_tokens
+        return min(range(self.compute_nodes), key=lambda a: (load[a], a))
+
     def _wait_for_sibling(self, seq: Sequence) -> bool:
         """Samples 2..n of a request wait until sample 1 has computed the prompt, so they take
         its full prompt blocks from the prefix cache instead of computing them again."""

@@ -40,6 +40,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     # Order of admission to the running set; the most recent one is preempted first.
     admitted_at: int = -1
+    # The compute node that runs its decodes (figure 2, α > 1): chosen at its first
+    # admission, kept through preemption.
+    compute_node: int | None = None
     text: str = ""
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0

@@ -14,7 +14,11 @@ from shardlm.distributed import protocol
 from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine_config import EngineConfig
 from shardlm.executor.launch import device_for_rank
-from shardlm.executor.startup import report_node_stats, setup_compute_rank
+from shardlm.executor.startup import (
+    report_compute_stats,
+    report_node_stats,
+    setup_compute_rank,
+)
 from shardlm.runtime.runner import ModelRunner
 from shardlm.step_inputs import StepInputs
 
@@ -28,11 +32,14 @@ def serve_compute_rank(tp: TPContext, config: EngineConfig) -> None:
         if command is protocol.Command.SHUTDOWN:
             break
         if command is protocol.Command.STEP:
-            runner.run(StepInputs.decode(sizes[:5], payload))
+            runner.run(StepInputs.decode(sizes[:6], payload))
         elif command is protocol.Command.SCORE:
-            runner.score(payload)
+            if tp.compute_node == 0:  # scoring runs on compute node 0 alone
+                runner.score(payload)
         elif command is protocol.Command.RELEASE:
             runner.release(payload.tolist())
         elif command is protocol.Command.NODE_STATS:
             report_node_stats(tp, config, runner.attention.local_nodes())
+        elif command is protocol.Command.COMPUTE_STATS:
+            report_compute_stats(tp, config, runner)
     dist.destroy_process_group()

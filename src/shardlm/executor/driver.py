@@ -30,7 +30,7 @@ from shardlm.executor.launch import (
     spawn_workers,
     threads_per_rank,
 )
-from shardlm.executor.startup import report_node_stats, setup_compute_rank
+from shardlm.executor.startup import report_compute_stats, report_node_stats, setup_compute_rank
 from shardlm.runtime.runner import ModelRunner
 from shardlm.step_inputs import StepInputs
 
@@ -116,6 +116,17 @@ class Executor:
             NodeStats(i // beta, i % beta, *(int(x) for x in row))
             for i, row in enumerate(self.guarded(collect).tolist())
         ]
+
+    def compute_stats(self) -> torch.Tensor:
+        """[α, len(COMPUTE_FIELDS)]: every compute node's counters, summed over its ranks
+        (each rank reports its own)."""
+
+        def collect() -> torch.Tensor:
+            if self.tp.has_peers:
+                protocol.send(self.tp, protocol.Command.COMPUTE_STATS, [], None)
+            return report_compute_stats(self.tp, self.config, self.runner)
+
+        return self.guarded(collect)
 
     @property
     def traffic(self) -> AttentionTraffic | None:
@@ -204,9 +215,10 @@ def start_driver(config: EngineConfig) -> tuple[TPContext, WorkerGroup | None]:
         rank, world = torchrun_rank()
         if world != p.world_size or rank != 0:
             raise ValueError(
-                f"under torchrun, WORLD_SIZE ({world}) must equal tensor_parallel_size "
-                f"({p.tp_size}) plus its attention-node ranks ({p.world_size - p.tp_size}"
-                f"), and only RANK 0 builds the engine (this is {rank})"
+                f"under torchrun, WORLD_SIZE ({world}) must equal the compute ranks "
+                f"({p.compute_ranks}: α·t) plus the attention-node ranks "
+                f"({p.world_size - p.compute_ranks}: t·β), and only RANK 0 builds the engine "
+                f"(this is {rank})"
             )
         return init_groups(0, config, None), None
     return spawn_workers(config)

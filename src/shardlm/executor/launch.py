@@ -59,30 +59,39 @@ def device_for_rank(device: str) -> torch.device:
 
 
 def init_groups(rank: int, config: EngineConfig, store: dist.Store | None) -> TPContext:
-    """Join the job: a group for the model's collectives (the compute ranks), a gloo control
-    group (every rank), and with attention-node ranks a gloo group for their messages.
-    Every rank creates the groups in the same order, as torch.distributed requires."""
+    """Join the job: a group for each compute node's collectives (its t ranks), a gloo
+    control group (every rank), and with attention-node ranks a gloo group for the
+    exchange messages. Every rank creates the groups in the same order, as torch.distributed
+    requires."""
     p = config.parallel
     backend = "nccl" if torch.device(config.model.device).type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=p.tp_timeout_s)
-    world = p.world_size
+    world, t = p.world_size, p.tp_size
     if store is None:
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    compute = rank < p.compute_ranks
+    node_index, tp_rank = divmod(rank, t) if compute else (0, rank)
     group, node_group = dist.group.WORLD, None
-    if world > p.tp_size:
-        group = dist.new_group(list(range(p.tp_size)), backend=backend, timeout=timeout)
+    if world > t:
+        groups = [
+            dist.new_group(list(range(a * t, (a + 1) * t)), backend=backend, timeout=timeout)
+            for a in range(p.compute_ranks // t)
+        ]
         node_group = dist.new_group(backend="gloo", timeout=timeout)
+        group = groups[node_index] if compute else None
     return TPContext(
-        rank,
-        p.tp_size,
-        group if rank < p.tp_size else None,
+        tp_rank,
+        t,
+        group,
         control,
         timeout=timeout,
         job_size=world,
         node_group=node_group,
+        job_rank=rank,
+        compute_node=node_index,
     )
 
 

@@ -1,10 +1,12 @@
 """An attention-node rank (distributed transport): one AttentionNode, driven by the driver's
-control broadcast and fed by its compute rank.
+control broadcast and fed by the compute nodes of its head group.
 
 Per STEP the node takes the step's metadata from the broadcast (so no per-layer metadata
-travels), then for each layer receives one message q|k|v from the compute rank of its head
-group, attends, and sends back out and lse. Message sizes follow from the metadata: T
-queries of the group's heads, and the rows this node owns.
+travels), then for each layer receives one message q|k|v from each compute node with rows
+in the step (rank (a, g): compute node a's tensor-parallel rank of this head group),
+writes every compute node's new K/V, attends, and sends each its own rows' out and lse.
+Message sizes follow from the metadata: each compute node's rows of the group's heads, and
+the rows of those this node owns.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from shardlm.distributed import protocol
 from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine_config import EngineConfig
 from shardlm.executor.launch import device_for_rank
-from shardlm.executor.startup import join_startup, propose_pool, report_node_stats, rshard_of
+from shardlm.executor.startup import (
+    join_startup,
+    propose_pool,
+    report_compute_stats,
+    report_node_stats,
+    rshard_of,
+)
 from shardlm.models.llama import ShardLayout
 from shardlm.step_inputs import StepInputs
 
@@ -27,8 +35,8 @@ from shardlm.step_inputs import StepInputs
 def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
     p = config.parallel
     model = ModelConfig.from_pretrained(config.model.model)
-    group_rank, shard = divmod(tp.rank - p.tp_size, p.attention_nodes)
-    layout = ShardLayout.for_rank(model, group_rank, p.tp_size)
+    head_group, shard = divmod(tp.job_rank - p.compute_ranks, p.attention_nodes)
+    layout = ShardLayout.for_rank(model, head_group, p.tp_size)
     dtype = config.torch_dtype
     device = device_for_rank(p.attention_device or config.model.device)
     block_size = config.cache.block_size
@@ -50,12 +58,10 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
         device,
         model.head_dim**-0.5,
         model.sliding_windows,
-        head_group=group_rank,
-        name=p.role_of(tp.rank),
+        head_group=head_group,
+        name=p.role_of(tp.job_rank),
     )
-    compute_rank = group_rank
-    q_width = layout.heads * model.head_dim
-    kv_width = layout.kv_heads * model.head_dim
+    shapes = (layout.heads, layout.kv_heads, model.head_dim)
     while True:
         command, sizes, payload = protocol.receive(tp)
         if command is protocol.Command.SHUTDOWN:
@@ -64,25 +70,56 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
             node.release(payload.tolist())
         elif command is protocol.Command.NODE_STATS:
             report_node_stats(tp, config, [node])
+        elif command is protocol.Command.COMPUTE_STATS:
+            report_compute_stats(tp, config, None)
         elif command is protocol.Command.STEP:
-            inputs = StepInputs.decode(sizes[:5], payload)
-            positions = inputs.positions
+            inputs = StepInputs.decode(sizes[:6], payload)
             node.begin_step(
-                inputs.seq_ids.tolist(), positions, inputs.num_decodes, inputs.token_counts()
+                inputs.seq_ids.tolist(),
+                inputs.positions,
+                inputs.num_decodes,
+                inputs.token_counts(),
+                inputs.row_groups,
             )
-            t = positions.shape[0]
-            own = node.owned_rows(positions).numel()
-            message = torch.empty(t * q_width + 2 * own * kv_width, dtype=dtype)
-            for layer in range(model.num_hidden_layers):
-                work = dist.irecv(message, src=compute_rank, group=tp.node_group)
-                work.wait(tp.timeout)
-                q, k, v = message.split([t * q_width, own * kv_width, own * kv_width])
-                out, lse = node.attend(
-                    layer,
-                    q.view(t, layout.heads, model.head_dim).to(device),
-                    k.view(own, layout.kv_heads, model.head_dim).to(device),
-                    v.view(own, layout.kv_heads, model.head_dim).to(device),
-                )
-                for tensor in (out.cpu(), lse.cpu()):
-                    dist.isend(tensor, dst=compute_rank, group=tp.node_group).wait(tp.timeout)
+            peers = {a: p.compute_rank(a, head_group) for a in node.group_sizes()}
+            run_layers(tp, node, model.num_hidden_layers, peers, shapes, dtype, device)
         # SCORE runs on the compute ranks alone: nothing to do.
+
+
+def run_layers(
+    tp: TPContext,
+    node: AttentionNode,
+    num_layers: int,
+    peers: dict[int, int],
+    shapes: tuple[int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """One step's layers: from each compute node a (rank ``peers[a]``) its q | k | v, then
+    back to each its (out, lse)."""
+    heads, kv_heads, head_dim = shapes
+    sizes = node.group_sizes()
+    split = {
+        a: [n * heads * head_dim, *(2 * [own * kv_heads * head_dim])]
+        for a, (n, own) in sizes.items()
+    }
+    messages = {a: torch.empty(sum(parts), dtype=dtype) for a, parts in split.items()}
+    for layer in range(num_layers):
+        works = [
+            dist.irecv(messages[a], src=rank, group=tp.node_group) for a, rank in peers.items()
+        ]
+        for work in works:
+            work.wait(tp.timeout)
+        parts = {}
+        for a, (n, own) in sizes.items():
+            q, k, v = messages[a].split(split[a])
+            parts[a] = (
+                q.view(n, heads, head_dim).to(device),
+                k.view(own, kv_heads, head_dim).to(device),
+                v.view(own, kv_heads, head_dim).to(device),
+            )
+        results = node.attend_groups(layer, parts)
+        outgoing = [(peers[a], t.cpu()) for a, pair in results.items() for t in pair]
+        sends = [dist.isend(t, dst=rank, group=tp.node_group) for rank, t in outgoing]
+        for work in sends:  # ``outgoing`` keeps the tensors alive until they are sent
+            work.wait(tp.timeout)

@@ -17,7 +17,7 @@ from shardlm.executor.node_rank import serve_attention_node
 def serve(tp: TPContext, config: EngineConfig) -> None:
     """Serve the driver as this rank's role until SHUTDOWN."""
     torch.set_num_threads(threads_per_rank(config.parallel.world_size))
-    if tp.rank >= config.parallel.tp_size:
+    if tp.job_rank >= config.parallel.compute_ranks:
         serve_attention_node(tp, config)
         dist.destroy_process_group()
     else:
@@ -32,8 +32,8 @@ def run_torchrun_worker(config: EngineConfig) -> int:
     p = config.parallel
     if world != p.world_size:
         raise ValueError(
-            f"torchrun's WORLD_SIZE {world} does not match the job ({p.tp_size} compute ranks "
-            f"+ {p.world_size - p.tp_size} attention nodes = {p.world_size})"
+            f"torchrun's WORLD_SIZE {world} does not match the job ({p.compute_ranks} compute "
+            f"ranks + {p.world_size - p.compute_ranks} attention nodes = {p.world_size})"
         )
     serve(init_groups(rank, config, None), config)
     return 0

@@ -16,6 +16,7 @@ from shardlm.attention.node import AttentionNode
 from shardlm.cache.rshard import RShard
 from shardlm.distributed.parallel_state import TPContext
 from shardlm.engine_config import EngineConfig
+from shardlm.runtime.compute_nodes import COMPUTE_FIELDS
 from shardlm.runtime.kv_sizing import pools_sharing_memory, propose_kv_tokens
 from shardlm.runtime.runner import ModelRunner
 
@@ -136,6 +137,20 @@ def join_startup(
             how,
         )
     return num_blocks, weights
+
+
+def report_compute_stats(
+    tp: TPContext, config: EngineConfig, runner: ModelRunner | None
+) -> torch.Tensor:
+    """Every rank: add its compute-node counters (runtime/compute_nodes.py) to an
+    [α, fields] table summed over the job; attention-node ranks add nothing."""
+    table = torch.zeros(config.parallel.compute_nodes, len(COMPUTE_FIELDS), dtype=torch.long)
+    if runner is not None:
+        table += runner.counters.table
+    if tp.has_peers:
+        work = dist.all_reduce(table, group=tp.control_group, async_op=True)
+        work.wait(tp.timeout)
+    return table
 
 
 def report_node_stats(

@@ -2,7 +2,7 @@
 
 Every rank of a job proposes a size for the pools it holds (compute ranks their paged pool,
 or with attention nodes each node its own); the ranks then agree on the smallest proposal
-(an AllReduce MIN at start-up, distributed/worker.py) so every pool of the job has the same
+(an AllReduce MIN at start-up, executor/startup.py) so every pool of the job has the same
 number of blocks. Ranks that hold no pool propose nothing.
 """
 

@@ -31,6 +31,7 @@ from shardlm.loader import init_dummy_weights, load_weights
 from shardlm.models.llama import LlamaForCausalLM
 from shardlm.models.registry import model_class
 from shardlm.models.transforms import apply_weight_transforms
+from shardlm.runtime.compute_nodes import ComputeCounters, ComputeNodes
 from shardlm.runtime.cuda_graphs import DecodeGraphs
 from shardlm.step_inputs import StepInputs
 
@@ -63,6 +64,8 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.kv_cache: PagedKVCache | None = None
         self.attention: AttentionBackend | None = None
+        self.num_compute_nodes = engine.parallel.compute_nodes
+        self.compute_nodes: ComputeNodes | None = None  # α > 1 (runtime/compute_nodes.py)
         path = Path(engine.model.model)
         start = time.perf_counter()
         self.model = build_model(config, dtype, device, max_model_len, self.tp)
@@ -80,6 +83,7 @@ class ModelRunner:
             gc.collect()
             torch.cuda.empty_cache()
         self.load_seconds = time.perf_counter() - start
+        self.counters = ComputeCounters(self.num_compute_nodes, self)
         self.scale = config.head_dim**-0.5
         # Quantized weights are int8/fp8 parameters (plus their scales): this is real memory.
         self.weight_bytes = sum(p.nbytes for p in self.model.parameters())
@@ -164,7 +168,7 @@ class ModelRunner:
     def init_decode_graphs(self, max_batch: int, capture: bool) -> None:
         """Run pure-decode steps of up to ``max_batch`` sequences from static buffers, padded
         to batch-size buckets, and (``capture``, CUDA) replay them from CUDA graphs
-        (engine/cuda_graphs.py). Needs the Triton kernels and the local paged pool. If the
+        (runtime/cuda_graphs.py). Needs the Triton kernels and the local paged pool. If the
         capture runs out of memory (the KV pool took it first), decode runs eagerly."""
         if self.attention_backend != "triton" or self.kv_cache is None:
             raise ValueError("decode graphs need attention_backend='triton' and a local KV pool")
@@ -207,20 +211,35 @@ class ModelRunner:
         node_ranks: list[int] | None = None,
     ) -> None:
         """Send attention to this rank's β attention nodes instead of a local pool: built
-        here as objects on ``node_device`` (in-process), or reached at ``node_ranks``."""
+        here as objects on ``node_device`` (in-process), or reached at ``node_ranks``. With
+        α > 1 compute nodes, this process runs all of them in-process, or its own one."""
         self.block_size = block_size
-        links: list[NodeLink] = []
-        for s in range(rshard.num_shards):
-            if node_ranks is None:
-                node = self.make_attention_node(s, rshard, num_blocks, block_size, node_device)
-                links.append(LocalLink(node, self.device))
-            else:
-                rank = node_ranks[s]
-                name = f"{node_name(self.tp.rank, s)} (rank {rank})"
-                links.append(
-                    RemoteLink(rank, name, self.tp.node_group, self.tp.timeout, self.device)
-                )
-        self.attention = ShardedAttention(rshard, links, self.device)
+        alpha = self.num_compute_nodes
+        if node_ranks is None:
+            nodes = [
+                self.make_attention_node(s, rshard, num_blocks, block_size, node_device)
+                for s in range(rshard.num_shards)
+            ]
+            if alpha > 1:
+                self.compute_nodes = ComputeNodes.in_process(self, rshard, nodes, alpha)
+                self.attention = self.compute_nodes.attention[0]
+                return
+            links: list[NodeLink] = [LocalLink(node, self.device) for node in nodes]
+            self.attention = ShardedAttention(rshard, links, self.device)
+            return
+        links = [
+            RemoteLink(
+                rank,
+                f"{node_name(self.tp.rank, s)} (rank {rank})",
+                self.tp.node_group,
+                self.tp.timeout,
+                self.device,
+            )
+            for s, rank in enumerate(node_ranks)
+        ]
+        self.attention = ShardedAttention(rshard, links, self.device, group=self.tp.compute_node)
+        if alpha > 1:
+            self.compute_nodes = ComputeNodes.distributed(self, self.attention, alpha)
 
     def make_attention_node(
         self,
@@ -255,11 +274,16 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, host_inputs: StepInputs) -> torch.Tensor | None:
         """Every rank: one forward over the step's tokens; logits on the driver."""
+        self.counters.begin_step()
         if self.decode_graphs is not None and self.decode_graphs.can_run(host_inputs):
+            self.counters.add(0, host_inputs.num_tokens, None)
             return self.decode_graphs.run(host_inputs)
         inputs = host_inputs.to(self.device)
+        if self.compute_nodes is not None:
+            return self.compute_nodes.run(inputs)
         self.attention.begin_step(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
+        self.counters.add(0, host_inputs.num_tokens, self.attention.traffic)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     @torch.inference_mode()

@@ -20,16 +20,20 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from shardlm.engine.llm_engine import EngineStats, LLMEngine
+from shardlm.attention.node import NodeStats
+from shardlm.engine.llm_engine import LLMEngine
 from shardlm.engine.outputs import RequestOutput
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.engine.stats import ComputeNodeStats, EngineStats
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
+NODE_STATS_PERIOD_S = 1.0
 
 
 class EngineDead(RuntimeError):
@@ -44,6 +48,14 @@ class _Sink:
     def put(self, item: object) -> None:
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass
+class NodeSnapshot:
+    """The compute and attention nodes' own reports, as of the last refresh."""
+
+    compute: list[ComputeNodeStats] = field(default_factory=list)
+    attention: list[NodeStats] = field(default_factory=list)
 
 
 _ACCEPTED = object()  # the engine queued the request (it passed the engine's own checks)
@@ -84,6 +96,10 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards `dead` against queueing (see the module doc)
         self.pending_sequences = 0  # submitted, not yet taken by the engine thread
         self.stats: EngineStats = engine.stats
+        # What the compute and attention nodes report of themselves (collectives: asked at
+        # most every NODE_STATS_PERIOD_S, from this thread, between steps).
+        self.node_stats: NodeSnapshot = NodeSnapshot()
+        self._node_stats_at = 0.0
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="shardlm-engine", daemon=True)
         self._thread.start()
@@ -147,10 +163,20 @@ class AsyncEngine:
                         if out.finished:
                             del self._sinks[out.request_id]
                 self.stats = self.engine.stats
+                self._refresh_node_stats()
             self._die(EngineDead("the server is shutting down"))
         except BaseException as e:  # a failed step: every request gets the error
             logger.exception("the engine failed")
             self._die(EngineDead(f"the engine failed: {e}"))
+
+    def _refresh_node_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._node_stats_at < NODE_STATS_PERIOD_S:
+            return
+        self._node_stats_at = now
+        self.node_stats = NodeSnapshot(
+            self.engine.compute_node_stats(), self.engine.attention_node_stats()
+        )
 
     def _drain_commands(self) -> None:
         while True:

@@ -8,10 +8,14 @@ from the engine thread's last published snapshot when /metrics is scraped.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from shardlm.engine.llm_engine import EngineStats
+from shardlm.engine.stats import EngineStats
+
+if TYPE_CHECKING:
+    from shardlm.entrypoints.openai.async_engine import NodeSnapshot
 
 # Seconds: from a few ms (small models, GPUs) to a minute (long prompts on CPU).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -19,7 +23,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        node_stats: Callable[[], NodeSnapshot] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -61,7 +69,39 @@ class ServerMetrics:
         self.blocks_total = Gauge(
             "shardlm_kv_blocks_total", "KV cache blocks in the pool", registry=r
         )
+        # What the compute and attention nodes report of themselves (refreshed by the
+        # engine thread about once a second).
+        node = ["compute_node"]
+        self.compute_tokens = Gauge(
+            "shardlm_compute_node_tokens", "Tokens a compute node has computed", node, registry=r
+        )
+        self.compute_flops = Gauge(
+            "shardlm_compute_node_dense_flops",
+            "Dense FLOPs (QKV, O, MLP) a compute node has computed",
+            node,
+            registry=r,
+        )
+        self.compute_bytes = Gauge(
+            "shardlm_compute_node_attention_bytes",
+            "Bytes a compute node has sent to / received from the attention nodes",
+            [*node, "direction"],
+            registry=r,
+        )
+        where = ["head_group", "shard"]
+        self.node_kv_tokens = Gauge(
+            "shardlm_attention_node_kv_tokens",
+            "Tokens of KV an attention node holds",
+            where,
+            registry=r,
+        )
+        self.node_blocks = Gauge(
+            "shardlm_attention_node_blocks_in_use",
+            "KV blocks an attention node uses",
+            where,
+            registry=r,
+        )
         self._stats = stats
+        self._node_stats = node_stats
 
     def render(self) -> bytes:
         s = self._stats()
@@ -70,4 +110,18 @@ class ServerMetrics:
         self.blocks_in_use.set(s.blocks_in_use)
         self.blocks_total.set(s.num_blocks)
         self.decode_tokens.set(s.decode_tokens)
+        if self._node_stats is not None:
+            self._render_nodes(self._node_stats())
         return generate_latest(self.registry)
+
+    def _render_nodes(self, nodes: NodeSnapshot) -> None:
+        for c in nodes.compute:
+            a = str(c.compute_node)
+            self.compute_tokens.labels(a).set(c.tokens)
+            self.compute_flops.labels(a).set(c.dense_flops)
+            self.compute_bytes.labels(a, "to").set(c.bytes_to_attention_nodes)
+            self.compute_bytes.labels(a, "from").set(c.bytes_from_attention_nodes)
+        for n in nodes.attention:
+            where = (str(n.head_group), str(n.shard))
+            self.node_kv_tokens.labels(*where).set(n.kv_tokens)
+            self.node_blocks.labels(*where).set(n.blocks_in_use)

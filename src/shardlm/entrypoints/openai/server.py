@@ -63,7 +63,7 @@ async def _unexpected(request: Request, e: Exception) -> JSONResponse:
 def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
     """The routes over ``engine``, which the app shuts down when it stops. ``model_name`` is
     the name the API answers to; the API key is ``config.api_key``, else $SHARDLM_API_KEY."""
-    metrics = ServerMetrics(lambda: engine.stats)
+    metrics = ServerMetrics(lambda: engine.stats, lambda: engine.node_stats)
     api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
     shared = dict(
         engine=engine, metrics=metrics, model_name=model_name, max_waiting=config.max_waiting

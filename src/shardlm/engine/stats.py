@@ -1,0 +1,33 @@
+"""What the engine reports of itself: its counters, and each compute node's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ComputeNodeStats:
+    """One compute node's counters, summed over its tensor-parallel ranks."""
+
+    compute_node: int
+    tokens_last_step: int
+    dense_flops_last_step: int
+    tokens: int
+    dense_flops: int
+    bytes_to_attention_nodes: int
+    bytes_from_attention_nodes: int
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (for tests and /metrics)."""
+
+    preemptions: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_query_tokens: int
+    prefill_tokens: int
+    decode_tokens: int
+    blocks_in_use: int
+    num_blocks: int
+    num_running: int
+    num_waiting: int
