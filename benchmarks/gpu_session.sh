@@ -55,6 +55,8 @@ for part in "$@"; do
         ;;
     kernels)  # each Triton kernel against the PyTorch code it replaces
         $PY benchmarks/kernels.py
+        # structured outputs' cost (needs xgrammar: pip install 'shardlm[structured]')
+        $PY benchmarks/structured.py --device cuda --dtype bfloat16 --random-model
         ;;
     profile)
         $PY benchmarks/decode_profile.py --shape llama-1b --batch 1

@@ -160,19 +160,46 @@ def test_a_long_prefill_is_divided_between_the_compute_nodes(alpha, ckpt):
     tokens = [s.tokens for s in stats]
     assert sum(tokens) == 600
     assert max(tokens) - min(tokens) <= 16
-    per_token = stats[0].dense_flops // stats[0].tokens
-    assert per_token > 0
-    assert sum(s.dense_flops for s in stats) == 600 * per_token
+    assert [s.dense_flops for s in stats] == [t * dense_flops(ckpt[1].config) for t in tokens]
 
 
-def test_bytes_to_and_from_the_attention_nodes_follow_the_formula(ckpt):
+def dense_flops(c) -> int:
+    """2 per multiply-add of QKV, O and the MLP, every layer (the attention is on the nodes)."""
+    d = c.hidden_size // c.num_attention_heads
+    qkv = c.hidden_size * d * (c.num_attention_heads + 2 * c.num_key_value_heads)
+    out = c.num_attention_heads * d * c.hidden_size
+    return 2 * c.num_hidden_layers * (qkv + out + 3 * c.hidden_size * c.intermediate_size)
+
+
+def test_short_prompts_prefill_where_their_sequences_were_placed(ckpt):
+    """Prompts shorter than a run: each prefills on its own sequence's compute node, so a
+    batch of them spreads over the nodes like the sequences."""
+    path, _ = ckpt
+    with LLM(
+        path,
+        device="cpu",
+        compute_nodes=2,
+        attention_nodes=1,
+        attention_transport="in-process",
+    ) as llm:
+        short = [[5 + i] * 12 for i in range(8)]
+        llm.generate(short, SamplingParams(max_tokens=1), use_tqdm=False)
+        stats = llm.engine.compute_node_stats()
+    assert [s.tokens for s in stats] == [48, 48]
+
+
+@pytest.mark.parametrize(
+    "transport, tp", [("in-process", 1), ("distributed", 2)], ids=["in-process", "distributed-t2"]
+)
+def test_bytes_to_and_from_the_attention_nodes_follow_the_formula(transport, tp, ckpt):
     """Per layer, every row's query goes to each of the β nodes and its K/V to the one node
     that owns it; each node answers every query with out (dtype) and lse (float32):
 
-        to nodes   = L · Σ_rows (β·Hq·D·e + 2·Hkv·D·e)
-        from nodes = L · Σ_rows β·Hq·(D·e + 4)
+        to nodes   = L · rows · (β·Hq·D·e + 2·Hkv·D·e)
+        from nodes = L · rows · β·Hq·(D·e + 4)
 
-    summed over the compute nodes (one head group: t = 1)."""
+    for each compute node over its own rows (summed over its t ranks' head groups). The
+    sampled rows' hidden states that compute node 1 sends to compute node 0 are H·e each."""
     path, hf = ckpt
     c = hf.config
     layers, hq, hkv = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
@@ -182,16 +209,20 @@ def test_bytes_to_and_from_the_attention_nodes_follow_the_formula(ckpt):
         device="cpu",
         compute_nodes=2,
         attention_nodes=beta,
-        attention_transport="in-process",
+        tensor_parallel_size=tp,
+        attention_transport=transport,
         **STEP,
     ) as llm:
         llm.generate(prompts(), GREEDY, use_tqdm=False)
         stats = llm.engine.compute_node_stats()
-        rows = llm.engine.stats.prefill_tokens + llm.engine.stats.decode_tokens
-    to_nodes = sum(s.bytes_to_attention_nodes for s in stats)
-    from_nodes = sum(s.bytes_from_attention_nodes for s in stats)
-    assert to_nodes == layers * rows * (beta * hq * d * e + 2 * hkv * d * e)
-    assert from_nodes == layers * rows * beta * hq * (d * e + 4)
+    for s in stats:
+        assert s.bytes_to_attention_nodes == layers * s.tokens * (
+            beta * hq * d * e + 2 * hkv * d * e
+        )
+        assert s.bytes_from_attention_nodes == layers * s.tokens * beta * hq * (d * e + 4)
+    if transport == "distributed":  # in-process, nothing travels to compute node 0
+        sent = stats[1].hidden_bytes_to_compute_node_0
+        assert sent > 0 and sent % (c.hidden_size * e * tp) == 0
 
 
 def test_a_sequence_is_placed_by_load_and_keeps_its_compute_node(ckpt):
@@ -255,25 +286,48 @@ def test_lockstep_takes_turns_in_order_and_stops_everyone_on_a_failure():
 
     assert lock.run({0: node("a"), 1: node("b")}) == {0: "a", 1: "b"}
     assert seen == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
-    with pytest.raises(RuntimeError, match="boom"):
-        lock.run({0: node("a"), 1: node("b", fail=True), 2: node("c")})
-    assert not isinstance(RuntimeError("x"), LockstepAborted)
+    for failing in (1, 0):  # a middle one, then the first in the order
+        seen.clear()
+        work = {g: node(name, fail=g == failing) for g, name in enumerate("abc")}
+        with pytest.raises(RuntimeError, match="boom") as e:
+            lock.run(work)
+        assert not isinstance(e.value, LockstepAborted)  # the cause, not a follower's abort
+        assert not any(layer == 2 for _, layer in seen)  # nobody went on after the failure
 
 
-def test_compute_node_failure_is_reported_by_name(ckpt):
+@pytest.mark.parametrize(
+    "how, tp, victim, role",
+    [
+        (signal.SIGKILL, 1, 1, r"compute node 1, tensor-parallel rank 0 \(rank 1\)"),
+        (signal.SIGSTOP, 1, 1, r"compute node 1, tensor-parallel rank 0 \(rank 1\)"),
+        (signal.SIGKILL, 2, 3, r"compute node 1, tensor-parallel rank 1 \(rank 3\)"),
+        (signal.SIGKILL, 1, 2, r"attention node 0 of head group 0 \(rank 2\)"),
+    ],
+    ids=["kill-compute", "stop-compute", "kill-compute-t2", "kill-attention"],
+)
+def test_a_dead_or_silent_node_is_reported_by_name(how, tp, victim, role, ckpt):
     path, _ = ckpt
-    timeout = 5.0
-    llm = LLM(path, device="cpu", compute_nodes=2, attention_nodes=1, tp_timeout_s=timeout)
-    compute = llm.engine.workers.processes[0]  # rank 1: compute node 1
+    # Six processes rendezvous on 2 cores at t = 2: start-up (which the failure timeout also
+    # bounds) needs more than 5 s there.
+    timeout = 5.0 * tp
+    llm = LLM(
+        path,
+        device="cpu",
+        compute_nodes=2,
+        attention_nodes=1,
+        tensor_parallel_size=tp,
+        tp_timeout_s=timeout,
+    )
+    process = llm.engine.workers.processes[victim - 1]
     params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
 
     def strike() -> None:
         time.sleep(0.5)
-        os.kill(compute.pid, signal.SIGKILL)
+        os.kill(process.pid, how)
 
     threading.Thread(target=strike).start()
     start = time.monotonic()
-    with pytest.raises(WorkerFailure, match=r"compute node 1, tensor-parallel rank 0 \(rank 1\)"):
+    with pytest.raises(WorkerFailure, match=role):
         llm.generate([[5, 6, 7], [8, 9, 10]], params, use_tqdm=False)
     assert time.monotonic() - start < 0.5 + timeout + 10
     llm.shutdown()

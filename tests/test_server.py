@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -260,6 +261,99 @@ def test_concurrent_streams_each_equal_offline(server, offline):
     assert asyncio.run(main()) == expected
 
 
+# -- structured outputs --
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "role": {"enum": ["admin", "user"]},
+    },
+    "required": ["name", "age", "role"],
+}
+
+
+def test_response_format_json_schema_and_json_object_via_the_openai_client(server, offline):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    client = server.client()
+    messages = [{"role": "user", "content": "Who are you?"}]
+    schema_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+    }
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, response_format=schema_format, temperature=0, max_tokens=80
+    )
+    content = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop", content
+    jsonschema.validate(json.loads(content), PERSON)
+    text = offline.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = offline.tokenizer.encode(text, add_special_tokens=False)
+    spec = SamplingParams(temperature=0, max_tokens=80, structured_outputs={"json": PERSON})
+    assert content == offline.generate(ids, spec, use_tqdm=False)[0].outputs[0].text
+    # json_object, streamed, sampled: the deltas join into one JSON object (or stop at length).
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=messages,
+        response_format={"type": "json_object"},
+        temperature=1.0,
+        seed=3,
+        max_tokens=150,
+        stream=True,
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    joined = "".join(c.delta.content or "" for c in chunks)
+    if chunks[-1].finish_reason == "stop":
+        assert isinstance(json.loads(joined), dict)
+    else:
+        assert chunks[-1].finish_reason == "length"
+
+
+def test_structured_outputs_field_on_completions(server, offline):
+    pytest.importorskip("xgrammar")
+    client = server.client()
+    choices = ["red", "green", "blue"]
+    r = client.completions.create(
+        model=NAME,
+        prompt="The colour is",
+        n=4,
+        temperature=1.0,
+        seed=1,
+        max_tokens=10,
+        extra_body={"structured_outputs": {"choice": choices}},
+    )
+    assert all(c.text in choices and c.finish_reason == "stop" for c in r.choices)
+    regex = r"[0-9]{3}-[a-z]{2,4}"
+    r = client.completions.create(
+        model=NAME,
+        prompt="The code is",
+        temperature=0,
+        max_tokens=20,
+        extra_body={"structured_outputs": {"regex": regex, "json": None}},
+    )
+    assert re.fullmatch(regex, r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    spec = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"regex": regex})
+    assert r.choices[0].text == offline.generate("The code is", spec)[0].outputs[0].text
+
+
+def test_structured_output_errors_carry_the_compiler_message(server):
+    pytest.importorskip("xgrammar")
+    r = server.post("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a(b"}})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "structured_outputs"
+    assert "invalid regex" in error["message"] and "parenthesis" in error["message"], error
+    body = {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
+    }
+    r = server.post("/v1/chat/completions", body)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "response_format"
+    assert "invalid JSON schema" in r.json()["error"]["message"]
+
+
 # -- bad input --
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400, None),
@@ -268,7 +362,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 5}, 400, "presence_penalty"),
@@ -281,7 +375,6 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "seed": -3}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, None),
@@ -311,7 +404,57 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["a"] * 40, "n": 40}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"x": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "x", "bad_words": [""]}, 400, "bad_words"),
+]
+
+# Structured outputs: a bad spec is a 400 naming the field the client used (never a 500).
+USER = [{"role": "user", "content": "x"}]
+BAD_SPECS = [
+    {"regex": "a(b"},
+    {"grammar": "root ::= nope"},
+    {"json": {"type": "nope"}},
+    {"json": "{bad"},
+    {"choice": []},
+    {"regex": "a", "choice": ["a"]},
+    {"yaml": "a"},
+    "a+",
+]
+BAD_FORMATS = [
+    {"type": "yaml"},
+    {"type": "json_schema"},
+    {"type": "json_schema", "json_schema": {"schema": [1]}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+    {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "("}}},
+]
+BAD_REQUESTS += [
+    ("/v1/completions", {"prompt": "x", "structured_outputs": s}, 400, "structured_outputs")
+    for s in BAD_SPECS
+]
+BAD_REQUESTS += [
+    ("/v1/chat/completions", {"messages": USER, "response_format": f}, 400, "response_format")
+    for f in BAD_FORMATS
+]
+BAD_REQUESTS += [
+    (
+        "/v1/completions",
+        {"prompt": "x", "response_format": {"type": "json_object"}, "structured_outputs": {}},
+        400,
+        "structured_outputs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": USER, "structured_outputs": {"json": 1}},
+        400,
+        "structured_outputs",
+    ),
 ]
 
 

@@ -36,6 +36,8 @@ class StepInputs:
     # [T] the compute node of each row (figure 2, α > 1; host). None: every row is compute
     # node 0's.
     row_groups: torch.Tensor | None = None
+    # [S] prefill rows whose logits are needed too, for prompt logprobs (after sample_rows).
+    score_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.max_decode_len < 0:
@@ -48,6 +50,13 @@ class StepInputs:
     @property
     def num_tokens(self) -> int:
         return self.positions.shape[0]
+
+    @property
+    def logit_rows(self) -> torch.Tensor:
+        """Rows whose logits the step returns: the sampled ones, then the scored ones."""
+        if self.score_rows is None or not self.score_rows.numel():
+            return self.sample_rows
+        return torch.cat([self.sample_rows, self.score_rows])
 
     def rows_of(self, group: int) -> torch.Tensor:
         """Rows (host indices, ascending) that compute node ``group`` computes."""
@@ -115,8 +124,8 @@ class StepInputs:
 
     # -- flat encoding for the driver → worker broadcast --
     def header(self) -> list[int]:
-        """Sizes a receiver needs to split the payload: [T, B, W, P, R, G] (G: whether the
-        rows' compute nodes follow)."""
+        """Sizes a receiver needs to split the payload: [T, B, W, P, R, G, S] (G: whether the
+        rows' compute nodes follow; S: scored rows)."""
         return [
             self.input_ids.shape[0],
             self.num_decodes,
@@ -124,6 +133,7 @@ class StepInputs:
             len(self.prefill_tables),
             self.sample_rows.shape[0],
             int(self.row_groups is not None),
+            0 if self.score_rows is None else self.score_rows.shape[0],
         ]
 
     def payload(self) -> torch.Tensor:
@@ -140,6 +150,8 @@ class StepInputs:
         ]
         if self.row_groups is not None:
             parts.append(self.row_groups)
+        if self.score_rows is not None:
+            parts.append(self.score_rows)
         return torch.cat(parts)
 
     def to(self, device: torch.device) -> StepInputs:
@@ -160,13 +172,16 @@ class StepInputs:
             ),
             host=self.on_host,
             row_groups=self.row_groups,
+            score_rows=None if self.score_rows is None else move(self.score_rows),
         )
 
     @classmethod
     def decode(cls, header: list[int], payload: torch.Tensor) -> StepInputs:
         """Inverse of ``header()`` + ``payload()``; host tensors."""
-        t, b, w, p, r, g = header
-        row_groups = None
+        t, b, w, p, r, g, n_scored = header
+        score_rows = row_groups = None
+        if n_scored:
+            payload, score_rows = payload.split([payload.numel() - n_scored, n_scored])
         if g:
             payload, row_groups = payload.split([payload.numel() - t, t])
         sizes = [t, t, b * w, b, 2 * p, p]
@@ -185,4 +200,5 @@ class StepInputs:
             sample_rows=rest[rest.numel() - r :],
             seq_ids=seq_ids,
             row_groups=row_groups,
+            score_rows=score_rows,
         )

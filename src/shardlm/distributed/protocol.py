@@ -1,6 +1,6 @@
 """The driver → worker control path: one fixed-size header, then one int64 payload.
 
-Every step the driver broadcasts an 8-int64 header [command, payload length, sizes...] and,
+Every step the driver broadcasts a 10-int64 header [command, payload length, sizes...] and,
 if the payload is not empty, the payload itself, on the control group (gloo, CPU tensors).
 Workers block on the header between steps. Two broadcasts of integer tensors per step, no
 pickling: the metadata is small and its size is known before it is received.
@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from shardlm.distributed.parallel_state import TPContext
 
-HEADER_SIZE = 8
+HEADER_SIZE = 10
 
 
 class Command(enum.IntEnum):

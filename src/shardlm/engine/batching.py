@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from shardlm.engine.logits_processors import has_constraints, row_constraints
+from shardlm.engine.sampler import SamplingRow
 from shardlm.engine.scheduler import ScheduledBatch
 from shardlm.engine.sequence import Sequence
 from shardlm.step_inputs import StepInputs
@@ -11,14 +13,16 @@ from shardlm.step_inputs import StepInputs
 
 def build_step_inputs(
     batch: ScheduledBatch, compute_nodes: int = 1, compute_chunk_size: int = 16
-) -> tuple[StepInputs, list[Sequence]]:
+) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int]]]:
     """Flatten a scheduled batch (driver side) into host tensors: they are broadcast to
     workers as they are, and copied to the device once. Also returns the sequences whose
-    logits are computed (they reached the end of their known tokens), in row order.
+    logits are computed (they reached the end of their known tokens), in row order, and the
+    scored rows (prompt logprobs): (sequence, position of the prompt token the row's logits
+    predict), in ``score_rows`` order.
 
-    With α = ``compute_nodes`` > 1 every row gets its compute node: a decode its sequence's,
-    a prefill token at position p node (p // compute_chunk_size) % α, so a long prompt's
-    dense work is divided α ways whatever sequence it belongs to."""
+    With α = ``compute_nodes`` > 1 every row gets its compute node: a decode its sequence's
+    node a, a prefill token at position p node (p // compute_chunk_size + a) % α, so a long
+    prompt's dense work is divided α ways whatever sequence it belongs to."""
     ids: list[int] = []
     pos: list[int] = []
     rows: list[int] = []
@@ -34,8 +38,16 @@ def build_step_inputs(
     ]
     meta = []
     prefill_tables = []
+    score_rows: list[int] = []
+    scored: list[tuple[Sequence, int]] = []
     for seq, n in batch.prefills:
         c = seq.num_computed_tokens
+        if seq.prompt_logprobs is not None:
+            # The row at position p predicts the prompt token at p + 1 (if not known yet).
+            for p in range(c, min(c + n, seq.num_prompt_tokens - 1)):
+                if seq.prompt_logprobs[p + 1] is None:
+                    score_rows.append(len(ids) + p - c)
+                    scored.append((seq, p + 1))
         ids.extend(seq.token_ids[c : c + n])
         pos.extend(range(c, c + n))
         meta.append((n, c + n))
@@ -58,16 +70,47 @@ def build_step_inputs(
         row_groups=(
             row_groups(batch, pos, compute_nodes, compute_chunk_size) if compute_nodes > 1 else None
         ),
+        score_rows=torch.tensor(score_rows, **long) if score_rows else None,
     )
-    return inputs, to_sample
+    return inputs, to_sample, scored
 
 
 def row_groups(
     batch: ScheduledBatch, positions: list[int], compute_nodes: int, run: int
 ) -> torch.Tensor:
-    """The compute node of each row: decodes on their sequence's, prefill positions dealt in
-    runs of ``run``."""
-    groups = torch.tensor(positions, dtype=torch.long) // run % compute_nodes
+    """The compute node of each row: decodes on their sequence's; prefill positions dealt in
+    runs of ``run``, starting at the sequence's own node — so a prompt shorter than a run
+    prefills where the sequence was placed (by load), and a batch of short prompts spreads
+    like their sequences do."""
+    home = [s.compute_node or 0 for s in batch.decodes]
+    for seq, n in batch.prefills:
+        home += [seq.compute_node or 0] * n
+    pos = torch.tensor(positions, dtype=torch.long)
+    groups = (pos // run + torch.tensor(home, dtype=torch.long)) % compute_nodes
     b = len(batch.decodes)
-    groups[:b] = torch.tensor([s.compute_node or 0 for s in batch.decodes], dtype=torch.long)
+    groups[:b] = torch.tensor(home[:b], dtype=torch.long)
     return groups
+
+
+def sampling_rows(seqs: list[Sequence], stop_ids: set[int]) -> list[SamplingRow]:
+    """The sampler's view of each sequence to sample. Token lists only for rows with
+    penalties (the sampler reads them for no other): slicing every sequence's context each
+    step would cost O(context) per token."""
+    rows = []
+    for s in seqs:
+        params = s.params
+        history = (s.token_ids[: s.num_prompt_tokens], s.output_ids)
+        rows.append(
+            SamplingRow(
+                params,
+                s.generator,
+                *(history if params.has_penalties else ((), ())),
+                constraints=(
+                    row_constraints(s, stop_ids, s.request.bad_words)
+                    if has_constraints(params)
+                    else None
+                ),
+                grammar=s.grammar,
+            )
+        )
+    return rows

@@ -173,6 +173,8 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
     out.outputs.sort(key=lambda c: c.index)
     out.finished = delta.finished
+    if delta.prompt_logprobs is not None:
+        out.prompt_logprobs = delta.prompt_logprobs
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

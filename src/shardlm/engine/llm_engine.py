@@ -28,10 +28,12 @@ from shardlm.cache.block_manager import BlockManager
 from shardlm.cache.node_budget import NodeBlockBudget
 from shardlm.cache.rshard import RShard
 from shardlm.config import ModelConfig
-from shardlm.engine.batching import build_step_inputs
+from shardlm.engine.batching import build_step_inputs, sampling_rows
+from shardlm.engine.logits_processors import bad_word_token_ids, check_against_vocabulary
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
+from shardlm.engine.prompt_logprobs import score_prompt, take_prompt_logprobs
 from shardlm.engine.prompts import Prompt, encode_prompt
-from shardlm.engine.sampler import SamplingRow, sample
+from shardlm.engine.sampler import sample
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.scheduler import ScheduledBatch, Scheduler
 from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
@@ -39,9 +41,13 @@ from shardlm.engine.stats import ComputeNodeStats, EngineStats
 from shardlm.engine_config import EngineConfig
 from shardlm.errors import ParamError
 from shardlm.executor.driver import Executor
+from shardlm.structured.compiler import GrammarCache, wait_for_any
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# How long an idle step waits for a structured-output grammar that is compiling.
+GRAMMAR_WAIT_S = 0.05
 
 
 class LLMEngine:
@@ -68,6 +74,8 @@ class LLMEngine:
         self.eos_token_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        # Structured outputs' grammars, for the logits' width (the model's vocabulary).
+        self.grammars = GrammarCache(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
         self.executor = Executor(config, self.config)
         self.device = self.executor.device
         self.rank_weight_bytes = self.executor.rank_weight_bytes
@@ -119,6 +127,7 @@ class LLMEngine:
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the workers (if any) and release the process groups. Idempotent."""
         self.executor.shutdown(graceful)
+        self.grammars.shutdown()
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Float32 logits at every prompt position (scoring; tests compare with HF)."""
@@ -148,6 +157,8 @@ class LLMEngine:
                 "use stop_token_ids instead",
             )
         text, ids = self.encode_prompt(prompt)
+        check_against_vocabulary(params, self.config.vocab_size)
+        bad_words = bad_word_token_ids(params.bad_words, self.tokenizer) if params.bad_words else []
         pool_tokens = self.blocks.capacity_tokens
         if len(ids) + 1 > pool_tokens:
             nodes = self.engine_config.parallel.attention_nodes
@@ -162,7 +173,13 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens but the KV cache holds only {pool_tokens}"
                 f"{where}; raise kv_cache_tokens or memory_utilization",
             )
-        request = Request(request_id, text, ids, params, next(self._arrivals))
+        # Structured outputs: parsed here (a bad spec raises now), compiled in a thread pool.
+        spec = params.structured_outputs
+        grammars = [
+            self.grammars.state(spec, params.stop_token_ids) if spec else None
+            for _ in range(params.n)
+        ]
+        request = Request(request_id, text, ids, params, next(self._arrivals), bad_words=bad_words)
         for i in range(params.n):
             seq = Sequence(
                 seq_id=next(self._seq_ids),
@@ -171,10 +188,15 @@ class LLMEngine:
                 token_ids=list(ids),
                 num_prompt_tokens=len(ids),
                 generator=self._generator_for(params.seed, i),
+                grammar=grammars[i],
                 detokenizer=(
                     IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                     if self.tokenizer is not None
                     else None
+                ),
+                # One sample scores the prompt for the request (the others may reuse its KV).
+                prompt_logprobs=(
+                    [None] * len(ids) if params.prompt_logprobs is not None and i == 0 else None
                 ),
             )
             request.seqs.append(seq)
@@ -206,6 +228,8 @@ class LLMEngine:
         """Advance every scheduled sequence by one step; return what changed (as deltas)."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
+        if not batch:  # nothing to run: perhaps only sequences whose grammar is compiling
+            wait_for_any((s.grammar for s in self.scheduler.waiting), GRAMMAR_WAIT_S)
         # Before the step runs, nodes must drop what the scheduler freed since the last step
         # (finishes, aborts) and in this schedule (preemptions): the step may reuse the blocks.
         self._release_finished()
@@ -221,9 +245,12 @@ class LLMEngine:
                 self._register_full_blocks(seq)
             if seqs:
                 for seq, token, lps in zip(seqs, tokens, logprobs, strict=True):
-                    append_token(
-                        seq, token, lps, self.eos_token_ids, self.max_model_len, self.tokenizer
-                    )
+                    if seq.params.max_tokens == 0:  # scoring only: the prompt, no token
+                        finish_sequence(seq, "length")
+                    else:
+                        append_token(
+                            seq, token, lps, self.eos_token_ids, self.max_model_len, self.tokenizer
+                        )
                     touched.setdefault(seq.request.request_id, []).append(seq)
         for request_id, seqs in touched.items():
             request = self.requests.get(request_id)
@@ -250,19 +277,14 @@ class LLMEngine:
         """Forward + sampling. Reading the sampled ids is the step's one host sync; it stays
         inside the guarded call because on CUDA a failed collective surfaces only there."""
         p = self.engine_config.parallel
-        inputs, seqs = build_step_inputs(batch, p.compute_nodes, p.compute_chunk_size)
+        inputs, seqs, scored = build_step_inputs(batch, p.compute_nodes, p.compute_chunk_size)
         logits = self.executor.run_step(inputs)
+        if scored:
+            score_prompt(logits[len(seqs) :], scored, self.tokenizer)
+            logits = logits[: len(seqs)]
         if not seqs:
             return [], [], []
-        # Token lists only for rows with penalties (the sampler reads them for no other):
-        # slicing every sequence's context each step would cost O(context) per token.
-        rows = [
-            SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_ids)
-            if s.params.has_penalties
-            else SamplingRow(s.params, s.generator, (), ())
-            for s in seqs
-        ]
-        result = sample(logits, rows)
+        result = sample(logits, sampling_rows(seqs, self.eos_token_ids))
         return seqs, result.token_ids.tolist(), result.logprobs
 
     def _register_full_blocks(self, seq: Sequence) -> None:
@@ -302,6 +324,7 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids,
             outputs=completions,
             finished=request.is_finished,
+            prompt_logprobs=take_prompt_logprobs(request),
         )
 
     def _generator_for(self, seed: int | None, index: int) -> torch.Generator:

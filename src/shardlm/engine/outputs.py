@@ -33,3 +33,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # SamplingParams.prompt_logprobs: per prompt token (None for the first), token id →
+    # Logprob of the token and the top k. In the first output after the prefill (a delta
+    # carries it once; LLM.generate keeps it).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -1,11 +1,13 @@
 """Batched next-token selection: one call turns an engine step's logits [N, V] into N tokens.
 
 Order of operations, as in vLLM: logprobs are read from the raw distribution; then penalties;
-then greedy rows take the argmax, and the others divide by temperature, apply top-k, top-p and
-min-p, and draw with the exponential race (argmax of probs / q, q ~ Exp(1)). Each row's random
-numbers come only from its own generator, one draw of V values per step, so a seeded request
-yields the same tokens whatever else shares the batch. Everything stays on the logits' device;
-the only host transfers are the per-row settings going in and the logprobs coming out.
+then the grammar masks of structured outputs (disallowed tokens to -inf); then greedy rows
+take the argmax, and the others divide by temperature, apply top-k, top-p and min-p, and draw
+with the exponential race (argmax of probs / q, q ~ Exp(1)). Each row's random numbers come
+only from its own generator, one draw of V values per step, so a seeded request yields the
+same tokens whatever else shares the batch. Everything stays on the logits' device;
+the only host transfers are the per-row settings (and grammar bitmasks) going in and the
+logprobs coming out.
 """
 
 from __future__ import annotations
@@ -16,9 +18,19 @@ from itertools import chain
 
 import torch
 
+from shardlm.engine.logits_processors import RowConstraints, apply_constraints
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.structured.masks import apply_grammar_masks
+from shardlm.structured.state import GrammarState
 
-__all__ = ["Logprob", "SamplerOutput", "SamplingRow", "apply_penalties", "sample"]
+__all__ = [
+    "Logprob",
+    "SamplerOutput",
+    "SamplingRow",
+    "apply_penalties",
+    "logprob_entries",
+    "sample",
+]
 
 
 @dataclass
@@ -38,6 +50,9 @@ class SamplingRow:
     generator: torch.Generator  # the request's own (seeded) or the engine's; on the logits' device
     prompt_ids: Sequence[int]  # for repetition_penalty
     output_ids: Sequence[int]  # generated so far, for all three penalties
+    # logit_bias, min_tokens, allowed_token_ids, bad_words for this step (or None).
+    constraints: RowConstraints | None = None
+    grammar: GrammarState | None = None  # structured outputs: the tokens allowed next
 
 
 @dataclass
@@ -59,6 +74,10 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
     logits = apply_penalties(logits, rows)
+    logits = apply_constraints(logits, [row.constraints for row in rows])
+    # Structured outputs: tokens the row's grammar forbids go to -inf (after the penalties,
+    # before any choice, so temperature / top-k / top-p act on the allowed tokens only).
+    logits = apply_grammar_masks(logits, [row.grammar for row in rows])
 
     random = [i for i, row in enumerate(rows) if not row.params.greedy]
     if not random:
@@ -225,13 +244,22 @@ def _fill_logprobs(
     else:
         idx = torch.tensor(want, device=raw_logprobs.device)
         lp, tok = raw_logprobs[idx], token_ids[idx]
-    ks = [rows[i].params.logprobs for i in want]
-    k_max = max(ks)
+    entries = logprob_entries(lp, tok, [rows[i].params.logprobs for i in want])
+    for i, entry in zip(want, entries, strict=True):
+        out[i] = entry
 
-    tok = tok.unsqueeze(1)
-    tok_lp = lp.gather(1, tok)
-    tok_rank = (lp > tok_lp).sum(dim=1, keepdim=True) + 1
-    top_lp, top_ids = lp.topk(k_max, dim=-1)
+
+def logprob_entries(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, ks: list[int]
+) -> list[dict[int, Logprob]]:
+    """Per row of ``logprobs`` [N, V] (log-softmax of the raw logits): {token: Logprob} for
+    the row's token and its top ``ks[row]`` tokens, each with its rank over the vocabulary.
+    Used for the sampled tokens and for prompt tokens (prompt logprobs)."""
+    k_max = max(ks)
+    tok = token_ids.unsqueeze(1)
+    tok_lp = logprobs.gather(1, tok)
+    tok_rank = (logprobs > tok_lp).sum(dim=1, keepdim=True) + 1
+    top_lp, top_ids = logprobs.topk(k_max, dim=-1)
     # Every token with a larger logprob than a top-k entry is itself in the top k, so counting
     # within the top k gives the rank over the whole vocabulary (ties share a rank).
     top_rank = (top_lp.unsqueeze(1) > top_lp.unsqueeze(2)).sum(dim=2) + 1
@@ -241,9 +269,11 @@ def _fill_logprobs(
     table = torch.cat(
         [t.to(torch.float64) for t in (tok, tok_lp, tok_rank, top_ids, top_lp, top_rank)], dim=1
     ).tolist()
-    for i, k, r in zip(want, ks, table, strict=True):
+    entries = []
+    for k, r in zip(ks, table, strict=True):
         entry = {int(r[0]): Logprob(logprob=r[1], rank=int(r[2]))}
         ids, lps, ranks = r[3 : 3 + k_max], r[3 + k_max : 3 + 2 * k_max], r[3 + 2 * k_max :]
         for j in range(k):
             entry.setdefault(int(ids[j]), Logprob(logprob=lps[j], rank=int(ranks[j])))
-        out[i] = entry
+        entries.append(entry)
+    return entries

@@ -8,6 +8,7 @@ Every step has a token budget (``max_num_batched_tokens``). It is spent in this 
 3. new sequences from the waiting queue (FIFO), each starting with its longest cached prefix
    and as much of the rest of its prompt as the budget allows. Samples 2..n of a request
    wait until sample 1 has computed the prompt, then share its blocks through the cache.
+   A sequence whose structured-output grammar is still compiling waits; later ones pass it.
 
 When the pool has no block for a running sequence's next tokens, the most recently admitted
 running sequence is preempted: its blocks are freed and it goes back to the front of the
@@ -117,11 +118,14 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or preempted or len(self.running) >= self.max_num_seqs:
                 break
-            if self._wait_for_sibling(seq):
-                continue
+            if self._wait_for_sibling(seq) or not seq.grammar_ready:
+                continue  # sample 1 goes first, or its grammar is still compiling
             # Reuse cached full blocks, but always leave at least one token to compute: its
             # logits are needed to sample the next token.
-            cached, hashes = self.blocks.acquire_prefix(seq.token_ids, seq.num_tokens - 1)
+            if needs_prompt_scoring(seq):  # a cached prefix has no logits to score it with
+                cached, hashes = [], []
+            else:
+                cached, hashes = self.blocks.acquire_prefix(seq.token_ids, seq.num_tokens - 1)
             computed = len(cached) * self.blocks.block_size
             n = min(seq.num_tokens - computed, budget)
             need = self.blocks.blocks_needed(computed + n) - len(cached)
@@ -155,9 +159,11 @@ class Scheduler:
     def _wait_for_sibling(self, seq: Sequence) -> bool:
         """Samples 2..n of a request wait until sample 1 has computed the prompt, so they take
         its full prompt blocks from the prefix cache instead of computing them again."""
+        first = seq.request.seqs[0]
+        if seq.index and needs_prompt_scoring(first) and not first.is_finished:
+            return True  # sample 1 scores the prompt first (its logprobs lead every output)
         if seq.index == 0 or not self.blocks.enable_prefix_caching:
             return False
-        first = seq.request.seqs[0]
         return first.status is SequenceStatus.RUNNING and (
             first.num_computed_tokens < first.num_prompt_tokens
         )
@@ -207,3 +213,8 @@ class Scheduler:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+
+def needs_prompt_scoring(seq: Sequence) -> bool:
+    """The sequence still has prompt tokens to score (SamplingParams.prompt_logprobs)."""
+    return seq.prompt_logprobs is not None and None in seq.prompt_logprobs[1:]

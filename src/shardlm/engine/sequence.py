@@ -15,6 +15,7 @@ import torch
 
 from shardlm.engine.sampler import Logprob
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.structured.state import GrammarState
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -43,10 +44,16 @@ class Sequence:
     # The compute node that runs its decodes (figure 2, α > 1): chosen at its first
     # admission, kept through preemption.
     compute_node: int | None = None
+    # Structured outputs: its place in the grammar, fed every token it generates (None
+    # without one). The scheduler admits it once the grammar has compiled.
+    grammar: GrammarState | None = None
     text: str = ""
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    # Per prompt position (SamplingParams.prompt_logprobs, the request's first sample only):
+    # None at position 0 and until the prefill has scored it.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -69,6 +76,10 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @property
+    def grammar_ready(self) -> bool:
+        return self.grammar is None or self.grammar.ready
 
     def pending_text(self) -> str:
         """Text not yet emitted that can safely be emitted now.
@@ -94,6 +105,8 @@ class Request:
     params: SamplingParams
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+    bad_words: list[list[int]] = field(default_factory=list)  # token ids of params.bad_words
 
     @property
     def is_finished(self) -> bool:
@@ -111,7 +124,9 @@ def append_token(
     """Add a sampled token to ``seq``, update its text, and finish it if a stop rule fires.
 
     Order (as vLLM): stop token / EOS, then stop strings, then length limits. EOS and stop
-    tokens stay in ``token_ids`` but add no text.
+    tokens stay in ``token_ids`` but add no text. A grammar takes every other token; once
+    complete it allows only stop tokens (EOS, the request's stop_token_ids), and taking one
+    ends the sequence with "stop", with ``ignore_eos`` too.
     """
     params = seq.params
     seq.token_ids.append(token)
@@ -126,6 +141,8 @@ def append_token(
         finish, reason = "stop", token
     elif token in eos_ids and not params.ignore_eos:
         finish = "stop"
+    elif seq.grammar is not None:
+        finish = seq.grammar.accept(token)
     if finish is None and seq.detokenizer is not None:
         seq.text += seq.detokenizer.add(token)
         if params.stop:

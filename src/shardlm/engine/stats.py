@@ -14,8 +14,11 @@ class ComputeNodeStats:
     dense_flops_last_step: int
     tokens: int
     dense_flops: int
+    bytes_to_attention_nodes_last_step: int
+    bytes_from_attention_nodes_last_step: int
     bytes_to_attention_nodes: int
     bytes_from_attention_nodes: int
+    hidden_bytes_to_compute_node_0: int  # the sampled rows' hidden states (α > 1)
 
 
 @dataclass

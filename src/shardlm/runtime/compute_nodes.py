@@ -41,34 +41,52 @@ COMPUTE_FIELDS = (
     "dense_flops_last_step",
     "tokens",
     "dense_flops",
+    "bytes_to_attention_nodes_last_step",
+    "bytes_from_attention_nodes_last_step",
     "bytes_to_attention_nodes",
     "bytes_from_attention_nodes",
+    "hidden_bytes_to_compute_node_0",
 )
 
 
+def dense_flops_per_token(config) -> int:
+    """The model's dense FLOPs per token, 2 per multiply-add of QKV, O, gate, up and down in
+    every layer: the attention itself runs on the attention nodes, and the LM head (compute
+    node 0, sampled rows only) is left out. Counted for the whole model once per compute node,
+    not per rank, so K/V heads replicated over tensor-parallel ranks are not counted twice."""
+    h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    per_layer = h * d * (hq + 2 * hkv) + hq * d * h + 3 * h * i
+    return 2 * config.num_hidden_layers * per_layer
+
+
 class ComputeCounters:
-    """Tokens and dense FLOPs each compute node computed, and its bytes to and from the
-    attention nodes, as this rank counts them. Dense FLOPs = 2 × this rank's layer weights
-    (QKV, O, gate/up, down) per token: the attention itself runs on the attention nodes, and
-    the LM head (compute node 0, sampled rows only) is left out."""
+    """Each compute node's tokens and dense FLOPs (counted by its tensor-parallel rank 0),
+    and the bytes it moved (counted by every rank: each sends its own head group's), as this
+    rank counts them; the driver sums the ranks' tables."""
 
     def __init__(self, num_nodes: int, runner: ModelRunner) -> None:
         self.table = torch.zeros(num_nodes, len(COMPUTE_FIELDS), dtype=torch.long)
-        weights = sum(p.numel() for n, p in runner.model.layers.named_parameters() if p.dim() > 1)
-        self.flops_per_token = 2 * weights
-        self.counts_tokens = runner.tp.rank == 0  # a node's t ranks compute the same tokens
+        self.flops_per_token = dense_flops_per_token(runner.config)
+        self.counts_work = runner.tp.rank == 0  # a node's t ranks compute the same tokens
 
     def begin_step(self) -> None:
         self.table[:, :2] = 0
 
     def add(self, node: int, tokens: int, traffic: AttentionTraffic | None) -> None:
         row = self.table[node]
-        flops = tokens * self.flops_per_token
-        counted = tokens if self.counts_tokens else 0
-        row += torch.tensor([counted, flops, counted, flops, 0, 0])
+        if self.counts_work:
+            work = torch.tensor([tokens, tokens * self.flops_per_token])
+            row[0:2] += work
+            row[2:4] += work
         if traffic is not None:
-            row[4] = traffic.bytes_to_nodes
-            row[5] = traffic.bytes_from_nodes
+            row[4] = traffic.last_step_bytes_to_nodes
+            row[5] = traffic.last_step_bytes_from_nodes
+            row[6] = traffic.bytes_to_nodes
+            row[7] = traffic.bytes_from_nodes
+
+    def sent_hidden(self, node: int, nbytes: int) -> None:
+        self.table[node, 8] += nbytes
 
 
 class ComputeNodes:
@@ -87,7 +105,7 @@ class ComputeNodes:
     ) -> ComputeNodes:
         self = cls(runner, num_nodes)
         self.shared = [SharedNode(node) for node in nodes]
-        self.lockstep = Lockstep()
+        self.lockstep = Lockstep(runner.device)
         for a in range(num_nodes):
             links = [GroupLink(shared, a, runner.device) for shared in self.shared]
             self.attention[a] = ShardedAttention(
@@ -135,17 +153,16 @@ class ComputeNodes:
             inputs.input_ids[rows_dev], inputs.positions[rows_dev], attention
         )
         self.runner.counters.add(node, rows.numel(), attention.traffic)
-        local = torch.searchsorted(rows, sampled_rows(host, node))
+        local = torch.searchsorted(rows, logit_rows(host, node))
         return hidden[local.to(self.runner.device)]
 
     def _assemble(self, inputs: StepInputs, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The sampled rows' hidden states in sample order, from every compute node's part."""
+        """The logit rows' hidden states in order, from every compute node's part."""
         host = inputs.on_host
-        owners = host.row_groups[host.sample_rows]
+        wanted = host.logit_rows
+        owners = host.row_groups[wanted]
         width = self.runner.config.hidden_size
-        out = torch.empty(
-            host.sample_rows.numel(), width, dtype=self.runner.dtype, device=self.runner.device
-        )
+        out = torch.empty(wanted.numel(), width, dtype=self.runner.dtype, device=self.runner.device)
         for node, part in hidden.items():
             out[(owners == node).to(self.runner.device)] = part
         return out
@@ -155,6 +172,7 @@ class ComputeNodes:
             return
         tp = self.runner.tp
         dist.isend(hidden.contiguous().cpu(), dst=tp.rank, group=tp.node_group).wait(tp.timeout)
+        self.runner.counters.sent_hidden(tp.compute_node, hidden.nbytes)
 
     def _receive_sampled(self, inputs: StepInputs) -> dict[int, torch.Tensor]:
         """Compute node 0, rank r: the other compute nodes' sampled hidden states, from
@@ -163,7 +181,7 @@ class ComputeNodes:
         width = self.runner.config.hidden_size
         parts, works = {}, []
         for node in host.active_groups():
-            n = sampled_rows(host, node).numel()
+            n = logit_rows(host, node).numel()
             if node == 0 or n == 0:
                 continue
             parts[node] = torch.empty(n, width, dtype=self.runner.dtype)
@@ -174,9 +192,10 @@ class ComputeNodes:
         return {a: part.to(self.runner.device) for a, part in parts.items()}
 
 
-def sampled_rows(host: StepInputs, node: int) -> torch.Tensor:
-    """The step's sampled rows that compute node ``node`` computes (ascending)."""
-    rows = host.sample_rows
+def logit_rows(host: StepInputs, node: int) -> torch.Tensor:
+    """The step's logit rows (sampled, then scored) that compute node ``node`` computes, in
+    logit-row order (each part ascending: ``searchsorted`` into the node's rows finds them)."""
+    rows = host.logit_rows
     if host.row_groups is None:
         return rows if node == 0 else rows[:0]
     return rows[host.row_groups[rows] == node]

@@ -15,6 +15,7 @@ the attention-node ranks wait for every compute node's message.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,7 +30,8 @@ class LockstepAborted(RuntimeError):
 
 
 class Lockstep:
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device  # a new thread's current CUDA device is cuda:0: set ours
         self._cond = threading.Condition()
         self._order: list[int] = []
         self._done: set[int] = set()
@@ -52,7 +54,9 @@ class Lockstep:
                     self._cond.wait_for(lambda: self._is_turn(group) or self._failed)
                     if self._failed:
                         return
-                with torch.inference_mode():
+                on_cuda = self.device is not None and self.device.type == "cuda"
+                place = torch.cuda.device(self.device) if on_cuda else contextlib.nullcontext()
+                with torch.inference_mode(), place:
                     results[group] = work[group]()
             except BaseException as e:  # handed to the caller
                 errors.append(e)

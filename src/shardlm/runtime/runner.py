@@ -284,7 +284,7 @@ class ModelRunner:
         self.attention.begin_step(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
         self.counters.add(0, host_inputs.num_tokens, self.attention.traffic)
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+        return self.model.compute_logits(hidden[inputs.logit_rows])
 
     @torch.inference_mode()
     def score(self, ids: torch.Tensor) -> torch.Tensor | None:

@@ -100,6 +100,7 @@ class AsyncEngine:
         # most every NODE_STATS_PERIOD_S, from this thread, between steps).
         self.node_stats: NodeSnapshot = NodeSnapshot()
         self._node_stats_at = 0.0
+        self._stepped = True  # steps ran since the last refresh
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="shardlm-engine", daemon=True)
         self._thread.start()
@@ -153,6 +154,7 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
+                    self._refresh_node_stats(idle=True)
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                     continue
@@ -163,16 +165,20 @@ class AsyncEngine:
                         if out.finished:
                             del self._sinks[out.request_id]
                 self.stats = self.engine.stats
+                self._stepped = True
                 self._refresh_node_stats()
             self._die(EngineDead("the server is shutting down"))
         except BaseException as e:  # a failed step: every request gets the error
             logger.exception("the engine failed")
             self._die(EngineDead(f"the engine failed: {e}"))
 
-    def _refresh_node_stats(self) -> None:
+    def _refresh_node_stats(self, idle: bool = False) -> None:
+        """At most every NODE_STATS_PERIOD_S; when idle, once more after the last steps (so
+        /metrics does not keep a burst's middle), then not again until work comes."""
         now = time.monotonic()
-        if now - self._node_stats_at < NODE_STATS_PERIOD_S:
+        if now - self._node_stats_at < NODE_STATS_PERIOD_S or (idle and not self._stepped):
             return
+        self._stepped = False
         self._node_stats_at = now
         self.node_stats = NodeSnapshot(
             self.engine.compute_node_stats(), self.engine.attention_node_stats()

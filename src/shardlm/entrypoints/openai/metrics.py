@@ -75,6 +75,18 @@ class ServerMetrics:
         self.compute_tokens = Gauge(
             "shardlm_compute_node_tokens", "Tokens a compute node has computed", node, registry=r
         )
+        self.compute_tokens_step = Gauge(
+            "shardlm_compute_node_tokens_last_step",
+            "Tokens a compute node computed in the last step",
+            node,
+            registry=r,
+        )
+        self.compute_flops_step = Gauge(
+            "shardlm_compute_node_dense_flops_last_step",
+            "Dense FLOPs a compute node computed in the last step",
+            node,
+            registry=r,
+        )
         self.compute_flops = Gauge(
             "shardlm_compute_node_dense_flops",
             "Dense FLOPs (QKV, O, MLP) a compute node has computed",
@@ -118,6 +130,8 @@ class ServerMetrics:
         for c in nodes.compute:
             a = str(c.compute_node)
             self.compute_tokens.labels(a).set(c.tokens)
+            self.compute_tokens_step.labels(a).set(c.tokens_last_step)
+            self.compute_flops_step.labels(a).set(c.dense_flops_last_step)
             self.compute_flops.labels(a).set(c.dense_flops)
             self.compute_bytes.labels(a, "to").set(c.bytes_to_attention_nodes)
             self.compute_bytes.labels(a, "from").set(c.bytes_from_attention_nodes)

@@ -12,7 +12,16 @@ from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.protocol import APIError
 
 KNOWN_PATHS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+    }
 )
 
 

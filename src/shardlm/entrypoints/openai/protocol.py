@@ -2,7 +2,7 @@
 
 pydantic checks types and names the field of a wrong one; ranges are checked by
 SamplingParams, whose messages also name the field. Unknown fields are ignored, as OpenAI
-does. Known OpenAI features shardlm does not implement (tools, logit_bias, suffix, ...) are
+does. Known OpenAI features shardlm does not implement (tools, suffix, ...) are
 refused with a 400 rather than silently ignored, since ignoring them would change the
 output the client asked for.
 """
@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.entrypoints.openai.structured import structured_param, structured_spec
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -84,14 +85,19 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = False
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool | None = True
+    prompt_logprobs: StrictInt | None = None
+    min_tokens: StrictInt | None = None
+    allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[str] | None = None
+    # Structured outputs: OpenAI's response_format, or vLLM's field (entrypoints/structured.py).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def num_choices(self) -> int:
         return 1 if self.n is None else self.n
 
     def refuse_unsupported(self) -> None:
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported by shardlm", "logit_bias")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_LENGTH for x in stops):
             raise APIError(
@@ -101,7 +107,9 @@ class SamplingFields(BaseModel):
                 "stop",
             )
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """The engine's parameters (max_tokens None: up to the context limit); a ValueError
         names the field (answered as a 400)."""
         return SamplingParams(
@@ -119,8 +127,19 @@ class SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens is not False,
+            logit_bias=self.logit_bias,
+            min_tokens=self.min_tokens or 0,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
+            structured_outputs=structured_spec(self.response_format, self.structured_outputs),
         )
+
+    @property
+    def structured_param(self) -> str:
+        """The field the request's structured-output spec came from, for its errors."""
+        return structured_param(self.response_format)
 
     @property
     def include_usage(self) -> bool:
@@ -145,10 +164,15 @@ class CompletionRequest(SamplingFields):
             raise APIError(400, "suffix is not supported by shardlm", "suffix")
         if self.best_of is not None and self.best_of != self.num_choices:
             raise APIError(400, "best_of other than n is not supported by shardlm", "best_of")
-        if self.echo and self.logprobs is not None:
-            raise APIError(
-                400, "echo with logprobs (prompt logprobs) is not supported by shardlm", "echo"
-            )
+
+    @property
+    def prompt_logprobs_k(self) -> int | None:
+        """How many top entries the prompt's logprobs need: ``echo`` with ``logprobs`` gives
+        the prompt's tokens their logprobs (as OpenAI's legacy API and lm-eval use it);
+        vLLM's ``prompt_logprobs`` asks for them on its own."""
+        echoed = self.logprobs if self.echo else None
+        given = [k for k in (echoed, self.prompt_logprobs) if k is not None]
+        return max(given) if given else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
@@ -192,19 +216,11 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = True
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.tools:
             raise APIError(400, "tools are not supported by shardlm", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(
-                400,
-                f"response_format {self.response_format.get('type')!r} is not supported by "
-                "shardlm; only 'text'",
-                "response_format",
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
 

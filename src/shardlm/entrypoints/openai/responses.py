@@ -38,6 +38,7 @@ class Choice:
     finish_reason: str | None = None
     completion_logprobs: dict = field(default_factory=empty_completion_logprobs)
     chat_logprobs: list = field(default_factory=list)
+    prompt_echoed: bool = False  # its echoed prompt's logprobs went out (echo + logprobs)
 
     def add(self, delta: CompletionOutput) -> None:
         self.text += delta.text
@@ -60,13 +61,65 @@ def completion_logprobs(delta: CompletionOutput, k: int, offset: int) -> dict:
         text = chosen.decoded_token or ""
         out["tokens"].append(text)
         out["token_logprobs"].append(finite(chosen.logprob))
-        # Keyed by text, as OpenAI's legacy format is: distinct tokens with the same text
-        # (partial UTF-8 bytes) share a key, and the most likely of them is kept.
-        top = reversed(_top(lp, k))
-        out["top_logprobs"].append({e.decoded_token or "": finite(e.logprob) for e in top})
+        out["top_logprobs"].append(_top_by_text(lp, k))
         out["text_offset"].append(offset)
         offset += len(text)
     return out
+
+
+def _top_by_text(lp: dict[int, Logprob], k: int) -> dict[str, float]:
+    """The top k keyed by text, as OpenAI's legacy format is, most likely first: distinct
+    tokens with the same text (partial UTF-8 bytes) share a key, and the most likely keeps it."""
+    top: dict[str, float] = {}
+    for e in _top(lp, k):
+        top.setdefault(e.decoded_token or "", finite(e.logprob))
+    return top
+
+
+def echoed_prompt_logprobs(
+    token_ids: list[int],
+    token_texts: list[str],
+    token_widths: list[int],
+    prompt_logprobs: list[dict[int, Logprob] | None],
+    k: int,
+) -> dict:
+    """The legacy ``logprobs`` object of an echoed prompt: its tokens with their logprobs and
+    top k (the first token has none: null, as OpenAI reports it). ``text_offset`` advances by
+    each token's width in the echoed text: 0 for special tokens the tokenizer added (a BOS is
+    not in the prompt's text)."""
+    out = empty_completion_logprobs()
+    offset = 0
+    for token, text, width, entry in zip(
+        token_ids, token_texts, token_widths, prompt_logprobs, strict=True
+    ):
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += width
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(finite(entry[token].logprob))
+        out["top_logprobs"].append(_top_by_text(entry, k))
+    return out
+
+
+def vllm_prompt_logprobs(prompt_logprobs: list[dict[int, Logprob] | None]) -> list:
+    """vLLM's ``prompt_logprobs`` response field: per prompt token, null or
+    {token id: {logprob, rank, decoded_token}}."""
+    return [
+        None
+        if entry is None
+        else {
+            str(token): {
+                "logprob": finite(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for token, lp in entry.items()
+        }
+        for entry in prompt_logprobs
+    ]
 
 
 def chat_logprobs(delta: CompletionOutput, k: int) -> list[dict]:

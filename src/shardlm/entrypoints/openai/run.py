@@ -20,6 +20,8 @@ from shardlm.entrypoints.openai.responses import (
     Choice,
     chat_logprobs,
     completion_logprobs,
+    echoed_prompt_logprobs,
+    empty_completion_logprobs,
     sse,
     usage,
 )
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25
 
 Prompt = tuple[str, list[int]]  # (text, token ids)
+# An echoed prompt whose logprobs lead the choice's: (token ids, each token's text, each
+# token's width in the echoed text).
+Echo = tuple[list[int], list[str], list[int]]
 
 
 class Run:
@@ -48,6 +53,7 @@ class Run:
         head: dict,
         metrics: ServerMetrics,
         arrival: float,
+        echo: list[Echo] | None = None,
     ) -> None:
         self.n = n
         self.logprobs_k = logprobs_k
@@ -59,6 +65,9 @@ class Run:
         self.arrival = arrival
         self.prompt_tokens = sum(len(ids) for _, ids in prompts)
         self.choices = [Choice(i * n + j) for i in range(len(prompts)) for j in range(n)]
+        self.echo = echo  # completions with echo and logprobs
+        # Per prompt, its prompt logprobs once the engine has scored it (prompt_logprobs).
+        self.prompt_logprobs: list[list | None] = [None] * len(prompts)
         self._last_token_at: dict[int, float] = {}
         self._started: set[int] = set()
 
@@ -73,23 +82,46 @@ class Run:
         come; skips deltas with nothing in them (text held back for an incomplete UTF-8
         character arrives with a later token)."""
         async for i, out in merge(self.streams):
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs[i] = out.prompt_logprobs
             for delta in out.outputs:
                 if not (delta.text or delta.token_ids or delta.finish_reason):
                     continue
                 c = self.choices[i * self.n + delta.index]
                 lp = None
-                if self.logprobs_k is not None and delta.logprobs:
-                    if self.kind == "completion":
-                        lp = completion_logprobs(delta, self.logprobs_k, len(c.text))
-                        for key, values in lp.items():
-                            c.completion_logprobs[key].extend(values)
-                    else:
-                        lp = chat_logprobs(delta, self.logprobs_k)
-                        c.chat_logprobs.extend(lp)
+                if self.logprobs_k is not None and self.kind == "completion":
+                    lp = self._completion_logprobs(i, c, delta)
+                elif self.logprobs_k is not None and delta.logprobs:
+                    lp = chat_logprobs(delta, self.logprobs_k)
+                    c.chat_logprobs.extend(lp)
                 self._observe(c, len(delta.token_ids))
                 c.add(delta)
                 yield c, delta, lp
         self.metrics.prompt_tokens.inc(self.prompt_tokens)
+
+    def _completion_logprobs(self, i: int, c: Choice, delta: CompletionOutput) -> dict | None:
+        """The legacy logprobs of a delta; with echo, the first one of a choice is led by
+        the echoed prompt's (the engine scored the prompt before any sample's first token),
+        and generated tokens' offsets continue after the prompt tokens'."""
+        parts = []
+        base = 0
+        if self.echo is not None:
+            ids, texts, widths = self.echo[i]
+            # Generated offsets run on after the prompt tokens' widths (a token that is part
+            # of a UTF-8 character counts its U+FFFD, so offsets never go back).
+            base = sum(widths)
+            if not c.prompt_echoed:
+                c.prompt_echoed = True
+                scored = self.prompt_logprobs[i] or [None] * len(ids)
+                parts.append(echoed_prompt_logprobs(ids, texts, widths, scored, self.logprobs_k))
+        if delta.logprobs:
+            parts.append(completion_logprobs(delta, self.logprobs_k, base + len(c.text)))
+        if not parts:
+            return None
+        merged = {key: [v for p in parts for v in p[key]] for key in empty_completion_logprobs()}
+        for key, values in merged.items():
+            c.completion_logprobs[key].extend(values)
+        return merged
 
     def _observe(self, c: Choice, tokens: int) -> None:
         if tokens == 0:

@@ -35,6 +35,7 @@ from shardlm.entrypoints.openai.responses import model_card
 from shardlm.entrypoints.openai.server_config import API_KEY_ENV, ServerConfig
 from shardlm.entrypoints.openai.serving_chat import ChatServing
 from shardlm.entrypoints.openai.serving_completions import CompletionServing
+from shardlm.entrypoints.openai.serving_tokenization import TokenizationServing
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,38 @@ async def _api_error(_request: Request, e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
+# Routes of OpenAI's API that shardlm does not serve: a 404 that says so, not "Not Found".
+NOT_SERVED = (
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/audio",
+    "/v1/images",
+    "/v1/moderations",
+    "/v1/files",
+    "/v1/fine_tuning",
+    "/v1/batches",
+    "/v1/assistants",
+    "/v1/threads",
+    "/v1/vector_stores",
+    "/v1/uploads",
+    "/v1/realtime",
+    "/v1/evals",
+)
+SERVED = "/v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize"
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    path = request.url.path
+    if e.status_code == 404 and path.startswith(NOT_SERVED):
+        message = (
+            f"{path} is part of OpenAI's API but shardlm does not serve it (it serves {SERVED})"
+        )
+        body = APIError(404, message, code="unsupported_endpoint").body()
+    elif e.status_code == 404:
+        body = APIError(404, f"no route {path} (shardlm serves {SERVED})").body()
+    else:
+        body = APIError(e.status_code, str(e.detail)).body()
+    return JSONResponse(body, e.status_code)
 
 
 async def _unexpected(request: Request, e: Exception) -> JSONResponse:
@@ -69,6 +100,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         engine=engine, metrics=metrics, model_name=model_name, max_waiting=config.max_waiting
     )
     completions, chat = CompletionServing(**shared), ChatServing(**shared)
+    tokenization = TokenizationServing(**shared)
     card = model_card(model_name, engine.engine.max_model_len)
 
     @asynccontextmanager
@@ -104,6 +136,18 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: Request) -> Response:
         return await chat.create(request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        return await tokenization.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        return await tokenization.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        return tokenization.tokenizer_info()
 
     return app
 

@@ -55,6 +55,18 @@ class OpenAIServing:
             return encode_text(self.tokenizer, text, fields, **kwargs)
         return await asyncio.to_thread(encode_text, self.tokenizer, text, fields, **kwargs)
 
+    async def compile_grammar(self, params: SamplingParams, param: str) -> None:
+        """Parse and compile the request's structured-output grammar in a worker thread, so
+        a bad spec is a 400 naming ``param`` and the engine thread finds it compiled (neither
+        it nor the event loop waits for xgrammar's import or a compile)."""
+        if params.structured_outputs is None:
+            return
+        try:
+            grammars = self.engine.engine.grammars  # thread-safe (structured/compiler.py)
+            await asyncio.to_thread(grammars.compile, params.structured_outputs)
+        except ValueError as e:
+            raise APIError(400, str(e), param) from None
+
     def check_alive(self) -> None:
         if self.engine.dead is not None:
             raise APIError(503, f"the engine is not running: {self.engine.dead}")

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.entrypoints.openai.protocol import ChatCompletionRequest
-from shardlm.entrypoints.openai.responses import envelope
+from shardlm.entrypoints.openai.responses import envelope, vllm_prompt_logprobs
 from shardlm.entrypoints.openai.run import Prompt, Run, stream_events
 from shardlm.entrypoints.openai.serving import OpenAIServing, read_body
 from shardlm.entrypoints.openai.validation import (
@@ -57,7 +57,10 @@ class ChatServing(OpenAIServing):
             }
             for c in run.choices
         ]
-        return JSONResponse({**head, "choices": choices, "usage": run.usage()})
+        answer = {**head, "choices": choices, "usage": run.usage()}
+        if body.prompt_logprobs is not None:  # vLLM's field, at the top level for chat
+            answer["prompt_logprobs"] = vllm_prompt_logprobs(run.prompt_logprobs[0] or [])
+        return JSONResponse(answer)
 
     async def validate(self, body: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
         """The rendered prompt as (text, token ids) that fits the context, and its parameters."""
@@ -67,7 +70,10 @@ class ChatServing(OpenAIServing):
         text = render_chat(self.tokenizer, body)
         ids = await self.encode(text, fields, add_special_tokens=False)
         check_context(len(ids), body.requested_max_tokens, self.max_model_len, fields)
-        params = sampling_params(body, body.requested_max_tokens, body.logprobs_k, fields)
+        params = sampling_params(
+            body, body.requested_max_tokens, body.logprobs_k, fields, body.prompt_logprobs
+        )
+        await self.compile_grammar(params, body.structured_param)
         return (text, ids), params
 
     @staticmethod

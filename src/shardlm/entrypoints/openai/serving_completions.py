@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.entrypoints.openai.protocol import CompletionRequest
-from shardlm.entrypoints.openai.responses import Choice, envelope
+from shardlm.entrypoints.openai.responses import Choice, envelope, vllm_prompt_logprobs
 from shardlm.entrypoints.openai.run import Prompt, Run, stream_events
 from shardlm.entrypoints.openai.serving import OpenAIServing, read_body
 from shardlm.entrypoints.openai.validation import (
@@ -36,6 +36,13 @@ class CompletionServing(OpenAIServing):
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.start(rid, prompts, params, COMPLETION_FIELDS)
         head = envelope("text_completion", rid, self.model_name)
+        echoed = None
+        if body.echo and body.logprobs is not None:
+            given_ids = [not isinstance(p, str) for p in body.prompts()]
+            echoed = [
+                (ids, *self.token_texts(ids, specials))
+                for (_, ids), specials in zip(prompts, given_ids, strict=True)
+            ]
         run = Run(
             prompts,
             streams,
@@ -46,6 +53,7 @@ class CompletionServing(OpenAIServing):
             head=head,
             metrics=self.metrics,
             arrival=arrival,
+            echo=echoed,
         )
         echo = [text if body.echo else "" for text, _ in prompts]
         if body.stream:
@@ -61,6 +69,11 @@ class CompletionServing(OpenAIServing):
             )
             for c in run.choices
         ]
+        if body.prompt_logprobs is not None:  # vLLM's field, beside each choice
+            for c, choice in zip(run.choices, choices, strict=True):
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                    run.prompt_logprobs[c.index // run.n] or []
+                )
         return JSONResponse({**head, "choices": choices, "usage": run.usage()})
 
     async def validate(self, body: CompletionRequest) -> tuple[list[Prompt], list[SamplingParams]]:
@@ -71,9 +84,12 @@ class CompletionServing(OpenAIServing):
         for _, ids in prompts:
             check_context(len(ids), body.max_tokens, self.max_model_len, COMPLETION_FIELDS)
         params = [
-            sampling_params(body, body.max_tokens, body.logprobs, COMPLETION_FIELDS)
+            sampling_params(
+                body, body.max_tokens, body.logprobs, COMPLETION_FIELDS, body.prompt_logprobs_k
+            )
             for _ in prompts
         ]
+        await self.compile_grammar(params[0], body.structured_param)  # one spec for all
         return prompts, params
 
     async def prompt(self, prompt: str | list[int]) -> Prompt:
@@ -82,6 +98,18 @@ class CompletionServing(OpenAIServing):
         ids = token_ids(prompt, self.vocab_size, COMPLETION_FIELDS)
         text = self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else ""
         return text, ids
+
+    def token_texts(self, ids: list[int], specials_in_text: bool) -> tuple[list[str], list[int]]:
+        """Each token's own text (what echoed logprobs list as ``tokens``) and its width in
+        the echoed text: a text prompt is echoed as given, without the special tokens (BOS)
+        the tokenizer added, which then have width 0; token ids are echoed decoded with them."""
+        if self.tokenizer is None:
+            return ["" for _ in ids], [0 for _ in ids]
+        texts = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        if specials_in_text:
+            return texts, [len(t) for t in texts]
+        plain = [self.tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+        return texts, [len(t) for t in plain]
 
     @staticmethod
     async def _chunks(run: Run, echo: list[str]) -> AsyncIterator[str]:

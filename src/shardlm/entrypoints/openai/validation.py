@@ -217,8 +217,12 @@ def check_capacity(sequences: int, waiting: int, max_waiting: int) -> None:
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int | None, logprobs: int | None, fields: Fields
+    body: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    fields: Fields,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's parameters; SamplingParams' range checks answered as 400s."""
     with refused_as_400(fields):
-        return body.sampling_params(max_tokens, logprobs)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
