@@ -50,6 +50,17 @@ def test_min_tokens_holds_back_eos_and_stop_tokens(llm, plain):
     assert len(late) >= 6 and stop not in late[:5]
 
 
+def test_min_tokens_holds_back_stop_strings_too(llm, plain):
+    """As vLLM: a stop string does not end the sequence before min_tokens."""
+    text = llm.tokenizer.decode(plain[1])
+    stop = next(ch for ch in text if ch.isascii() and ch.isprintable())
+    params = dict(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+    early = llm.generate([PROMPTS[1]], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) < 6
+    late = llm.generate([PROMPTS[1]], SamplingParams(min_tokens=8, **params), use_tqdm=False)
+    assert len(late[0].outputs[0].token_ids) >= 8
+
+
 def test_allowed_token_ids_are_the_only_ones_produced(llm):
     allowed = [40, 41, 42]
     assert set(tokens(llm, PROMPTS[2], greedy(allowed_token_ids=allowed))) <= set(allowed)
@@ -86,9 +97,14 @@ def test_constrained_and_free_rows_share_a_batch(llm, plain):
         ({"logit_bias": {5: 101}}, "logit_bias must be values in [-100, 100], got 101"),
         ({"logit_bias": {-1: 1}}, "logit_bias must be keyed by token ids ≥ 0, got -1"),
         ({"logit_bias": {"x": 1}}, "logit_bias must be keyed by token ids ≥ 0, got 'x'"),
+        ({"logit_bias": {"²": 1}}, "logit_bias must be keyed by token ids ≥ 0, got '²'"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens (5) must not exceed max_tokens (4)"),
         ({"allowed_token_ids": []}, "allowed_token_ids must be a non-empty list"),
         ({"bad_words": [""]}, "bad_words must be a list of non-empty strings"),
+        (
+            {"allowed_token_ids": [5], "structured_outputs": {"regex": "a+"}},
+            "cannot be combined with structured_outputs",
+        ),
     ],
 )
 def test_bad_values_are_named(kwargs, message):

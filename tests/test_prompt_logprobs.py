@@ -76,6 +76,19 @@ def test_prompt_logprobs_match_transformers(config, ckpt, reference):
     assert len(then.outputs[0].token_ids) == 2
 
 
+def test_prompt_logprobs_survive_preemption_mid_prefill(ckpt, reference):
+    """A pool too small for every sequence: the scoring sequence is preempted while its
+    prompt is half scored; recomputed, its logprobs are still transformers'."""
+    path, _ = ckpt
+    others = [[7 + i] * 40 for i in range(4)]
+    with LLM(path, device="cpu", kv_cache_tokens=96, max_num_batched_tokens=16) as llm:
+        scoring = SamplingParams(max_tokens=20, prompt_logprobs=2, ignore_eos=True)
+        plain = SamplingParams(max_tokens=30, ignore_eos=True)
+        outs = llm.generate([*others, PROMPT], [plain] * 4 + [scoring], use_tqdm=False)
+        assert llm.engine.stats.preemptions > 0
+    check(outs[-1].prompt_logprobs, reference, 2)
+
+
 def test_n_samples_share_one_scoring_and_requests_without_it_get_none(ckpt, reference):
     path, _ = ckpt
     with LLM(path, device="cpu") as llm:
@@ -111,7 +124,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, reference)
     assert all(len(top) >= 1 for top in lp["top_logprobs"][1:])
     offsets = lp["text_offset"]
     assert offsets[0] == 0 and offsets == sorted(offsets)
-    assert offsets[-1] == sum(len(t) for t in lp["tokens"][:-1])
+    assert offsets[-1] == len(server_text(server, PROMPT))  # the generated token follows
     assert choice["text"].startswith(server_text(server, PROMPT))
 
 
@@ -158,17 +171,19 @@ def test_vllm_prompt_logprobs_field_on_both_endpoints(server, reference):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
 
 
-def test_text_offsets_index_the_echoed_text(server):
-    """A text prompt is echoed as given: the BOS the tokenizer adds has no width in it, so
-    each token's offset points at that token's text (ASCII prompt: exact)."""
-    body = {"prompt": "def f(x):", "echo": True, "logprobs": 1, "max_tokens": 3}
+@pytest.mark.parametrize("prompt", ["def f(x):", "s = 'héllo ünïcode ✓'"])
+def test_text_offsets_index_the_echoed_text(server, prompt):
+    """A text prompt is echoed as given: the BOS the tokenizer adds has no width in it, and
+    the byte tokens of a multi-byte character have width 0 but the last, so each offset
+    points where its token's text begins and the generated tokens start at the text's end."""
+    body = {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 3, "temperature": 0}
     choice = server.post("/v1/completions", body).json()["choices"][0]
     lp, text = choice["logprobs"], choice["text"]
-    assert lp["tokens"][0] == "<s>" and lp["text_offset"][:2] == [0, 0]
-    prompt = list(zip(lp["tokens"], lp["text_offset"], strict=True))[1:-3]  # before the 3 new
-    assert "".join(token for token, _ in prompt) == "def f(x):"
-    for token, offset in prompt:
-        assert text[offset : offset + len(token)] == token
-    assert lp["text_offset"][-3] == len("def f(x):")  # the first generated token follows
+    offsets = lp["text_offset"]
+    assert lp["tokens"][0] == "<s>" and offsets[:2] == [0, 0]
+    assert offsets == sorted(offsets) and offsets[-3] == len(prompt)
+    for token, offset in list(zip(lp["tokens"], offsets, strict=True))[1:-3]:
+        if "\ufffd" not in token:  # a whole character: its text is at its offset
+            assert text[offset : offset + len(token)] == token
     top = lp["top_logprobs"][1]
     assert list(top.values()) == sorted(top.values(), reverse=True)  # most likely first

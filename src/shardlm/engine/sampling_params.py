@@ -120,7 +120,8 @@ class SamplingParams:
                 )
             bias = {}
             for key, value in self.logit_bias.items():
-                token = int(key) if isinstance(key, str) and key.isdigit() else key
+                digits = isinstance(key, str) and key.isascii() and key.isdigit()
+                token = int(key) if digits else key
                 _check_int("logit_bias", token, "keyed by token ids ≥ 0", lambda v: v >= 0)
                 _check_number(
                     "logit_bias", value, "values in [-100, 100]", lambda v: -100 <= v <= 100
@@ -143,6 +144,13 @@ class SamplingParams:
             for t in self.allowed_token_ids:
                 _check_int("allowed_token_ids", t, "a list of integers ≥ 0", lambda v: v >= 0)
             self.allowed_token_ids = list(self.allowed_token_ids)
+            if self.structured_outputs is not None:
+                # A grammar whose next tokens are all outside the list would leave nothing.
+                raise ParamError(
+                    "allowed_token_ids",
+                    "allowed_token_ids cannot be combined with structured_outputs (the "
+                    "grammar decides which tokens may come next)",
+                )
         if self.bad_words is not None and (
             not isinstance(self.bad_words, (list, tuple))
             or not all(isinstance(w, str) and w.strip() for w in self.bad_words)

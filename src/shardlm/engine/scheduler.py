@@ -101,7 +101,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, scoring_cap(seq))
             before = self.stats.preemptions
             fits = self._make_room(seq, seq.num_computed_tokens + n, batch)
             preempted |= self.stats.preemptions != before
@@ -127,7 +127,7 @@ class Scheduler:
             else:
                 cached, hashes = self.blocks.acquire_prefix(seq.token_ids, seq.num_tokens - 1)
             computed = len(cached) * self.blocks.block_size
-            n = min(seq.num_tokens - computed, budget)
+            n = min(seq.num_tokens - computed, budget, scoring_cap(seq))
             need = self.blocks.blocks_needed(computed + n) - len(cached)
             if need > self.blocks.num_free_blocks:
                 self.blocks.free(cached)
@@ -213,6 +213,17 @@ class Scheduler:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+
+# Prompt tokens a prompt-logprobs request prefills per step: each scored row needs a [V] row
+# of float32 logits (and its log-softmax), which a 2048-token chunk at a 150k vocabulary
+# would make gigabytes the KV sizing never counted.
+SCORING_CHUNK = 256
+
+
+def scoring_cap(seq: Sequence) -> int:
+    """How many tokens ``seq`` may prefill this step (SCORING_CHUNK while it scores)."""
+    return SCORING_CHUNK if needs_prompt_scoring(seq) else seq.num_tokens
 
 
 def needs_prompt_scoring(seq: Sequence) -> bool:

@@ -145,7 +145,9 @@ def append_token(
         finish = seq.grammar.accept(token)
     if finish is None and seq.detokenizer is not None:
         seq.text += seq.detokenizer.add(token)
-        if params.stop:
+        # As vLLM: stop strings do not end a sequence before min_tokens (the sampler holds
+        # back EOS and stop tokens until then too).
+        if params.stop and seq.num_output_tokens >= params.min_tokens:
             hit = _find_stop(seq.text, params.stop, len(seq.text) - seq.num_emitted_chars)
             if hit is not None:
                 at, stop = hit

@@ -105,7 +105,11 @@ class GrammarCache:
                 from shardlm.structured.tokenizer_info import build_tokenizer_info
 
                 info = build_tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids)
-                self._compiler = xgrammar().GrammarCompiler(info, max_threads=2)
+                # xgrammar's own cache would keep every grammar ever compiled (no byte limit
+                # by default): this class's LRU of futures is the one cache.
+                self._compiler = xgrammar().GrammarCompiler(
+                    info, max_threads=2, cache_enabled=False
+                )
                 self._pool = ThreadPoolExecutor(2, thread_name_prefix="shardlm-grammar")
             return self._compiler
 

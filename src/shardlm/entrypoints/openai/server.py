@@ -64,7 +64,9 @@ NOT_SERVED = (
     "/v1/realtime",
     "/v1/evals",
 )
-SERVED = "/v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize"
+SERVED = (
+    "/v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /tokenizer_info"
+)
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

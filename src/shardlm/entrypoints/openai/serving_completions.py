@@ -22,6 +22,7 @@ from shardlm.entrypoints.openai.validation import (
     sampling_params,
     token_ids,
 )
+from shardlm.tokenizer import IncrementalDetokenizer
 
 
 def choice_json(c: Choice, text: str, logprobs: dict | None, reason: str | None) -> dict:
@@ -106,10 +107,13 @@ class CompletionServing(OpenAIServing):
         if self.tokenizer is None:
             return ["" for _ in ids], [0 for _ in ids]
         texts = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
-        if specials_in_text:
-            return texts, [len(t) for t in texts]
-        plain = [self.tokenizer.decode([t], skip_special_tokens=True) for t in ids]
-        return texts, [len(t) for t in plain]
+        # Widths from an incremental decode: a token that is part of a UTF-8 character has
+        # width 0 and the one completing it carries the character, so offsets index the text.
+        detok = IncrementalDetokenizer(self.tokenizer, (), skip_special_tokens=not specials_in_text)
+        widths = [len(detok.add(t)) for t in ids]
+        if widths:
+            widths[-1] += len(detok.flush())
+        return texts, widths
 
     @staticmethod
     async def _chunks(run: Run, echo: list[str]) -> AsyncIterator[str]:
