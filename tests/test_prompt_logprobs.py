@@ -7,6 +7,8 @@ Oracle: transformers' log_softmax over the prompt, in float32.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -167,6 +169,9 @@ def test_vllm_prompt_logprobs_field_on_both_endpoints(server, reference):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0}
     r = server.post("/v1/chat/completions", chat).json()
     assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) > 1
+    streamed = server.post("/v1/completions", {**body, "stream": True}).text
+    first = json.loads(streamed.split("data: ", 2)[1])["choices"][0]
+    assert first["prompt_logprobs"] == pl  # in the first chunk, as computed
     bad = server.post("/v1/completions", {"prompt": "x", "prompt_logprobs": 99})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
 

@@ -58,7 +58,8 @@ class CompletionServing(OpenAIServing):
         )
         echo = [text if body.echo else "" for text, _ in prompts]
         if body.stream:
-            events = stream_events(run, self._chunks(run, echo))
+            chunks = self._chunks(run, echo, body.prompt_logprobs is not None)
+            events = stream_events(run, chunks)
             return StreamingResponse(events, media_type="text/event-stream")
         await run.collect(request)
         choices = [
@@ -116,9 +117,15 @@ class CompletionServing(OpenAIServing):
         return texts, widths
 
     @staticmethod
-    async def _chunks(run: Run, echo: list[str]) -> AsyncIterator[str]:
+    async def _chunks(run: Run, echo: list[str], prompt_logprobs: bool) -> AsyncIterator[str]:
+        """Each choice's first chunk carries the echoed prompt (and, when asked, vLLM's
+        prompt_logprobs: the engine has scored the prompt before any first token)."""
         async for c, delta, lp in run.deltas():
             text = delta.text
+            choice = choice_json(c, text, lp, c.finish_reason)
             if run.first_output(c):
-                text = echo[c.index // run.n] + text
-            yield run.chunk(choice_json(c, text, lp, c.finish_reason))
+                choice["text"] = echo[c.index // run.n] + text
+                if prompt_logprobs:
+                    scored = run.prompt_logprobs[c.index // run.n] or []
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(scored)
+            yield run.chunk(choice)
