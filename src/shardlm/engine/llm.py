@@ -90,6 +90,7 @@ class LLM:
         # Tokenize and validate every prompt before queueing any, so bad input fails without
         # side effects; the engine then takes the ids as they are.
         encoded = [self.engine.encode_prompt(p) for p in prompt_list]
+        self._compile_grammars(params_list)
         ids = [f"gen-{next(self._request_ids)}" for _ in prompt_list]
         results: dict[str, RequestOutput] = {}
         try:
@@ -121,6 +122,7 @@ class LLM:
         if params.n != 1:
             raise ValueError(f"stream supports n=1 only, got n={params.n}")
         rid = f"stream-{next(self._request_ids)}"
+        self._compile_grammars([params])
         self.engine.add_request(rid, prompt, params)
         self._waited_on.add(rid)
         try:
@@ -138,6 +140,14 @@ class LLM:
             self.engine.abort(rid)
             self._pending.pop(rid, None)
             self._waited_on.discard(rid)
+
+    def _compile_grammars(self, params: Sequence[SamplingParams]) -> None:
+        """Compile every structured-output grammar before anything is queued, as the server
+        does: a grammar that parses but fails to compile is a ParamError here, not a failure
+        inside a later step (the engine then finds it compiled, in its cache)."""
+        for spec in {id(p.structured_outputs): p.structured_outputs for p in params}.values():
+            if spec is not None:
+                self.engine.grammars.compile(spec)
 
     def _step(self) -> None:
         """Advance the engine one step and file each request's output for its owner."""
