@@ -80,27 +80,13 @@ MATRIX = [
 ]
 
 
-@pytest.mark.parametrize("alpha, beta, tp, chunk", MATRIX)
-def test_in_process_compute_nodes_match_transformers(alpha, beta, tp, chunk, ckpt, hf_tokens):
-    path, _ = ckpt
-    got = generate(
-        path,
-        compute_nodes=alpha,
-        attention_nodes=beta,
-        tensor_parallel_size=tp,
-        kv_chunk_size=chunk,
-        attention_transport="in-process",
-        **STEP,
-    )
-    assert got == hf_tokens
-
-
 # Each compute and attention node a process of its own: α·t + t·β ranks on 2 cores.
 DISTRIBUTED = [(2, 1, 1, 5), (3, 2, 1, 1), (2, 3, 1, 16), (3, 1, 2, 16), (2, 2, 2, 5), (3, 2, 2, 1)]
+CASES = [("in-process", *c) for c in MATRIX] + [("distributed", *c) for c in DISTRIBUTED]
 
 
-@pytest.mark.parametrize("alpha, beta, tp, chunk", DISTRIBUTED)
-def test_distributed_compute_nodes_match_transformers(alpha, beta, tp, chunk, ckpt, hf_tokens):
+@pytest.mark.parametrize("transport, alpha, beta, tp, chunk", CASES)
+def test_compute_nodes_match_transformers(transport, alpha, beta, tp, chunk, ckpt, hf_tokens):
     path, _ = ckpt
     got = generate(
         path,
@@ -108,6 +94,7 @@ def test_distributed_compute_nodes_match_transformers(alpha, beta, tp, chunk, ck
         attention_nodes=beta,
         tensor_parallel_size=tp,
         kv_chunk_size=chunk,
+        attention_transport=transport,
         **STEP,
     )
     assert got == hf_tokens

@@ -3,7 +3,8 @@
 The document lists the layers in a code block (one layer a line: its packages and modules
 before the first two spaces); each may import only the layers above it and its own. This
 test reads that order from the document itself, every import in src/shardlm (AST, function-
-level imports included; only ``if TYPE_CHECKING:`` blocks are exempt) and fails on an import
+level imports included; only ``if TYPE_CHECKING:`` blocks are exempt — from the cycle checks
+too, so type-only back references are allowed) and fails on an import
 against the order, on an import circle between modules, or between packages.
 """
 

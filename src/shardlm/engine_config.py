@@ -50,6 +50,8 @@ from shardlm.options import (
 )
 
 ATTENTION_TRANSPORTS = ("distributed", "in-process")
+# memory_utilization when not given, by device type (runtime/kv_sizing.py applies it).
+DEFAULT_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.3}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -137,7 +139,10 @@ class CacheOptions:
         check=number_in(0, 1, open_low=True),
         aliases=("gpu_memory_utilization",),
         flags=("--gpu-memory-utilization",),
-        default_text="0.9 on GPU, 0.3 of available RAM on CPU",
+        default_text=(
+            f"{DEFAULT_MEMORY_UTILIZATION['cuda']} on GPU, "
+            f"{DEFAULT_MEMORY_UTILIZATION['cpu']} of available RAM on CPU"
+        ),
     )
     block_size: int = option(16, "tokens per KV block", check=int_in(1, 1024))
     enable_prefix_caching: bool = option(
@@ -469,7 +474,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
         raise ParamError(
             "dtype", f"dtype {dtype} is not supported; allowed: {', '.join(DTYPE_CHOICES)}"
         )
-    return {"float": "float32", "half": "float16"}.get(name, name)
+    return name
 
 
 def tensor_parallel_size(

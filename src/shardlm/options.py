@@ -46,7 +46,6 @@ class Option:
     aliases: tuple[
         str, ...
     ] = ()  # extra keyword spellings (vLLM's), e.g. ("gpu_memory_utilization",)
-    cli: bool = True  # False: a Python-only option (no flag)
     default_text: str | None = None  # how the default reads in --help and the docs
 
 
@@ -58,19 +57,18 @@ def option(
     choices: tuple | None = None,
     flags: tuple[str, ...] = (),
     aliases: tuple[str, ...] = (),
-    cli: bool = True,
     default_text: str | None = None,
 ) -> Any:
     """A dataclass field declaring one option (see the module docstring)."""
-    meta = Option(help, check, choices, flags, aliases, cli, default_text)
+    meta = Option(help, check, choices, flags, aliases, default_text)
     return field(default=default, metadata={"option": meta})
 
 
 # -- checks: each returns None when the value is allowed, else what is allowed --
-def int_in(lo: int, hi: int, note: str = "") -> Check:
+def int_in(lo: int, hi: int) -> Check:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            return f"an integer in [{lo}, {hi}]{' ' + note if note else ''}"
+            return f"an integer in [{lo}, {hi}]"
         return None
 
     return check
@@ -229,15 +227,14 @@ def add_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
     *,
-    include: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = (),
     titles: dict[str, str] | None = None,
 ) -> None:
-    """One flag per option of ``cls`` (or of ``include``), grouped in ``--help`` by the
+    """One flag per option of ``cls`` (but ``exclude``), grouped in ``--help`` by the
     configuration's groups. Flags not given stay out of the namespace (``kwargs_from``)."""
     sections: dict[str | None, argparse._ArgumentGroup] = {}
     for f in option_fields(cls):
-        if not f.option.cli or f.name in exclude or (include is not None and f.name not in include):
+        if f.name in exclude:
             continue
         if f.group not in sections:
             title = (titles or {}).get(f.group or "", f.group)
@@ -277,7 +274,7 @@ def markdown_table(cls: type, titles: dict[str, str] | None = None) -> str:
             if f.group is not None:
                 lines += [f"### {(titles or {}).get(f.group, f.group)}", ""]
             lines += ["| option | flag | default | meaning |", "|---|---|---|---|"]
-        flags = ", ".join(f"`{s}`" for s in (f.flag, *f.option.flags)) if f.option.cli else "—"
+        flags = ", ".join(f"`{s}`" for s in (f.flag, *f.option.flags))
         meaning = f.option.help
         if f.option.choices is not None:
             meaning += " (" + " | ".join(str(c) for c in f.option.choices) + ")"

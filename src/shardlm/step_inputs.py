@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+HEADER_FIELDS = 7  # len(StepInputs.header())
+
 
 @dataclass
 class StepInputs:
@@ -177,8 +179,9 @@ class StepInputs:
 
     @classmethod
     def decode(cls, header: list[int], payload: torch.Tensor) -> StepInputs:
-        """Inverse of ``header()`` + ``payload()``; host tensors."""
-        t, b, w, p, r, g, n_scored = header
+        """Inverse of ``header()`` + ``payload()``; host tensors. ``header`` may carry
+        trailing padding (the protocol's fixed-size header)."""
+        t, b, w, p, r, g, n_scored = header[:HEADER_FIELDS]
         score_rows = row_groups = None
         if n_scored:
             payload, score_rows = payload.split([payload.numel() - n_scored, n_scored])

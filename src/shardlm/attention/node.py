@@ -239,8 +239,10 @@ class AttentionNode:
     def _plan_groups(self, positions: torch.Tensor, row_groups: torch.Tensor | None) -> None:
         owned = self.owned_rows(positions)
         self._num_owned = owned.numel()
-        if row_groups is None:
-            row_groups = torch.zeros(positions.shape[0], dtype=torch.long)
+        if row_groups is None:  # one compute node: all rows, nothing to scatter (host only)
+            self._group_rows = {0: torch.arange(positions.shape[0])}
+            self._group_owned = {0: torch.arange(self._num_owned)}
+            return
         owners = row_groups[owned]
         self._group_rows, self._group_owned = {}, {}
         for a in sorted(set(row_groups.tolist())):

@@ -99,12 +99,13 @@ def sampling_rows(seqs: list[Sequence], stop_ids: set[int]) -> list[SamplingRow]
     rows = []
     for s in seqs:
         params = s.params
-        history = (s.token_ids[: s.num_prompt_tokens], s.output_ids)
+        penalised = params.has_penalties
         rows.append(
             SamplingRow(
                 params,
                 s.generator,
-                *(history if params.has_penalties else ((), ())),
+                s.token_ids[: s.num_prompt_tokens] if penalised else (),
+                s.output_ids if penalised else (),
                 constraints=(
                     row_constraints(s, stop_ids, s.request.bad_words)
                     if has_constraints(params)

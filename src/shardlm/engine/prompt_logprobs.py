@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from shardlm.engine.sampler import Logprob, logprob_entries
+from shardlm.engine.sampler import Logprob, logprob_entries, name_tokens
 from shardlm.engine.sequence import Request, Sequence
 from shardlm.tokenizer import Tokenizer
 
@@ -28,9 +28,7 @@ def score_prompt(
     ks = [seq.params.prompt_logprobs for seq, _ in scored]
     entries = logprob_entries(torch.log_softmax(logits.float(), dim=-1), targets, ks)
     for (seq, pos), entry in zip(scored, entries, strict=True):
-        if tokenizer is not None:
-            for token, lp in entry.items():
-                lp.decoded_token = tokenizer.decode([token], skip_special_tokens=False)
+        name_tokens(entry, tokenizer)
         seq.prompt_logprobs[pos] = entry
 
 

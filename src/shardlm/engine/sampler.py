@@ -249,6 +249,13 @@ def _fill_logprobs(
         out[i] = entry
 
 
+def name_tokens(entry: dict[int, Logprob], tokenizer) -> None:
+    """Fill each entry's ``decoded_token`` with its token's own text (special tokens shown)."""
+    if tokenizer is not None:
+        for token, lp in entry.items():
+            lp.decoded_token = tokenizer.decode([token], skip_special_tokens=False)
+
+
 def logprob_entries(
     logprobs: torch.Tensor, token_ids: torch.Tensor, ks: list[int]
 ) -> list[dict[int, Logprob]]:

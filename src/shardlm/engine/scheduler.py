@@ -151,6 +151,8 @@ class Scheduler:
     def _least_loaded_compute_node(self) -> int:
         """The compute node whose running sequences hold the fewest tokens (lowest index on a
         tie)."""
+        if self.compute_nodes == 1:
+            return 0
         load = [0] * self.compute_nodes
         for s in self.running:
             load[s.compute_node or 0] += s.num_tokens

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardlm.engine.sampler import Logprob
+from shardlm.engine.sampler import Logprob, name_tokens
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.structured.state import GrammarState
 from shardlm.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -131,9 +131,7 @@ def append_token(
     params = seq.params
     seq.token_ids.append(token)
     if logprobs is not None:
-        if tokenizer is not None:
-            for tid, lp in logprobs.items():
-                lp.decoded_token = tokenizer.decode([tid], skip_special_tokens=False)
+        name_tokens(logprobs, tokenizer)
         seq.logprobs.append(logprobs)
     finish: str | None = None
     reason: int | str | None = None

@@ -32,7 +32,7 @@ def serve_compute_rank(tp: TPContext, config: EngineConfig) -> None:
         if command is protocol.Command.SHUTDOWN:
             break
         if command is protocol.Command.STEP:
-            runner.run(StepInputs.decode(sizes[:7], payload))
+            runner.run(StepInputs.decode(sizes, payload))
         elif command is protocol.Command.SCORE:
             if tp.compute_node == 0:  # scoring runs on compute node 0 alone
                 runner.score(payload)

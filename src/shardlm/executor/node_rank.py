@@ -73,7 +73,7 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
         elif command is protocol.Command.COMPUTE_STATS:
             report_compute_stats(tp, config, None)
         elif command is protocol.Command.STEP:
-            inputs = StepInputs.decode(sizes[:7], payload)
+            inputs = StepInputs.decode(sizes, payload)
             node.begin_step(
                 inputs.seq_ids.tolist(),
                 inputs.positions,

@@ -66,19 +66,27 @@ class ComputeCounters:
     rank counts them; the driver sums the ranks' tables."""
 
     def __init__(self, num_nodes: int, runner: ModelRunner) -> None:
-        self.table = torch.zeros(num_nodes, len(COMPUTE_FIELDS), dtype=torch.long)
+        # Plain ints (this runs every step, also without nodes): a tensor only when reported.
+        self.rows = [[0] * len(COMPUTE_FIELDS) for _ in range(num_nodes)]
         self.flops_per_token = dense_flops_per_token(runner.config)
         self.counts_work = runner.tp.rank == 0  # a node's t ranks compute the same tokens
 
+    @property
+    def table(self) -> torch.Tensor:
+        return torch.tensor(self.rows, dtype=torch.long)
+
     def begin_step(self) -> None:
-        self.table[:, :2] = 0
+        for row in self.rows:
+            row[0] = row[1] = 0
 
     def add(self, node: int, tokens: int, traffic: AttentionTraffic | None) -> None:
-        row = self.table[node]
+        row = self.rows[node]
         if self.counts_work:
-            work = torch.tensor([tokens, tokens * self.flops_per_token])
-            row[0:2] += work
-            row[2:4] += work
+            flops = tokens * self.flops_per_token
+            row[0] += tokens
+            row[1] += flops
+            row[2] += tokens
+            row[3] += flops
         if traffic is not None:
             row[4] = traffic.last_step_bytes_to_nodes
             row[5] = traffic.last_step_bytes_from_nodes
@@ -86,15 +94,14 @@ class ComputeCounters:
             row[7] = traffic.bytes_from_nodes
 
     def sent_hidden(self, node: int, nbytes: int) -> None:
-        self.table[node, 8] += nbytes
+        self.rows[node][8] += nbytes
 
 
 class ComputeNodes:
     """The α > 1 path of ModelRunner.run (module docstring)."""
 
-    def __init__(self, runner: ModelRunner, num_nodes: int) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.num_nodes = num_nodes
         self.attention: dict[int, ShardedAttention] = {}  # the compute nodes in this process
         self.shared: list[SharedNode] = []
         self.lockstep: Lockstep | None = None
@@ -103,7 +110,7 @@ class ComputeNodes:
     def in_process(
         cls, runner: ModelRunner, rshard: RShard, nodes: list[AttentionNode], num_nodes: int
     ) -> ComputeNodes:
-        self = cls(runner, num_nodes)
+        self = cls(runner)
         self.shared = [SharedNode(node) for node in nodes]
         self.lockstep = Lockstep(runner.device)
         for a in range(num_nodes):
@@ -114,10 +121,8 @@ class ComputeNodes:
         return self
 
     @classmethod
-    def distributed(
-        cls, runner: ModelRunner, attention: ShardedAttention, num_nodes: int
-    ) -> ComputeNodes:
-        self = cls(runner, num_nodes)
+    def distributed(cls, runner: ModelRunner, attention: ShardedAttention) -> ComputeNodes:
+        self = cls(runner)
         self.attention[attention.group] = attention
         return self
 
@@ -135,7 +140,7 @@ class ComputeNodes:
             hidden = {a: self._forward(inputs, a) for a in active}
         mine = next(iter(self.attention))
         if self.lockstep is None and mine != 0:
-            self._send_sampled(host, hidden.get(mine))
+            self._send_sampled(hidden.get(mine))
             return None
         if self.lockstep is None:
             hidden.update(self._receive_sampled(inputs))
@@ -167,7 +172,7 @@ class ComputeNodes:
             out[(owners == node).to(self.runner.device)] = part
         return out
 
-    def _send_sampled(self, host: StepInputs, hidden: torch.Tensor | None) -> None:
+    def _send_sampled(self, hidden: torch.Tensor | None) -> None:
         if hidden is None or hidden.numel() == 0:
             return
         tp = self.runner.tp

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-DEFAULT_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.3}
+from shardlm.engine_config import DEFAULT_MEMORY_UTILIZATION
 
 
 def propose_kv_tokens(

@@ -106,7 +106,6 @@ class ModelRunner:
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
-        self.block_size = block_size
         self.kv_cache = PagedKVCache(
             c.num_hidden_layers,
             num_blocks,
@@ -213,7 +212,6 @@ class ModelRunner:
         """Send attention to this rank's β attention nodes instead of a local pool: built
         here as objects on ``node_device`` (in-process), or reached at ``node_ranks``. With
         α > 1 compute nodes, this process runs all of them in-process, or its own one."""
-        self.block_size = block_size
         alpha = self.num_compute_nodes
         if node_ranks is None:
             nodes = [
@@ -239,7 +237,7 @@ class ModelRunner:
         ]
         self.attention = ShardedAttention(rshard, links, self.device, group=self.tp.compute_node)
         if alpha > 1:
-            self.compute_nodes = ComputeNodes.distributed(self, self.attention, alpha)
+            self.compute_nodes = ComputeNodes.distributed(self, self.attention)
 
     def make_attention_node(
         self,

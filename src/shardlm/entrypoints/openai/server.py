@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import LOGGING_CONFIG
 
-from shardlm.demo import BUILTIN_NAME, DEMO_NOTICE, demo_checkpoint
+from shardlm.demo import BUILTIN_NAME, DEMO_NOTICE
 from shardlm.engine.llm_engine import LLMEngine
 from shardlm.entrypoints.openai.async_engine import AsyncEngine
 from shardlm.entrypoints.openai.metrics import ServerMetrics
@@ -165,9 +165,8 @@ def run_server(engine_args: dict, server: ServerConfig, access_log: bool = False
     args = dict(engine_args)
     model = args.get("model")
     name = server.served_model_name or str(model or BUILTIN_NAME)
-    if model is None:
+    if model is None:  # EngineConfig.resolve() picks the built-in model
         print(DEMO_NOTICE, file=sys.stderr)
-        args["model"] = str(demo_checkpoint())
     engine = AsyncEngine(LLMEngine(**args))
     app = build_app(engine, server, name)
     uv = _UvicornServer(
