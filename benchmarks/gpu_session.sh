@@ -29,9 +29,12 @@ for part in "$@"; do
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
         $PY -c 'import torch, triton, transformers as t; print(torch.__version__, triton.__version__, t.__version__)'
         ;;
-    tests)  # every CUDA path: kernels, graphs (through the AttentionBackend interface)
+    tests)  # every CUDA path: kernels, graphs (through the AttentionBackend interface), a
+            # CUDA compute rank beside CPU attention nodes over pinned gloo (the NCCL link
+            # test skips itself: it needs a GPU per rank)
         SHARDLM_KERNEL_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -x \
-            tests/test_kernels.py tests/test_cuda_graphs.py
+            tests/test_kernels.py tests/test_cuda_graphs.py &&
+        $PY -m pytest -q -p no:cacheprovider -x -rs tests/test_node_overlap.py -k "cuda or nccl"
         ;;
     session)
         bash "$0" env tests || exit 1

@@ -25,6 +25,7 @@ from shardlm.attention.reference import (
 )
 from shardlm.cache.rshard import RShard
 from shardlm.errors import WorkerFailure
+from shardlm.step_inputs import StepInputs
 from tests.conftest import make_checkpoint
 from tests.test_tensor_parallel import SHARDLM, TORCHRUN, child_pids, cli_generate, finish
 
@@ -287,6 +288,21 @@ def test_abort_releases_node_kv(node_ckpt):
         assert all(n.kv_tokens == 0 and n.sequences == 0 for n in engine.attention_node_stats())
 
 
+def prefill_step(seq_id: int, length: int, table: list[int], start: int = 0) -> StepInputs:
+    """One sequence's prefill chunk [start, start + length) as the driver sends it."""
+    long = dict(dtype=torch.long)
+    return StepInputs(
+        input_ids=torch.zeros(length, **long),
+        positions=torch.arange(start, start + length),
+        decode_tables=torch.zeros(0, 0, **long),
+        decode_lens=torch.zeros(0, **long),
+        prefill_meta=torch.tensor([[length, start + length]]),
+        prefill_tables=[torch.tensor(table, **long)],
+        sample_rows=torch.tensor([length - 1]),
+        seq_ids=torch.tensor([seq_id]),
+    )
+
+
 def test_node_takes_a_step_again_after_an_interrupted_one():
     """A step the compute side abandoned half-way (error, Ctrl-C) runs again: the node drops
     what it took in and gives the same answer."""
@@ -296,12 +312,14 @@ def test_node_takes_a_step_again_after_an_interrupted_one():
     own = node.owned_rows(positions)
     q = torch.randn(10, 2, 8)
     k, v = torch.randn(own.numel(), 1, 8), torch.randn(own.numel(), 1, 8)
-    node.begin_step([7], positions, 0, [10])
+    step = prefill_step(seq_id=7, length=10, table=[3, 1, 2])
+    node.begin_step(step)
     first = node.attend(0, q, k, v)
-    node.begin_step([7], positions, 0, [10])  # the same step again
+    node.begin_step(step)  # the same step again
     again = node.attend(0, q, k, v)
     torch.testing.assert_close(first, again)
-    assert node.stats.kv_tokens == rs.count(10, 1) and node.stats.blocks_in_use == 2
+    # Node 1 holds positions 3, 4, 5 and 9 of the 10: the first two blocks of the table.
+    assert node.stats.kv_tokens == rs.count(10, 1) == 4 and node.stats.blocks_in_use == 2
 
 
 def test_attention_node_failure_is_reported_by_name(node_ckpt):

@@ -43,6 +43,8 @@ FLAG_VALUES = {
     "attention_transport": ("in-process", "in-process"),
     "compute_nodes": ("2", 2),
     "compute_chunk_size": ("4", 4),
+    "node_microbatches": ("2", 2),
+    "attention_link": ("gloo", "gloo"),
     "attention_backend": ("torch", "torch"),
     "quantization": ("int8", "int8"),
     "arm": ("hadamard", "hadamard"),

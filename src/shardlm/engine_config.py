@@ -50,6 +50,7 @@ from shardlm.options import (
 )
 
 ATTENTION_TRANSPORTS = ("distributed", "in-process")
+ATTENTION_LINKS = ("auto", "gloo", "nccl")
 # memory_utilization when not given, by device type (runtime/kv_sizing.py applies it).
 DEFAULT_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.3}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -222,6 +223,19 @@ class ParallelOptions:
         "prefill positions are dealt to compute nodes in runs: position p goes to compute "
         "node (p // size) % α",
         check=int_in(1, 2**20),
+    )
+    attention_link: str = option(
+        "auto",
+        "how compute and attention-node ranks exchange tensors: nccl (device to device; "
+        "every rank on a GPU of its own), gloo (through host memory, pinned on a CUDA compute "
+        "side); auto: nccl when compute and attention nodes are both on CUDA, else gloo",
+        choices=ATTENTION_LINKS,
+    )
+    node_microbatches: int = option(
+        1,
+        "m: with attention nodes, cut each step into up to m micro-batches of whole "
+        "sequences that ping-pong between the compute side and the nodes (1: no overlap)",
+        check=int_in(1, 16),
     )
 
     def __post_init__(self) -> None:
@@ -422,6 +436,7 @@ class EngineConfig:
             p.attention_nodes,
             device,
         )
+        link_backend(p.attention_link, device, attention_device)  # refuses nccl off CUDA
         q = self.quantization
         transforms = WeightTransforms.resolve(
             path, q.arm, q.arm_calibration, q.quantization, q.quantize_all_linears
@@ -451,6 +466,12 @@ class EngineConfig:
                 "attention_backend='triton' runs on CUDA devices; on CPU only in Triton's "
                 "interpreter (TRITON_INTERPRET=1, for tests)",
             )
+
+    @property
+    def attention_link_backend(self) -> str:
+        """gloo or nccl: the resolved ``attention_link`` (after ``resolve``)."""
+        p = self.parallel
+        return link_backend(p.attention_link, torch.device(self.model.device), p.attention_device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -525,6 +546,20 @@ def check_attention_device(
                 f"one GPU per rank ({ranks}), this machine has {torch.cuda.device_count()}; "
                 "use attention_device='cpu' or attention_transport='in-process'",
             )
+
+
+def link_backend(link: str, compute_device: torch.device, attention_device: str | None) -> str:
+    """The torch.distributed backend that carries the compute ↔ attention-node tensors."""
+    node_device = torch.device(attention_device) if attention_device else compute_device
+    on_cuda = compute_device.type == "cuda" and node_device.type == "cuda"
+    if link == "nccl" and not on_cuda:
+        raise ParamError(
+            "attention_link",
+            f"attention_link='nccl' moves tensors GPU to GPU: it needs the compute side and the "
+            f"attention nodes on CUDA (compute on {compute_device.type}, attention nodes on "
+            f"{node_device.type}); use 'gloo' or 'auto'",
+        )
+    return "nccl" if link == "nccl" or (link == "auto" and on_cuda) else "gloo"
 
 
 # -- the command line --

@@ -16,6 +16,16 @@ import torch
 HEADER_FIELDS = 7  # len(StepInputs.header())
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """A contiguous run of a step's scheduled sequences and of its rows (figure 2's overlap:
+    the attention nodes attend one micro-batch of a layer while the compute side runs the
+    dense work of the next)."""
+
+    seqs: slice  # [s0, s1) of the scheduled sequences (decodes first, then prefills)
+    rows: slice  # [r0, r1) of the flat batch
+
+
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T] decodes first, then prefill chunks
@@ -119,6 +129,57 @@ class StepInputs:
     @property
     def num_decodes(self) -> int:
         return self.decode_lens.shape[0]
+
+    def micro_batches(self, m: int) -> list[MicroBatch]:
+        """The step cut into at most ``m`` micro-batches of whole sequences, contiguous and
+        balanced by tokens: each cut falls where the running token count first reaches its
+        share k·T/m, leaving at least one sequence for every micro-batch after it. A step
+        with fewer sequences than ``m`` gets one micro-batch per sequence. Whole sequences,
+        because a query sees its own sequence's new keys: split at sequence boundaries, no
+        micro-batch needs another's keys of the same layer. Computed from the host copy, the
+        same on every rank."""
+        counts = self.on_host.token_counts()
+        n = min(m, len(counts))
+        if n <= 1:
+            return [MicroBatch(slice(0, len(counts)), slice(0, self.num_tokens))]
+        total = sum(counts)
+        out, s0, r0, row = [], 0, 0, 0
+        for s, c in enumerate(counts):
+            row += c
+            k = len(out) + 1  # the micro-batch this sequence would close
+            sequences_left = len(counts) - (s + 1)
+            if k < n and (row * n >= k * total or sequences_left == n - k):
+                out.append(MicroBatch(slice(s0, s + 1), slice(r0, row)))
+                s0, r0 = s + 1, row
+        out.append(MicroBatch(slice(s0, len(counts)), slice(r0, row)))
+        return out
+
+    def select(self, mb: MicroBatch) -> StepInputs:
+        """The host inputs of one micro-batch alone, its rows renumbered from 0."""
+        host = self.on_host
+        b = host.num_decodes
+        s0, s1 = mb.seqs.start, mb.seqs.stop
+        r0, r1 = mb.rows.start, mb.rows.stop
+        d = slice(min(s0, b), min(s1, b))
+        p = slice(max(s0 - b, 0), max(s1 - b, 0))
+
+        def rebased(rows: torch.Tensor | None) -> torch.Tensor | None:
+            if rows is None:
+                return None
+            return rows[(rows >= r0) & (rows < r1)] - r0
+
+        return StepInputs(
+            input_ids=host.input_ids[r0:r1],
+            positions=host.positions[r0:r1],
+            decode_tables=host.decode_tables[d],
+            decode_lens=host.decode_lens[d],
+            prefill_meta=host.prefill_meta[p],
+            prefill_tables=host.prefill_tables[p],
+            sample_rows=rebased(host.sample_rows),
+            seq_ids=host.seq_ids[s0:s1],
+            row_groups=None if host.row_groups is None else host.row_groups[r0:r1],
+            score_rows=rebased(host.score_rows),
+        )
 
     def token_counts(self) -> list[int]:
         """Tokens each scheduled sequence brings this step (decodes 1, then prefill chunks)."""

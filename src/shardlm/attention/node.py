@@ -1,15 +1,20 @@
 """An attention node (second design figure): the KV cache of one head group for one token
 shard, and the partial attention over it.
 
-The node keeps, per sequence, its own block table in its own paged pool, allocated with the
-engine's BlockManager (prefix caching off: a node holds only a strided part of a prefix, so a
-block's content is not a prefix by itself). It learns what to do from each step's metadata —
-which sequences run, at which positions — and is told when sequences are released (finished,
-aborted or preempted). Per layer it receives the step's queries and the new keys/values it
-owns, writes those into its pool and returns, for every query, the partial attention over the
-keys it holds: out = softmax(q kᵀ·scale + m)·v and lse = log Σ exp(q kᵀ·scale + m), with
-lse = −inf (out = 0) where it holds no key the query may see. The compute node merges the
-partials exactly (reference.merge_partials).
+The node's pool is indexed by the driver's block tables, which travel with every step: the
+driver allocates "node blocks" (cache/node_budget.py) and every node of the job stores its
+share of a sequence's tokens, densely in arrival order, in the first blocks of the same
+table. One allocator means a cached prefix (prefix caching) is the same block ids on every
+node, and a node never runs out of blocks the driver did not count. The node learns what
+to do from each step's metadata — which sequences run, at which positions, with which
+tables — and is told when sequences are released (finished, aborted or preempted).
+
+Per layer it receives the step's queries and the new keys/values it owns, writes those into
+its pool and returns, for every query, the partial attention over the keys it holds:
+out = softmax(q kᵀ·scale + m)·v and lse = log Σ exp(q kᵀ·scale + m), with lse = −inf
+(out = 0) where it holds no key the query may see. The compute node merges the partials
+exactly (reference.merge_partials). A step may come in micro-batches (StepInputs.
+micro_batches): the node plans each separately and answers them in order.
 
 The same class runs as an object inside the compute process (in-process transport) or
 inside its own rank (distributed transport, executor/node_rank.py).
@@ -26,15 +31,14 @@ from shardlm.attention.reference import (
     partial_attention,
     visibility_mask,
 )
-from shardlm.cache.block_manager import BlockManager, NoFreeBlocksError
 from shardlm.cache.paged import PagedKVCache
 from shardlm.cache.rshard import RShard
 from shardlm.errors import ShardlmError
+from shardlm.step_inputs import MicroBatch, StepInputs
 
 
 class AttentionNodeError(ShardlmError):
-    """The node was asked something inconsistent with what it holds (a protocol bug) or ran
-    out of blocks the driver promised it had."""
+    """The node was asked something inconsistent with what it holds (a protocol bug)."""
 
 
 def node_name(head_group: int, shard: int) -> str:
@@ -48,25 +52,44 @@ class NodeStats:
 
     head_group: int  # the tensor-parallel rank whose KV heads it holds
     shard: int  # its token shard: positions p with (p // kv_chunk_size) % β == shard
-    kv_tokens: int  # tokens whose K/V this node holds (all layers)
-    blocks_in_use: int
+    kv_tokens: int  # tokens of the running sequences it holds (a shared prefix once each)
+    blocks_in_use: int  # distinct blocks those tokens occupy
     num_blocks: int
     sequences: int
+    wait_on_compute_us_last_step: int = 0  # blocked waiting for the compute side's messages
+    wait_on_compute_us: int = 0  # (distributed transport; 0 in-process)
 
 
 @dataclass
 class _Held:
-    """What the node holds of one sequence: its blocks and how many of its tokens."""
+    """What the node holds of one sequence: how many of its tokens, in which blocks."""
 
-    block_table: list[int] = field(default_factory=list)
     length: int = 0
+    block_table: list[int] = field(default_factory=list)
 
 
 @dataclass
 class _Chunk:
-    rows: tuple[int, int]  # query rows [start, end) of the step's flat batch
+    rows: tuple[int, int]  # query rows [start, end) of the micro-batch
     key_slots: torch.Tensor  # [Lk] slots of the node's keys of this sequence
     masks: dict[int | None, torch.Tensor]  # window → visibility [rows, Lk]
+
+
+@dataclass
+class _Plan:
+    """One micro-batch's metadata on this node."""
+
+    write_slots: torch.Tensor | None  # slots of the owned rows' new K/V, in row order
+    num_rows: int
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [B, W] the decodes' key slots, padded
+    decode_masks: dict[int | None, torch.Tensor]
+    chunks: list[_Chunk]
+    # Per compute node with rows in the micro-batch (figure 2, α > 1): its rows, and which
+    # of this node's owned rows (in owned-row order) are its.
+    group_rows: dict[int, torch.Tensor]
+    group_owned: dict[int, torch.Tensor]
+    num_owned: int
 
 
 class AttentionNode:
@@ -93,7 +116,11 @@ class AttentionNode:
         self.device = device
         self.scale = scale
         self.sliding_windows = sliding_windows
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # A sequence this node does not hold may start past 0 only where a cached prefix
+        # ends, and a hit is always a whole number of prefix units (cache/rshard.py).
+        self.prefix_unit = rshard.prefix_unit(block_size)
         self.cache = PagedKVCache(
             num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device
         )
@@ -103,41 +130,33 @@ class AttentionNode:
         self.cache.k[:, :block_size].zero_()
         self.cache.v[:, :block_size].zero_()
         self.held: dict[int, _Held] = {}
-        self._write_slots = torch.empty(0, dtype=torch.long)
-        self._num_decodes = 0
-        self._decode_slots: torch.Tensor | None = None
-        self._decode_masks: dict[int | None, torch.Tensor] = {}
-        self._chunks: list[_Chunk] = []
-        # Per compute node this step (figure 2, α > 1): its rows of the step, and which of
-        # this node's owned rows (in owned_rows order) are its.
-        self._group_rows: dict[int, torch.Tensor] = {}
-        self._group_owned: dict[int, torch.Tensor] = {}
-        self._num_owned = 0
+        self._plans: list[_Plan] = []
+        self.wait_us_last_step = 0  # set by the node's rank loop (executor/node_rank.py)
+        self.wait_us = 0
 
     # -- bookkeeping --
     def release(self, seq_ids: list[int]) -> None:
-        """Free the blocks of sequences that finished, were aborted or were preempted."""
+        """Forget sequences that finished, were aborted or were preempted (the driver frees
+        their blocks)."""
         for seq_id in seq_ids:
-            held = self.held.pop(seq_id, None)
-            if held is not None:
-                self.blocks.free(held.block_table)
+            self.held.pop(seq_id, None)
 
     @property
     def stats(self) -> NodeStats:
+        bs = self.block_size
+        blocks = set()
+        for held in self.held.values():
+            blocks.update(held.block_table[: -(-held.length // bs)])
         return NodeStats(
             head_group=self.head_group,
             shard=self.shard,
             kv_tokens=sum(h.length for h in self.held.values()),
-            blocks_in_use=self.blocks.num_used_blocks,
-            num_blocks=self.blocks.num_blocks,
+            blocks_in_use=len(blocks),
+            num_blocks=self.num_blocks,
             sequences=len(self.held),
+            wait_on_compute_us_last_step=self.wait_us_last_step,
+            wait_on_compute_us=self.wait_us,
         )
-
-    def _truncate(self, held: _Held, length: int) -> None:
-        keep = -(-length // self.blocks.block_size)
-        self.blocks.free(held.block_table[keep:])
-        del held.block_table[keep:]
-        held.length = length
 
     def owned_rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Rows of the step's batch whose new K/V this node stores (host tensor)."""
@@ -145,74 +164,61 @@ class AttentionNode:
 
     def _slots(self, held: _Held) -> torch.Tensor:
         """Slots of every token the node holds of a sequence, in local order."""
-        bs = self.blocks.block_size
+        bs = self.block_size
         local = torch.arange(held.length)
         return torch.tensor(held.block_table, dtype=torch.long)[local // bs] * bs + local % bs
 
     # -- the step --
-    def begin_step(
-        self,
-        seq_ids: list[int],
-        positions: torch.Tensor,
-        num_decodes: int,
-        token_counts: list[int],
-        row_groups: torch.Tensor | None = None,
-    ) -> None:
+    def begin_step(self, host: StepInputs, micro_batches: list[MicroBatch] | None = None) -> None:
         """Take in one step's metadata (host tensors): the scheduled sequences (decodes
-        first), the position of each of the T tokens, how many tokens each sequence brings
-        and (α > 1) which compute node computes each row. Allocates blocks for the node's
-        new tokens and builds the attention masks."""
-        self._plan_groups(positions, row_groups)
-        rs, bs = self.rshard, self.blocks.block_size
+        first) with their block tables, the position of each of the T tokens and (α > 1)
+        which compute node computes each row; one plan per micro-batch (default: one)."""
+        if micro_batches is None:
+            micro_batches = host.micro_batches(1)
+        self._plans = [self._plan(host.select(mb)) for mb in micro_batches]
+
+    def _plan(self, step: StepInputs) -> _Plan:
+        rs, bs = self.rshard, self.block_size
+        positions, num_decodes = step.positions, step.num_decodes
+        tables = [t.tolist() for t in step.decode_tables] + [
+            t.tolist() for t in step.prefill_tables
+        ]
         windows = set(self.sliding_windows)
         write_slots = []
         key_slots, key_lens = [], []
-        self._chunks = []
+        chunks = []
         row = 0
-        for i, (seq_id, n) in enumerate(zip(seq_ids, token_counts, strict=True)):
+        for i, (seq_id, n) in enumerate(
+            zip(step.seq_ids.tolist(), step.token_counts(), strict=True)
+        ):
             start = int(positions[row])
-            held = self.held.get(seq_id)
-            if held is None:
-                held = self.held[seq_id] = _Held()
+            held = self._held(seq_id, start)
             expected = rs.count(start, self.shard)
-            if held.length > expected:
-                # A step that was interrupted after this node took it in (an error or Ctrl-C
-                # on the compute side) runs again: forget what it added.
-                self._truncate(held, expected)
-            if held.length != expected:
-                raise AttentionNodeError(
-                    f"{self.name}: sequence {seq_id} continues at position {start} but the "
-                    f"node holds {held.length} of its tokens (expected {expected})"
-                )
             new_length = rs.count(start + n, self.shard)
-            need = -(-new_length // bs) - len(held.block_table)
-            if need > 0:
-                try:
-                    held.block_table += self.blocks.allocate(need)
-                except NoFreeBlocksError as e:
-                    raise AttentionNodeError(
-                        f"{self.name} is out of KV blocks ({self.blocks.num_blocks} blocks of "
-                        f"{bs} tokens): {e}"
-                    ) from None
+            table = tables[i]
+            if len(table) * bs < new_length:
+                raise AttentionNodeError(
+                    f"{self.name}: sequence {seq_id} needs {new_length} slots here, its block "
+                    f"table has {len(table)} blocks of {bs}"
+                )
+            held.block_table = table
             held.length = new_length
             slots = self._slots(held)
             # The node's tokens are dense in arrival order: the step's owned tokens are the
             # last ones, in row order (the order the compute rank sends their K/V).
             write_slots.append(slots[expected:])
-            rows = slice(row, row + n)
             if i < num_decodes:
                 key_slots.append(slots)
                 key_lens.append(new_length)
             else:
                 key_pos = rs.global_position(torch.arange(new_length), self.shard)
+                rows = slice(row, row + n)
                 masks = {
                     w: visibility_mask(positions[rows], key_pos, w).to(self.device) for w in windows
                 }
-                self._chunks.append(_Chunk((row, row + n), slots.to(self.device), masks))
+                chunks.append(_Chunk((row, row + n), slots.to(self.device), masks))
             row += n
-        self._write_slots = torch.cat(write_slots).to(self.device) if write_slots else None
-        self._num_decodes = num_decodes
-        self._decode_slots = None
+        decode_slots, decode_masks = None, {}
         if num_decodes and max(key_lens) > 0:
             width = max(key_lens)
             lens = torch.tensor(key_lens)
@@ -226,87 +232,137 @@ class AttentionNode:
                 if slots.numel():
                     padded[b] = slots[0]
                     padded[b, : slots.shape[0]] = slots
-            self._decode_slots = padded.to(self.device)
+            decode_slots = padded.to(self.device)
             q_pos = positions[:num_decodes, None]
             key_pos = rs.global_position(j, self.shard)[None, :]
-            self._decode_masks = {}
             for w in windows:
                 visible = valid & (key_pos <= q_pos)
                 if w is not None:
                     visible &= key_pos > q_pos - w
-                self._decode_masks[w] = visible.to(self.device)
+                decode_masks[w] = visible.to(self.device)
+        group_rows, group_owned, num_owned = self._plan_groups(positions, step.row_groups)
+        return _Plan(
+            write_slots=torch.cat(write_slots).to(self.device) if write_slots else None,
+            num_rows=step.num_tokens,
+            num_decodes=num_decodes,
+            decode_slots=decode_slots,
+            decode_masks=decode_masks,
+            chunks=chunks,
+            group_rows=group_rows,
+            group_owned=group_owned,
+            num_owned=num_owned,
+        )
 
-    def _plan_groups(self, positions: torch.Tensor, row_groups: torch.Tensor | None) -> None:
+    def _held(self, seq_id: int, start: int) -> _Held:
+        """The record of a sequence that continues at position ``start``, checked against
+        what the node holds of it."""
+        expected = self.rshard.count(start, self.shard)
+        held = self.held.get(seq_id)
+        if held is None:
+            # New here: from position 0, or after a cached prefix whose blocks every node
+            # filled (the driver takes hits in whole prefix units only).
+            if start % self.prefix_unit:
+                raise AttentionNodeError(
+                    f"{self.name}: new sequence {seq_id} starts at position {start}, not at a "
+                    f"cached-prefix boundary (multiples of {self.prefix_unit})"
+                )
+            held = self.held[seq_id] = _Held(length=expected)
+        elif held.length > expected:
+            # A step that was interrupted after this node took it in (an error or Ctrl-C on
+            # the compute side) runs again: what it added is overwritten.
+            held.length = expected
+        if held.length != expected:
+            raise AttentionNodeError(
+                f"{self.name}: sequence {seq_id} continues at position {start} but the "
+                f"node holds {held.length} of its tokens (expected {expected})"
+            )
+        return held
+
+    def _plan_groups(
+        self, positions: torch.Tensor, row_groups: torch.Tensor | None
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
         owned = self.owned_rows(positions)
-        self._num_owned = owned.numel()
         if row_groups is None:  # one compute node: all rows, nothing to scatter (host only)
-            self._group_rows = {0: torch.arange(positions.shape[0])}
-            self._group_owned = {0: torch.arange(self._num_owned)}
-            return
+            return (
+                {0: torch.arange(positions.shape[0])},
+                {0: torch.arange(owned.numel())},
+                (owned.numel()),
+            )
         owners = row_groups[owned]
-        self._group_rows, self._group_owned = {}, {}
+        group_rows, group_owned = {}, {}
         for a in sorted(set(row_groups.tolist())):
-            self._group_rows[a] = torch.nonzero(row_groups == a).flatten().to(self.device)
-            self._group_owned[a] = torch.nonzero(owners == a).flatten().to(self.device)
+            group_rows[a] = torch.nonzero(row_groups == a).flatten().to(self.device)
+            group_owned[a] = torch.nonzero(owners == a).flatten().to(self.device)
+        return group_rows, group_owned, owned.numel()
 
-    def group_sizes(self) -> dict[int, tuple[int, int]]:
-        """Per compute node with rows this step: (its rows, the rows of those this node
-        owns) — the sizes of its message q | k | v."""
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self._plans)
+
+    def group_sizes(self, mb: int = 0) -> dict[int, tuple[int, int]]:
+        """Per compute node with rows in micro-batch ``mb``: (its rows, the rows of those
+        this node owns) — the sizes of its message q | k | v."""
+        plan = self._plans[mb]
         return {
-            a: (rows.numel(), self._group_owned[a].numel()) for a, rows in self._group_rows.items()
+            a: (rows.numel(), plan.group_owned[a].numel()) for a, rows in plan.group_rows.items()
         }
 
     def attend_groups(
-        self, layer: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+        self,
+        layer: int,
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        mb: int = 0,
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Figure 2's exchange, node side: every compute node's queries and new K/V of this
-        layer (``parts[a]`` = q of its rows, k/v of its rows this node owns, in row order),
-        all written before any query is answered — a query must see the keys the other
-        compute nodes produced in the same layer — then each compute node gets (out, lse)
-        of its own rows."""
-        if set(parts) != set(self._group_rows):
+        layer and micro-batch (``parts[a]`` = q of its rows, k/v of its rows this node owns,
+        in row order), all written before any query is answered — a query must see the keys
+        the other compute nodes produced in the same layer — then each compute node gets
+        (out, lse) of its own rows."""
+        plan = self._plans[mb]
+        if set(parts) != set(plan.group_rows):
             raise AttentionNodeError(
-                f"{self.name}: layer {layer} got parts of compute nodes {sorted(parts)}, "
-                f"the step has rows on {sorted(self._group_rows)}"
+                f"{self.name}: layer {layer} micro-batch {mb} got parts of compute nodes "
+                f"{sorted(parts)}, it has rows on {sorted(plan.group_rows)}"
             )
         if len(parts) == 1:
             ((a, (q, k, v)),) = parts.items()
-            return {a: self.attend(layer, q, k, v)}
+            return {a: self.attend(layer, q, k, v, mb)}
         q0, k0, _ = next(iter(parts.values()))
-        t = sum(rows.numel() for rows in self._group_rows.values())
-        q = q0.new_empty(t, *q0.shape[1:])
-        k = k0.new_empty(self._num_owned, *k0.shape[1:])
+        q = q0.new_empty(plan.num_rows, *q0.shape[1:])
+        k = k0.new_empty(plan.num_owned, *k0.shape[1:])
         v = torch.empty_like(k)
         for a, (q_a, k_a, v_a) in parts.items():
-            q[self._group_rows[a]] = q_a
-            k[self._group_owned[a]] = k_a
-            v[self._group_owned[a]] = v_a
-        out, lse = self.attend(layer, q, k, v)
-        return {a: (out[rows], lse[rows]) for a, rows in self._group_rows.items()}
+            q[plan.group_rows[a]] = q_a
+            k[plan.group_owned[a]] = k_a
+            v[plan.group_owned[a]] = v_a
+        out, lse = self.attend(layer, q, k, v, mb)
+        return {a: (out[rows], lse[rows]) for a, rows in plan.group_rows.items()}
 
     def attend(
-        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mb: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D] for every row of the step; k_new, v_new [T_own, Hkv, D] for the rows
-        this node owns (``owned_rows`` order). Returns (out [T, Hq, D], lse [T, Hq] float32)."""
+        """q [T, Hq, D] for every row of micro-batch ``mb``; k_new, v_new [T_own, Hkv, D] for
+        the rows this node owns (``owned_rows`` order). Returns (out [T, Hq, D], lse [T, Hq]
+        float32)."""
+        plan = self._plans[mb]
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        if self._write_slots is not None and self._write_slots.numel():
-            k_pool.index_copy_(0, self._write_slots, k_new)
-            v_pool.index_copy_(0, self._write_slots, v_new)
+        if plan.write_slots is not None and plan.write_slots.numel():
+            k_pool.index_copy_(0, plan.write_slots, k_new)
+            v_pool.index_copy_(0, plan.write_slots, v_new)
         window = self.sliding_windows[layer]
         t, hq, _ = q.shape
         out = torch.zeros_like(q)
         lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
-        b = self._num_decodes
-        if self._decode_slots is not None:
+        b = plan.num_decodes
+        if plan.decode_slots is not None:
             out[:b], lse[:b] = batched_partial_attention(
                 q[:b],
-                k_pool[self._decode_slots],
-                v_pool[self._decode_slots],
+                k_pool[plan.decode_slots],
+                v_pool[plan.decode_slots],
                 self.scale,
-                self._decode_masks[window],
+                plan.decode_masks[window],
             )
-        for chunk in self._chunks:
+        for chunk in plan.chunks:
             if chunk.key_slots.numel() == 0:
                 continue
             r0, r1 = chunk.rows

@@ -15,6 +15,11 @@ over its own rows of the step: it sends only its rows' queries and K/V, and each
 answers it for those rows once every compute node has posted the layer
 (AttentionNode.attend_groups).
 
+With m micro-batches (StepInputs.micro_batches) the exchange is per (layer, micro-batch):
+``post`` sends and returns at once, ``collect`` waits for the answer, so the compute side
+can run another micro-batch's dense work in between (runtime/micro_batches.py). Nodes
+answer in (layer, micro-batch) order, the order the compute side posts in.
+
 Three transports behind one ``NodeLink`` interface: ``LocalLink`` calls an AttentionNode
 object in this process (possibly on another device), ``RemoteLink`` exchanges the same
 tensors with a node rank over torch.distributed point-to-point messages, and ``GroupLink``
@@ -24,6 +29,7 @@ reaches an in-process node shared by α in-process compute nodes (``SharedNode``
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,7 +41,7 @@ from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.node import AttentionNode
 from shardlm.attention.reference import merge_partials
 from shardlm.cache.rshard import RShard
-from shardlm.step_inputs import StepInputs
+from shardlm.step_inputs import MicroBatch, StepInputs
 
 
 class AttentionNodeUnreachable(RuntimeError):
@@ -46,36 +52,37 @@ class NodeLink(Protocol):
     name: str
     node: AttentionNode | None  # the node object itself, when it lives in this process
 
-    def begin_step(
-        self, seq_ids: list[int], positions: torch.Tensor, num_decodes: int, counts: list[int]
-    ) -> None: ...
+    def begin_step(self, host: StepInputs, micro_batches: list[MicroBatch]) -> None: ...
 
-    def post(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
+    def post(self, mb: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Send micro-batch ``mb``'s queries and this node's new K/V of ``layer``; returns
+        without waiting for the answer."""
 
-    def collect(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def collect(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of the last ``post`` of micro-batch ``mb``, waiting for it."""
 
     def release(self, seq_ids: list[int]) -> None: ...
 
 
 class LocalLink:
-    """An attention node living in this process (in-process transport)."""
+    """An attention node living in this process (in-process transport): it attends when
+    posted to."""
 
     def __init__(self, node: AttentionNode, compute_device: torch.device) -> None:
         self.node = node
         self.name = node.name
         self.compute_device = compute_device
-        self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def begin_step(self, seq_ids, positions, num_decodes, counts) -> None:
-        self.node.begin_step(seq_ids, positions, num_decodes, counts)
+    def begin_step(self, host: StepInputs, micro_batches: list[MicroBatch]) -> None:
+        self.node.begin_step(host, micro_batches)
 
-    def post(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def post(self, mb: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         dev = self.node.device
-        self._result = self.node.attend(layer, q.to(dev), k.to(dev), v.to(dev))
+        self._results[mb] = self.node.attend(layer, q.to(dev), k.to(dev), v.to(dev), mb)
 
-    def collect(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = self._result
-        self._result = None
+    def collect(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = self._results.pop(mb)
         return out.to(self.compute_device), lse.to(self.compute_device)
 
     def release(self, seq_ids: list[int]) -> None:
@@ -84,39 +91,43 @@ class LocalLink:
 
 class SharedNode:
     """An in-process attention node serving α in-process compute nodes (the test aid of
-    runtime/lockstep.py): it keeps each compute node's post of a layer and, when the last
-    one is in, attends them all at once (AttentionNode.attend_groups)."""
+    runtime/lockstep.py): it keeps each compute node's post of a (layer, micro-batch) and,
+    when the last compute node with rows in that micro-batch is in, attends them all at once
+    (AttentionNode.attend_groups). A compute node collecting an answer that is not ready
+    passes the turn (``wait``) until the others have posted."""
 
-    def __init__(self, node: AttentionNode) -> None:
+    def __init__(self, node: AttentionNode, wait: Callable[[], None]) -> None:
         self.node = node
-        self._expected: set[int] = set()
-        self._posted: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.wait = wait
+        self._expected: list[set[int]] = []
+        self._posted: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+        self._results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.posts = 0  # progress, for the deadlock check in ``collect``
 
-    def begin_step(self, host: StepInputs) -> None:
-        self.node.begin_step(
-            host.seq_ids.tolist(),
-            host.positions,
-            host.num_decodes,
-            host.token_counts(),
-            host.row_groups,
-        )
-        self._expected = set(host.active_groups())
+    def begin_step(self, host: StepInputs, micro_batches: list[MicroBatch]) -> None:
+        self.node.begin_step(host, micro_batches)
+        self._expected = [set(self.node.group_sizes(i)) for i in range(len(micro_batches))]
         self._posted, self._results = {}, {}
 
-    def post(self, group: int, layer: int, q, k, v) -> None:
-        self._posted[group] = (q, k, v)
-        if set(self._posted) == self._expected:
-            posted, self._posted = self._posted, {}
-            self._results.update(self.node.attend_groups(layer, posted))
+    def post(self, group: int, mb: int, layer: int, q, k, v) -> None:
+        posted = self._posted.setdefault(mb, {})
+        posted[group] = (q, k, v)
+        self.posts += 1
+        if set(posted) == self._expected[mb]:
+            del self._posted[mb]
+            for a, answer in self.node.attend_groups(layer, posted, mb).items():
+                self._results[a, mb] = answer
 
-    def collect(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if group not in self._results:
-            raise RuntimeError(
-                f"{self.node.name}: compute node {group} collected before every compute node "
-                "posted the layer"
-            )
-        return self._results.pop(group)
+    def collect(self, group: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while (group, mb) not in self._results:
+            before = self.posts
+            self.wait()  # every other compute node runs until it waits or finishes
+            if self.posts == before and (group, mb) not in self._results:
+                raise RuntimeError(
+                    f"{self.node.name}: compute node {group} waits for micro-batch {mb}, "
+                    "which no other compute node will post"
+                )
+        return self._results.pop((group, mb))
 
 
 class GroupLink:
@@ -130,15 +141,15 @@ class GroupLink:
         self.group = group
         self.compute_device = compute_device
 
-    def begin_step(self, seq_ids, positions, num_decodes, counts) -> None:
+    def begin_step(self, host: StepInputs, micro_batches: list[MicroBatch]) -> None:
         pass
 
-    def post(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def post(self, mb: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         dev = self.node.device
-        self.shared.post(self.group, layer, q.to(dev), k.to(dev), v.to(dev))
+        self.shared.post(self.group, mb, layer, q.to(dev), k.to(dev), v.to(dev))
 
-    def collect(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = self.shared.collect(self.group)
+    def collect(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = self.shared.collect(self.group, mb)
         return out.to(self.compute_device), lse.to(self.compute_device)
 
     def release(self, seq_ids: list[int]) -> None:
@@ -149,8 +160,10 @@ class RemoteLink:
     """An attention node running as its own rank (distributed transport).
 
     The node already has the step's metadata (the driver's control broadcast reaches every
-    rank), so per layer only tensors travel: one message q|k|v to the node, two back
-    (out in the model dtype, lse in float32). Messages go through host memory (gloo).
+    rank), so per layer and micro-batch only tensors travel: one message q|k|v to the node,
+    two back (out in the model dtype, lse in float32). Messages go through host memory
+    (gloo); from a CUDA compute rank they are staged in pinned buffers, so the copies to and
+    from the device are asynchronous.
     """
 
     def __init__(
@@ -160,43 +173,57 @@ class RemoteLink:
         group: dist.ProcessGroup,
         timeout: datetime.timedelta,
         compute_device: torch.device,
+        on_device: bool = False,
     ) -> None:
         self.rank = rank
         self.name = name
         self.group = group
         self.timeout = timeout
         self.compute_device = compute_device
+        self.on_device = on_device
+        self.pin = compute_device.type == "cuda" and not on_device
         self.node = None  # it lives in its own process
-        self._pending: list[dist.Work] = []
-        self._message = self._out = self._lse = None
+        # Per micro-batch: the works in flight and the tensors they use (alive until done).
+        self._pending: dict[int, tuple[list[dist.Work], tuple[torch.Tensor, ...]]] = {}
 
-    def begin_step(self, seq_ids, positions, num_decodes, counts) -> None:
+    def begin_step(self, host: StepInputs, micro_batches: list[MicroBatch]) -> None:
         pass
 
-    def post(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        message = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]).cpu()
-        self._out = torch.empty(q.shape, dtype=q.dtype)
-        self._lse = torch.empty(q.shape[:2], dtype=torch.float32)
-        self._message = message  # alive until the send completes
-        self._pending = [
-            dist.isend(message, dst=self.rank, group=self.group),
-            dist.irecv(self._out, src=self.rank, group=self.group),
-            dist.irecv(self._lse, src=self.rank, group=self.group),
-        ]
+    def _host(self, shape, dtype) -> torch.Tensor:
+        """A receive buffer: on the device for NCCL, else in (pinned) host memory."""
+        if self.on_device:
+            return torch.empty(shape, dtype=dtype, device=self.compute_device)
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
-    def collect(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def post(self, mb: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        flat = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
+        if self.on_device or flat.device.type == "cpu":
+            message = flat
+        else:
+            message = self._host(flat.shape, flat.dtype)
+            message.copy_(flat)  # synchronous: gloo reads the host buffer right away
+        out = self._host(q.shape, q.dtype)
+        lse = self._host(q.shape[:2], torch.float32)
+        works = [
+            dist.isend(message, dst=self.rank, group=self.group),
+            dist.irecv(out, src=self.rank, group=self.group),
+            dist.irecv(lse, src=self.rank, group=self.group),
+        ]
+        self._pending[mb] = (works, (message, out, lse))
+
+    def collect(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        works, (_, out, lse) = self._pending.pop(mb)
         try:
-            for work in self._pending:
+            for work in works:
                 work.wait(self.timeout)
         except Exception as e:
+            self._pending.clear()
             raise AttentionNodeUnreachable(
                 f"{self.name} (rank {self.rank}) did not answer: {str(e).splitlines()[0]}"
             ) from e
-        finally:
-            self._pending = []
         return (
-            self._out.to(self.compute_device, non_blocking=True),
-            self._lse.to(self.compute_device, non_blocking=True),
+            out.to(self.compute_device, non_blocking=True),
+            lse.to(self.compute_device, non_blocking=True),
         )
 
     def release(self, seq_ids: list[int]) -> None:
@@ -205,19 +232,31 @@ class RemoteLink:
 
 @dataclass
 class AttentionTraffic:
-    """Bytes between this compute node and its attention nodes (payload tensors only)."""
+    """Bytes between this compute node and its attention nodes (payload tensors only), and
+    how long it waited for their answers."""
 
     bytes_to_nodes: int = 0
     bytes_from_nodes: int = 0
     steps: int = 0
     last_step_bytes_to_nodes: int = 0
     last_step_bytes_from_nodes: int = 0
+    wait_us: int = 0  # blocked in ``collect``: the nodes' time the dense work did not hide
+    last_step_wait_us: int = 0
+
+
+@dataclass
+class _Part:
+    """This compute node's share of one micro-batch: a run of its rows, and which of those
+    each attention node owns (R-sharding: it stores their K/V)."""
+
+    index: int  # the micro-batch
+    rows: slice  # into this compute node's rows of the step
+    owned: list[torch.Tensor]  # per node: indices into ``rows``
 
 
 class ShardedAttention(AttentionBackend):
     """AttentionBackend for a compute rank whose KV cache is on β attention nodes: compute
-    node ``group``'s rows of each step. ``after_post`` runs once a layer is posted to every
-    node (in-process compute nodes pass the turn there: runtime/lockstep.py)."""
+    node ``group``'s rows of each step, in up to ``micro_batches`` micro-batches."""
 
     def __init__(
         self,
@@ -225,15 +264,15 @@ class ShardedAttention(AttentionBackend):
         links: list[NodeLink],
         device: torch.device,
         group: int = 0,
-        after_post: Callable[[], None] | None = None,
+        micro_batches: int = 1,
     ) -> None:
         self.rshard = rshard
         self.links = links
         self.device = device
         self.group = group
-        self.after_post = after_post
+        self.micro_batches = micro_batches
         self._traffic = AttentionTraffic()
-        self._rows: list[torch.Tensor] = []
+        self.parts: list[_Part] = []
 
     @property
     def traffic(self) -> AttentionTraffic:
@@ -243,39 +282,59 @@ class ShardedAttention(AttentionBackend):
         return [link.node for link in self.links if link.node is not None]
 
     def begin_step(self, inputs: StepInputs) -> None:
-        """Which of this compute node's rows each node owns, planned on the host copy."""
+        """Cut the step into micro-batches and plan, on the host copy, which of this compute
+        node's rows fall in each and which of those each node owns."""
         host = inputs.on_host
-        seq_ids, positions = host.seq_ids.tolist(), host.positions
-        num_decodes, counts = host.num_decodes, host.token_counts()
-        owner = self.rshard.owner(positions[host.rows_of(self.group)])
-        self._rows = [
-            torch.nonzero(owner == s).flatten().to(self.device) for s in range(len(self.links))
-        ]
+        micro = host.micro_batches(self.micro_batches)
+        rows = host.rows_of(self.group)
+        self.parts = []
+        for i, mb in enumerate(micro):
+            lo, hi = torch.searchsorted(rows, torch.tensor([mb.rows.start, mb.rows.stop]))
+            if hi == lo:
+                continue  # no rows of this compute node in the micro-batch
+            owner = self.rshard.owner(host.positions[rows[lo:hi]])
+            owned = [
+                torch.nonzero(owner == s).flatten().to(self.device) for s in range(len(self.links))
+            ]
+            self.parts.append(_Part(i, slice(int(lo), int(hi)), owned))
         for link in self.links:
-            link.begin_step(seq_ids, positions, num_decodes, counts)
-        self._traffic.steps += 1
-        self._traffic.last_step_bytes_to_nodes = 0
-        self._traffic.last_step_bytes_from_nodes = 0
+            link.begin_step(host, micro)
+        t = self._traffic
+        t.steps += 1
+        t.last_step_bytes_to_nodes = t.last_step_bytes_from_nodes = t.last_step_wait_us = 0
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def post(self, part: _Part, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         sent = 0
-        for link, rows in zip(self.links, self._rows, strict=True):
-            k_s, v_s = k[rows], v[rows]
-            link.post(layer, q, k_s, v_s)
+        for link, owned in zip(self.links, part.owned, strict=True):
+            k_s, v_s = k[owned], v[owned]
+            link.post(part.index, layer, q, k_s, v_s)
             sent += q.nbytes + k_s.nbytes + v_s.nbytes
-        if self.after_post is not None:
-            self.after_post()
-        parts = [link.collect() for link in self.links]
-        received = sum(out.nbytes + lse.nbytes for out, lse in parts)
         t = self._traffic
         t.bytes_to_nodes += sent
-        t.bytes_from_nodes += received
         t.last_step_bytes_to_nodes += sent
+
+    def collect(self, part: _Part) -> torch.Tensor:
+        """The merged attention output of ``part``'s last posted layer."""
+        start = time.perf_counter()
+        answers = [link.collect(part.index) for link in self.links]
+        waited = int((time.perf_counter() - start) * 1e6)
+        received = sum(out.nbytes + lse.nbytes for out, lse in answers)
+        t = self._traffic
+        t.bytes_from_nodes += received
         t.last_step_bytes_from_nodes += received
-        if len(parts) == 1:
-            return parts[0][0]
-        out, _ = merge_partials([o for o, _ in parts], [lse for _, lse in parts])
+        t.wait_us += waited
+        t.last_step_wait_us += waited
+        if len(answers) == 1:
+            return answers[0][0]
+        out, _ = merge_partials([o for o, _ in answers], [lse for _, lse in answers])
         return out
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One layer of a step that is one micro-batch (the model's plain forward)."""
+        if len(self.parts) != 1:
+            raise RuntimeError("a step in micro-batches runs through runtime/micro_batches.py")
+        self.post(self.parts[0], layer, q, k, v)
+        return self.collect(self.parts[0])
 
     def release(self, seq_ids: list[int]) -> None:
         for link in self.links:

@@ -118,6 +118,26 @@ class BlockManager:
                     self._free.append(block)
 
     # -- prefix caching --
+    # A block's hash covers a span of token positions (the tokens its content depends on,
+    # beyond those its parent's hash covers); hits come in whole units of blocks. Locally a
+    # block is its own block_size tokens and any number of blocks is a hit; attention nodes
+    # (cache/node_budget.py) widen both.
+    hit_unit_blocks = 1
+
+    def block_span(self, block: int) -> tuple[int, int]:
+        """Token positions [start, end) that the ``block``-th block of a table adds to the
+        prefix its hash identifies."""
+        bs = self.block_size
+        return block * bs, (block + 1) * bs
+
+    def prefix_tokens(self, num_blocks: int) -> int:
+        """Tokens covered by the first ``num_blocks`` blocks of a table."""
+        return self.block_span(num_blocks - 1)[1] if num_blocks else 0
+
+    def cacheable_tokens(self, num_tokens: int) -> int:
+        """The longest prefix of ``num_tokens`` tokens that a hit could cover."""
+        return num_tokens // self.block_size * self.block_size
+
     def acquire_prefix(
         self, token_ids: Sequence[int], max_tokens: int
     ) -> tuple[list[int], list[bytes]]:
@@ -125,19 +145,23 @@ class BlockManager:
         at most ``max_tokens`` long. Returns (block ids, their hashes); each gets a reference."""
         if not self.enable_prefix_caching:
             return [], []
-        bs = self.block_size
-        full = min(len(token_ids), max_tokens) // bs
+        limit = min(len(token_ids), max_tokens)
         blocks: list[int] = []
         hashes: list[bytes] = []
         parent = None
-        for i in range(full):
-            h = block_hash(parent, token_ids[i * bs : (i + 1) * bs])
+        while True:
+            start, end = self.block_span(len(blocks))
+            if end > limit:
+                break
+            h = block_hash(parent, token_ids[start:end])
             block = self.cached.get(h)
             if block is None:
                 break
             blocks.append(block)
             hashes.append(h)
             parent = h
+        keep = len(blocks) // self.hit_unit_blocks * self.hit_unit_blocks
+        blocks, hashes = blocks[:keep], hashes[:keep]
         for block in blocks:
             if self.ref_counts[block] == 0:
                 del self._evictable[block]

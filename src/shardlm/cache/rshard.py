@@ -16,6 +16,7 @@ and the inverse, for node s, is global(i) = (i // chunk) · period + s · chunk 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,26 @@ class RShard:
         """How many of positions [0, length) shard ``shard`` owns."""
         full, rest = divmod(length, self.period)
         return full * self.chunk + min(max(rest - shard * self.chunk, 0), self.chunk)
+
+    def prefix_unit(self, block_size: int) -> int:
+        """The granularity of a cached prefix shared across nodes: the shortest P > 0 at
+        which every node holds the same number of tokens and that number fills whole blocks.
+
+        Every period gives each node ``chunk`` tokens, so at P = n · period each node holds
+        n · chunk; that fills whole blocks when block_size divides n · chunk. The smallest
+        such P is period · lcm(chunk, block_size) / chunk = num_shards · lcm(chunk,
+        block_size). A prefix of any other length would leave some node with a partly
+        filled block (which the next token would write into, shared or not) or with tokens
+        past the prefix."""
+        return self.num_shards * math.lcm(self.chunk, block_size)
+
+    def block_end(self, block: int, block_size: int) -> int:
+        """The shortest sequence length at which every node has filled its local block
+        ``block``: the last shard (it gets each period's last chunk) fills its block last.
+        A node's block holds keys of positions below this only, so its content depends on
+        the tokens before it alone — the span a prefix-cache hash of the block covers."""
+        last_local = (block + 1) * block_size - 1
+        return int(self.global_position(torch.tensor(last_local), self.num_shards - 1)) + 1
 
     def max_length(self, capacity: int) -> int:
         """The longest sequence whose busiest shard (shard 0: it gets each period's first

@@ -105,10 +105,11 @@ class LLMEngine:
         cache, p = self.engine_config.cache, self.engine_config.parallel
         if not p.attention_nodes:
             return BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        if cache.enable_prefix_caching:
-            logger.info("prefix caching is off with attention nodes (not built for them)")
         return NodeBlockBudget(
-            num_blocks, cache.block_size, RShard(p.attention_nodes, p.kv_chunk_size)
+            num_blocks,
+            cache.block_size,
+            RShard(p.attention_nodes, p.kv_chunk_size),
+            cache.enable_prefix_caching,
         )
 
     # -- the job --
@@ -291,12 +292,15 @@ class LLMEngine:
         """Offer the blocks this step filled to the prefix cache."""
         if not self.blocks.enable_prefix_caching:
             return
-        bs = self.blocks.block_size
-        for j in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+        while True:
+            j = len(seq.block_hashes)
+            start, end = self.blocks.block_span(j)
+            if end > seq.num_computed_tokens:
+                return
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(
                 self.blocks.register_full_block(
-                    seq.block_table[j], parent, seq.token_ids[j * bs : (j + 1) * bs]
+                    seq.block_table[j], parent, seq.token_ids[start:end]
                 )
             )
 

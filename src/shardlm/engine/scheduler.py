@@ -126,15 +126,15 @@ class Scheduler:
                 cached, hashes = [], []
             else:
                 cached, hashes = self.blocks.acquire_prefix(seq.token_ids, seq.num_tokens - 1)
-            computed = len(cached) * self.blocks.block_size
+            computed = self.blocks.prefix_tokens(len(cached))
             n = min(seq.num_tokens - computed, budget, scoring_cap(seq))
             need = self.blocks.blocks_needed(computed + n) - len(cached)
             if need > self.blocks.num_free_blocks:
                 self.blocks.free(cached)
                 break
             self.waiting.remove(seq)
-            full_blocks = (seq.num_tokens - 1) // self.blocks.block_size
-            self.blocks.record_prefix_lookup(full_blocks * self.blocks.block_size, computed)
+            queried = self.blocks.cacheable_tokens(seq.num_tokens - 1)
+            self.blocks.record_prefix_lookup(queried, computed)
             seq.block_table = cached + self.blocks.allocate(need)
             seq.block_hashes = hashes
             seq.num_computed_tokens = computed

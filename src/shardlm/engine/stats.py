@@ -19,6 +19,10 @@ class ComputeNodeStats:
     bytes_to_attention_nodes: int
     bytes_from_attention_nodes: int
     hidden_bytes_to_compute_node_0: int  # the sampled rows' hidden states (α > 1)
+    # Time blocked waiting for the attention nodes' answers, summed over the compute node's
+    # ranks: the attention time that the dense work of other micro-batches did not hide.
+    wait_on_nodes_us_last_step: int
+    wait_on_nodes_us: int
 
 
 @dataclass

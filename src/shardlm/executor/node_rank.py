@@ -2,14 +2,18 @@
 control broadcast and fed by the compute nodes of its head group.
 
 Per STEP the node takes the step's metadata from the broadcast (so no per-layer metadata
-travels), then for each layer receives one message q|k|v from each compute node with rows
-in the step (rank (a, g): compute node a's tensor-parallel rank of this head group),
-writes every compute node's new K/V, attends, and sends each its own rows' out and lse.
-Message sizes follow from the metadata: each compute node's rows of the group's heads, and
-the rows of those this node owns.
+travels), then for each layer and micro-batch receives one message q|k|v from each compute
+node with rows in it (rank (a, g): compute node a's tensor-parallel rank of this head
+group), writes every compute node's new K/V, attends, and sends each its own rows' out and
+lse. Message sizes follow from the metadata: each compute node's rows of the group's heads,
+and the rows of those this node owns. The receives of the next (layer, micro-batch) are
+posted before the node attends the current one, so its messages arrive meanwhile.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -62,6 +66,8 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
         name=p.role_of(tp.job_rank),
     )
     shapes = (layout.heads, layout.kv_heads, model.head_dim)
+    # Where the exchanged tensors live: the node's GPU over NCCL, else host memory (gloo).
+    link_device = device if config.attention_link_backend == "nccl" else torch.device("cpu")
     while True:
         command, sizes, payload = protocol.receive(tp)
         if command is protocol.Command.SHUTDOWN:
@@ -74,15 +80,10 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
             report_compute_stats(tp, config, None)
         elif command is protocol.Command.STEP:
             inputs = StepInputs.decode(sizes, payload)
-            node.begin_step(
-                inputs.seq_ids.tolist(),
-                inputs.positions,
-                inputs.num_decodes,
-                inputs.token_counts(),
-                inputs.row_groups,
+            node.begin_step(inputs, inputs.micro_batches(p.node_microbatches))
+            run_layers(
+                tp, node, model.num_hidden_layers, shapes, dtype, link_device, p.compute_rank
             )
-            peers = {a: p.compute_rank(a, head_group) for a in node.group_sizes()}
-            run_layers(tp, node, model.num_hidden_layers, peers, shapes, dtype, device)
         # SCORE runs on the compute ranks alone: nothing to do.
 
 
@@ -90,36 +91,66 @@ def run_layers(
     tp: TPContext,
     node: AttentionNode,
     num_layers: int,
-    peers: dict[int, int],
     shapes: tuple[int, int, int],
     dtype: torch.dtype,
-    device: torch.device,
+    link_device: torch.device,
+    compute_rank: Callable[[int, int], int],
 ) -> None:
-    """One step's layers: from each compute node a (rank ``peers[a]``) its q | k | v, then
-    back to each its (out, lse)."""
+    """One step's layers, each in the node's micro-batches: from each compute node a with
+    rows in the micro-batch its q | k | v, then back to it its (out, lse). Messages are
+    received into and sent from ``link_device`` tensors (tp.link_group's side)."""
     heads, kv_heads, head_dim = shapes
-    sizes = node.group_sizes()
-    split = {
-        a: [n * heads * head_dim, *(2 * [own * kv_heads * head_dim])]
-        for a, (n, own) in sizes.items()
-    }
-    messages = {a: torch.empty(sum(parts), dtype=dtype) for a, parts in split.items()}
-    for layer in range(num_layers):
-        works = [
-            dist.irecv(messages[a], src=rank, group=tp.node_group) for a, rank in peers.items()
+    sizes = [node.group_sizes(mb) for mb in range(node.num_micro_batches)]
+    splits = [
+        {a: [n * heads * head_dim, *(2 * [own * kv_heads * head_dim])] for a, (n, own) in s.items()}
+        for s in sizes
+    ]
+    order = [(layer, mb) for layer in range(num_layers) for mb in range(len(sizes))]
+    # Two sets of receive buffers, alternating: the next item's messages land in one while
+    # the node attends from views of the other.
+    buffers = [
+        [
+            {
+                a: torch.empty(sum(parts), dtype=dtype, device=link_device)
+                for a, parts in split.items()
+            }
+            for split in splits
         ]
-        for work in works:
+        for _ in range(2)
+    ]
+
+    def receive(item: int) -> list[dist.Work]:
+        mb = order[item][1]
+        messages = buffers[item % 2][mb]
+        return [
+            dist.irecv(messages[a], src=compute_rank(a, node.head_group), group=tp.link_group)
+            for a in messages
+        ]
+
+    waited = 0.0
+    sends: list[tuple[dist.Work, torch.Tensor]] = []
+    incoming = receive(0)
+    for item, (layer, mb) in enumerate(order):
+        start = time.perf_counter()
+        for work in incoming:
             work.wait(tp.timeout)
+        waited += time.perf_counter() - start
+        if item + 1 < len(order):
+            incoming = receive(item + 1)
         parts = {}
-        for a, (n, own) in sizes.items():
-            q, k, v = messages[a].split(split[a])
+        for a, (n, own) in sizes[mb].items():
+            q, k, v = buffers[item % 2][mb][a].split(splits[mb][a])
             parts[a] = (
-                q.view(n, heads, head_dim).to(device),
-                k.view(own, kv_heads, head_dim).to(device),
-                v.view(own, kv_heads, head_dim).to(device),
+                q.view(n, heads, head_dim).to(node.device),
+                k.view(own, kv_heads, head_dim).to(node.device),
+                v.view(own, kv_heads, head_dim).to(node.device),
             )
-        results = node.attend_groups(layer, parts)
-        outgoing = [(peers[a], t.cpu()) for a, pair in results.items() for t in pair]
-        sends = [dist.isend(t, dst=rank, group=tp.node_group) for rank, t in outgoing]
-        for work in sends:  # ``outgoing`` keeps the tensors alive until they are sent
-            work.wait(tp.timeout)
+        for a, pair in node.attend_groups(layer, parts, mb).items():
+            for t in pair:
+                t = t.to(link_device)  # kept alive in ``sends`` until sent
+                dst = compute_rank(a, node.head_group)
+                sends.append((dist.isend(t, dst=dst, group=tp.link_group), t))
+    for work, _ in sends:
+        work.wait(tp.timeout)
+    node.wait_us_last_step = int(waited * 1e6)
+    node.wait_us += node.wait_us_last_step

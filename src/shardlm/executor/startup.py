@@ -23,7 +23,9 @@ from shardlm.runtime.runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 NO_POOL = 2**62  # what a rank without a KV pool proposes to the MIN
-STATS_FIELDS = 4  # kv_tokens, blocks_in_use, num_blocks, sequences
+# NodeStats after (head_group, shard): kv_tokens, blocks_in_use, num_blocks, sequences and
+# the two wait counters.
+STATS_FIELDS = 6
 
 
 def startup_timeout(tp: TPContext) -> datetime.timedelta:
@@ -156,14 +158,21 @@ def report_compute_stats(
 def report_node_stats(
     tp: TPContext, config: EngineConfig, local_nodes: list[AttentionNode]
 ) -> torch.Tensor:
-    """Every rank: add the stats of the attention nodes it holds to a [t·β, 4] table summed
+    """Every rank: add the stats of the attention nodes it holds to a [t·β, 6] table summed
     over the job (each node appears in exactly one process). The driver gets the table."""
     p = config.parallel
     table = torch.zeros(p.tp_size * p.attention_nodes, STATS_FIELDS, dtype=torch.long)
     for node in local_nodes:
         st = node.stats
         table[st.head_group * p.attention_nodes + st.shard] = torch.tensor(
-            [st.kv_tokens, st.blocks_in_use, st.num_blocks, st.sequences]
+            [
+                st.kv_tokens,
+                st.blocks_in_use,
+                st.num_blocks,
+                st.sequences,
+                st.wait_on_compute_us_last_step,
+                st.wait_on_compute_us,
+            ]
         )
     if tp.has_peers:
         work = dist.all_reduce(table, group=tp.control_group, async_op=True)

@@ -139,21 +139,36 @@ class LlamaAttention(nn.Module):
         rotary: RotaryEmbedding,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        t = x.shape[0]
         qkv = self.qkv_proj(x)
         if attn.fuses_rope:
             # The backend rotates q, k and writes k, v into its cache in one kernel.
             out = attn.rope_attend(
                 self.layer_idx, qkv, positions, rotary, self.num_heads, self.num_kv_heads
             )
-            return self.o_proj(out.reshape(t, self.q_size))
+            return self.output(out)
+        q, k, v = self.split_rotated(qkv, positions, rotary)
+        return self.output(attn.attend(self.layer_idx, q, k, v))
+
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D], rotated: what goes to the attention."""
+        return self.split_rotated(self.qkv_proj(x), positions, rotary)
+
+    def split_rotated(
+        self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = qkv.shape[0]
         # q and k sit side by side in the fused output: rotate both with one call.
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
         qk = rotary(qk, positions)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        out = attn.attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return q, k, v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention's output [T, Hq, D] through W^B (AllReduced under TP)."""
+        return self.o_proj(out.reshape(out.shape[0], self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -202,13 +217,40 @@ class LlamaDecoderLayer(nn.Module):
         """(this layer's MLP output, the residual stream before it is added): the addition
         is left to the next norm, which fuses it (RMSNorm.forward). The sums are the plain
         x + attn(norm(x)), then + mlp(norm(·)), in the same order."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.norm_in(x, residual)
         h = self.self_attn(h, positions, rotary, attn)
+        return self.finish(h, residual)
+
+    def norm_in(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self.input_layernorm(x), x
+        return self.input_layernorm(x, residual)
+
+    def finish(self, h: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the attention block's output to the layer's (MLP output, residual)."""
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    # The layer in two halves around the attention, for a caller that attends elsewhere
+    # and in between runs other work (runtime/micro_batches.py): the same ops, same order.
+    def attention_inputs(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v, residual) of this layer."""
+        h, residual = self.norm_in(x, residual)
+        return *self.self_attn.project(h, positions, rotary), residual
+
+    def attention_outputs(
+        self, out: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (MLP output, residual) from the attention's output."""
+        return self.finish(self.self_attn.output(out), residual)
 
 
 class LlamaForCausalLM(nn.Module):

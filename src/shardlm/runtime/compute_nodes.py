@@ -16,7 +16,8 @@ Two transports, as for attention nodes:
   sampled hidden states to rank r of compute node 0 (point-to-point on the exchange group);
 * in-process (a test aid) — the α compute nodes share the t tensor-parallel processes and
   the weights, each a thread taking turns with the others (runtime/lockstep.py), around
-  in-process attention nodes shared by all of them (attention/sharded.py SharedNode).
+  in-process attention nodes shared by all of them (attention/sharded.py SharedNode): a
+  thread that needs an answer the others have not posted for yet passes the turn.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from shardlm.attention.node import AttentionNode
 from shardlm.attention.sharded import AttentionTraffic, GroupLink, ShardedAttention, SharedNode
 from shardlm.cache.rshard import RShard
 from shardlm.runtime.lockstep import Lockstep
+from shardlm.runtime.micro_batches import forward_micro_batches
 from shardlm.step_inputs import StepInputs
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ COMPUTE_FIELDS = (
     "bytes_to_attention_nodes",
     "bytes_from_attention_nodes",
     "hidden_bytes_to_compute_node_0",
+    "wait_on_nodes_us_last_step",
+    "wait_on_nodes_us",
 )
 
 
@@ -92,6 +96,8 @@ class ComputeCounters:
             row[5] = traffic.last_step_bytes_from_nodes
             row[6] = traffic.bytes_to_nodes
             row[7] = traffic.bytes_from_nodes
+            row[9] = traffic.last_step_wait_us
+            row[10] = traffic.wait_us
 
     def sent_hidden(self, node: int, nbytes: int) -> None:
         self.rows[node][8] += nbytes
@@ -111,12 +117,12 @@ class ComputeNodes:
         cls, runner: ModelRunner, rshard: RShard, nodes: list[AttentionNode], num_nodes: int
     ) -> ComputeNodes:
         self = cls(runner)
-        self.shared = [SharedNode(node) for node in nodes]
         self.lockstep = Lockstep(runner.device)
+        self.shared = [SharedNode(node, self.lockstep.pass_turn) for node in nodes]
         for a in range(num_nodes):
             links = [GroupLink(shared, a, runner.device) for shared in self.shared]
             self.attention[a] = ShardedAttention(
-                rshard, links, runner.device, group=a, after_post=self.lockstep.pass_turn
+                rshard, links, runner.device, group=a, micro_batches=runner.micro_batches
             )
         return self
 
@@ -132,8 +138,9 @@ class ComputeNodes:
         host = inputs.on_host
         active = [a for a in host.active_groups() if a in self.attention]
         if self.lockstep is not None:
+            micro = host.micro_batches(self.runner.micro_batches)
             for shared in self.shared:
-                shared.begin_step(host)
+                shared.begin_step(host, micro)
             work = {a: (lambda a=a: self._forward(inputs, a)) for a in active}
             hidden = self.lockstep.run(work)
         else:
@@ -154,8 +161,8 @@ class ComputeNodes:
         attention = self.attention[node]
         attention.begin_step(inputs)
         rows_dev = rows.to(self.runner.device)
-        hidden = self.runner.model(
-            inputs.input_ids[rows_dev], inputs.positions[rows_dev], attention
+        hidden = forward_micro_batches(
+            self.runner.model, inputs.input_ids[rows_dev], inputs.positions[rows_dev], attention
         )
         self.runner.counters.add(node, rows.numel(), attention.traffic)
         local = torch.searchsorted(rows, logit_rows(host, node))

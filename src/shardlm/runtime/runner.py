@@ -33,6 +33,7 @@ from shardlm.models.registry import model_class
 from shardlm.models.transforms import apply_weight_transforms
 from shardlm.runtime.compute_nodes import ComputeCounters, ComputeNodes
 from shardlm.runtime.cuda_graphs import DecodeGraphs
+from shardlm.runtime.micro_batches import forward_micro_batches
 from shardlm.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class ModelRunner:
         self.kv_cache: PagedKVCache | None = None
         self.attention: AttentionBackend | None = None
         self.num_compute_nodes = engine.parallel.compute_nodes
+        self.micro_batches = engine.parallel.node_microbatches
+        self.uses_attention_nodes = False  # the forward then runs in micro-batches
+        self.link_on_device = engine.attention_link_backend == "nccl"
         self.compute_nodes: ComputeNodes | None = None  # α > 1 (runtime/compute_nodes.py)
         path = Path(engine.model.model)
         start = time.perf_counter()
@@ -213,6 +217,7 @@ class ModelRunner:
         here as objects on ``node_device`` (in-process), or reached at ``node_ranks``. With
         α > 1 compute nodes, this process runs all of them in-process, or its own one."""
         alpha = self.num_compute_nodes
+        self.uses_attention_nodes = True
         if node_ranks is None:
             nodes = [
                 self.make_attention_node(s, rshard, num_blocks, block_size, node_device)
@@ -223,19 +228,22 @@ class ModelRunner:
                 self.attention = self.compute_nodes.attention[0]
                 return
             links: list[NodeLink] = [LocalLink(node, self.device) for node in nodes]
-            self.attention = ShardedAttention(rshard, links, self.device)
+            self.attention = ShardedAttention(rshard, links, self.device, 0, self.micro_batches)
             return
         links = [
             RemoteLink(
                 rank,
                 f"{node_name(self.tp.rank, s)} (rank {rank})",
-                self.tp.node_group,
+                self.tp.link_group,
                 self.tp.timeout,
                 self.device,
+                on_device=self.link_on_device,
             )
             for s, rank in enumerate(node_ranks)
         ]
-        self.attention = ShardedAttention(rshard, links, self.device, group=self.tp.compute_node)
+        self.attention = ShardedAttention(
+            rshard, links, self.device, self.tp.compute_node, self.micro_batches
+        )
         if alpha > 1:
             self.compute_nodes = ComputeNodes.distributed(self, self.attention)
 
@@ -280,7 +288,12 @@ class ModelRunner:
         if self.compute_nodes is not None:
             return self.compute_nodes.run(inputs)
         self.attention.begin_step(inputs)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
+        if self.uses_attention_nodes:
+            hidden = forward_micro_batches(
+                self.model, inputs.input_ids, inputs.positions, self.attention
+            )
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
         self.counters.add(0, host_inputs.num_tokens, self.attention.traffic)
         return self.model.compute_logits(hidden[inputs.logit_rows])
 
