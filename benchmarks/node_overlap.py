@@ -21,22 +21,7 @@ import time
 
 import torch
 
-
-def make_checkpoint(path: str, args: argparse.Namespace) -> None:
-    """A small Llama: at long contexts its decode time is mostly attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=4096,
-        max_position_embeddings=max(args.contexts) + args.decode_steps + 8,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+from attention_nodes import make_checkpoint
 
 
 def configs(args: argparse.Namespace) -> dict[str, dict]:

@@ -382,3 +382,6 @@ def test_node_reports_reach_the_metrics(ckpt, monkeypatch):
     assert set(tokens) == {"0", "1"} and all(v > 0 for v in tokens.values())
     assert sum(tokens.values()) == 38 + 7  # the prompt, then 7 decodes (8th token sampled)
     assert 'shardlm_attention_node_kv_tokens{head_group="0",shard="1"}' in text
+    # The wait counters are there too (in-process nodes answer at once: a wait of ~0 s).
+    assert 'shardlm_compute_node_wait_on_attention_seconds{compute_node="1"}' in text
+    assert 'shardlm_attention_node_wait_on_compute_seconds{head_group="0",shard="0"}' in text

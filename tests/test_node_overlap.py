@@ -13,13 +13,15 @@ import torch
 
 from shardlm import LLM, SamplingParams
 from shardlm.attention.node import AttentionNode, AttentionNodeError
+from shardlm.attention.sharded import SharedNode
 from shardlm.cache.node_budget import NodeBlockBudget
 from shardlm.cache.rshard import RShard
 from shardlm.engine_config import link_backend
 from shardlm.errors import ParamError
+from shardlm.runtime.lockstep import Lockstep
 from shardlm.step_inputs import StepInputs
 from tests.conftest import make_checkpoint
-from tests.test_attention_nodes import prefill_step
+from tests.test_attention_nodes import IN_PROCESS, prefill_step
 from tests.test_tensor_parallel import child_pids
 
 NEW_TOKENS = 12
@@ -207,6 +209,15 @@ def test_node_block_spans_and_prefix_units():
     assert ends[2] == UNIT and ends[5] == 2 * UNIT
     assert [budget.block_span(j)[0] for j in range(1, 6)] == ends[:-1]
     assert budget.cacheable_tokens(71) == 48
+    # One node: any whole block is a unit, and spans are the plain blocks.
+    single = NodeBlockBudget(64, 4, RShard(1, 3), enable_prefix_caching=True)
+    assert single.prefix_unit == 4 and single.hit_unit_blocks == 1
+    assert [single.block_span(j) for j in range(3)] == [(0, 4), (4, 8), (8, 12)]
+    for beta, chunk, bs in [(2, 3, 4), (3, 5, 2), (4, 1, 16), (3, 16, 16)]:
+        rs = RShard(beta, chunk)
+        for j in range(20):  # the integer formula is the last shard's position + 1
+            last = torch.tensor((j + 1) * bs - 1)
+            assert rs.block_end(j, bs) == int(rs.global_position(last, beta - 1)) + 1
 
 
 def test_a_node_refuses_a_new_sequence_that_starts_inside_a_prefix_unit():
@@ -252,12 +263,11 @@ def test_preemption_and_abort_release_node_blocks_with_caching_and_micro_batches
 
 
 # -- the transport by device --
-def test_the_link_backend_follows_the_devices():
+def test_the_nccl_link_needs_both_sides_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert link_backend("auto", cpu, None) == "gloo"
-    assert link_backend("auto", cuda, "cpu") == "gloo"  # pinned host buffers
-    assert link_backend("auto", cuda, None) == "nccl"
-    assert link_backend("gloo", cuda, None) == "gloo"
+    assert link_backend("gloo", cpu, None) == "gloo"
+    assert link_backend("gloo", cuda, "cpu") == "gloo"  # pinned host buffers
+    assert link_backend("nccl", cuda, None) == "nccl"
     with pytest.raises(ParamError, match=r"attention_link='nccl'.*compute on cpu"):
         link_backend("nccl", cpu, None)
     with pytest.raises(ParamError, match="attention nodes on cpu"):
@@ -268,6 +278,8 @@ def test_nccl_link_is_refused_before_anything_starts_on_cpu(ckpt):
     path, _ = ckpt
     with pytest.raises(ParamError, match="attention_link"):
         LLM(path, device="cpu", attention_nodes=1, attention_link="nccl")
+    with pytest.raises(ParamError, match="needs attention_nodes ≥ 1 with attention_transport"):
+        LLM(path, device="cpu", attention_nodes=1, attention_link="nccl", **IN_PROCESS)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -307,7 +319,28 @@ def test_cuda_attention_node_over_nccl(ckpt):
     batch = [first, *later]
     with LLM(path, device="cuda", dtype="float32", enforce_eager=True) as llm:
         want = [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)]
-    with LLM(path, device="cuda", dtype="float32", **{**NODES, "attention_nodes": 1}) as llm:
+    one_node = {**NODES, "attention_nodes": 1, "attention_link": "nccl"}
+    with LLM(path, device="cuda", dtype="float32", **one_node) as llm:
         assert all(link.on_device for link in llm.engine.runner.attention.links)
         got = [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)]
     assert got == want
+
+
+def test_a_compute_node_waiting_for_a_post_nobody_will_make_fails_loudly():
+    """In-process: compute node 0 collects an answer that needs compute node 1's post, and
+    compute node 1 is not running: a full round of turns passes with nothing posted."""
+    rs = RShard(1, 4)
+    node = AttentionNode(0, rs, 1, 8, 4, 1, 8, torch.float32, torch.device("cpu"), 0.5, (None,))
+    lock = Lockstep()
+    shared = SharedNode(node, lock.pass_turn)
+    step = prefill_step(seq_id=1, length=4, table=[0])
+    step.row_groups = torch.tensor([0, 0, 1, 1])  # rows on compute nodes 0 and 1
+    shared.begin_step(step, step.micro_batches(1))
+
+    def compute_node_0():
+        q, kv = torch.randn(2, 2, 8), torch.randn(2, 1, 8)
+        shared.post(0, 0, 0, q, kv, kv)
+        return shared.collect(0, 0)
+
+    with pytest.raises(RuntimeError, match="which no other compute node will post"):
+        lock.run({0: compute_node_0})

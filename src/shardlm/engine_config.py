@@ -50,7 +50,7 @@ from shardlm.options import (
 )
 
 ATTENTION_TRANSPORTS = ("distributed", "in-process")
-ATTENTION_LINKS = ("auto", "gloo", "nccl")
+ATTENTION_LINKS = ("gloo", "nccl")
 # memory_utilization when not given, by device type (runtime/kv_sizing.py applies it).
 DEFAULT_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.3}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -225,10 +225,10 @@ class ParallelOptions:
         check=int_in(1, 2**20),
     )
     attention_link: str = option(
-        "auto",
-        "how compute and attention-node ranks exchange tensors: nccl (device to device; "
-        "every rank on a GPU of its own), gloo (through host memory, pinned on a CUDA compute "
-        "side); auto: nccl when compute and attention nodes are both on CUDA, else gloo",
+        "gloo",
+        "how compute and attention-node ranks exchange tensors: gloo (through host memory, "
+        "pinned on a CUDA compute side) or nccl (GPU to GPU, both sides on CUDA, a GPU per "
+        "rank; not yet run on GPUs)",
         choices=ATTENTION_LINKS,
     )
     node_microbatches: int = option(
@@ -242,6 +242,12 @@ class ParallelOptions:
         check_fields(self)
         if self.attention_device is not None and not self.attention_nodes:
             raise ParamError("attention_device", "attention_device needs attention_nodes ≥ 1")
+        if self.attention_link == "nccl" and not self.remote_nodes:
+            raise ParamError(
+                "attention_link",
+                "attention_link='nccl' links attention-node ranks: it needs attention_nodes ≥ 1 "
+                "with attention_transport='distributed'",
+            )
         if self.compute_nodes > 1 and not self.attention_nodes:
             raise ParamError(
                 "compute_nodes",
@@ -549,17 +555,17 @@ def check_attention_device(
 
 
 def link_backend(link: str, compute_device: torch.device, attention_device: str | None) -> str:
-    """The torch.distributed backend that carries the compute ↔ attention-node tensors."""
+    """The torch.distributed backend that carries the compute ↔ attention-node tensors,
+    checked against where the two sides live."""
     node_device = torch.device(attention_device) if attention_device else compute_device
-    on_cuda = compute_device.type == "cuda" and node_device.type == "cuda"
-    if link == "nccl" and not on_cuda:
+    if link == "nccl" and not (compute_device.type == "cuda" and node_device.type == "cuda"):
         raise ParamError(
             "attention_link",
             f"attention_link='nccl' moves tensors GPU to GPU: it needs the compute side and the "
             f"attention nodes on CUDA (compute on {compute_device.type}, attention nodes on "
-            f"{node_device.type}); use 'gloo' or 'auto'",
+            f"{node_device.type}); use 'gloo'",
         )
-    return "nccl" if link == "nccl" or (link == "auto" and on_cuda) else "gloo"
+    return link
 
 
 # -- the command line --

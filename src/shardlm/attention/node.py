@@ -52,7 +52,7 @@ class NodeStats:
 
     head_group: int  # the tensor-parallel rank whose KV heads it holds
     shard: int  # its token shard: positions p with (p // kv_chunk_size) % β == shard
-    kv_tokens: int  # tokens of the running sequences it holds (a shared prefix once each)
+    kv_tokens: int  # tokens it holds, summed over sequences (a shared prefix once per sequence)
     blocks_in_use: int  # distinct blocks those tokens occupy
     num_blocks: int
     sequences: int
@@ -126,7 +126,8 @@ class AttentionNode:
         )
         # Decode batches pad sequences that hold no key here with slot 0; masked, but its V
         # still enters a 0-weighted sum, so it must never hold NaN from torch.empty. Block 0
-        # starts zeroed and otherwise only ever holds real values.
+        # starts zeroed and afterwards only ever holds real K/V (of whichever sequence the
+        # driver gives it to): finite, and weighted 0.
         self.cache.k[:, :block_size].zero_()
         self.cache.v[:, :block_size].zero_()
         self.held: dict[int, _Held] = {}
@@ -195,13 +196,15 @@ class AttentionNode:
             held = self._held(seq_id, start)
             expected = rs.count(start, self.shard)
             new_length = rs.count(start + n, self.shard)
-            table = tables[i]
-            if len(table) * bs < new_length:
+            # The driver's table holds node 0's share (the largest); decode tables arrive
+            # padded with their first block, so only that many entries are the table.
+            need = -(-rs.count(start + n, 0) // bs)
+            if len(tables[i]) < need:
                 raise AttentionNodeError(
-                    f"{self.name}: sequence {seq_id} needs {new_length} slots here, its block "
-                    f"table has {len(table)} blocks of {bs}"
+                    f"{self.name}: sequence {seq_id} at length {start + n} needs {need} "
+                    f"blocks, its block table has {len(tables[i])}"
                 )
-            held.block_table = table
+            held.block_table = tables[i][:need]
             held.length = new_length
             slots = self._slots(held)
             # The node's tokens are dense in arrival order: the step's owned tokens are the
@@ -226,7 +229,7 @@ class AttentionNode:
             valid = j[None, :] < lens[:, None]
             # Padding (masked) repeats the sequence's own first slot, so a bad value in one
             # sequence's KV cannot reach another's 0-weighted sum; a sequence holding nothing
-            # here points at slot 0, which starts zeroed.
+            # here points at slot 0 (zeroed at start, real K/V after: finite either way).
             padded = torch.zeros(num_decodes, width, dtype=torch.long)
             for b, slots in enumerate(key_slots):
                 if slots.numel():

@@ -17,8 +17,9 @@ answers it for those rows once every compute node has posted the layer
 
 With m micro-batches (StepInputs.micro_batches) the exchange is per (layer, micro-batch):
 ``post`` sends and returns at once, ``collect`` waits for the answer, so the compute side
-can run another micro-batch's dense work in between (runtime/micro_batches.py). Nodes
-answer in (layer, micro-batch) order, the order the compute side posts in.
+can run another micro-batch's dense work in between (runtime/micro_batches.py). Node ranks
+answer in (layer, micro-batch) order, the order every compute node posts in; an in-process
+shared node answers a (layer, micro-batch) as soon as its last compute node has posted.
 
 Three transports behind one ``NodeLink`` interface: ``LocalLink`` calls an AttentionNode
 object in this process (possibly on another device), ``RemoteLink`` exchanges the same
@@ -170,14 +171,14 @@ class RemoteLink:
         self,
         rank: int,
         name: str,
-        group: dist.ProcessGroup,
+        groups: tuple[dist.ProcessGroup, dist.ProcessGroup],
         timeout: datetime.timedelta,
         compute_device: torch.device,
         on_device: bool = False,
     ) -> None:
         self.rank = rank
         self.name = name
-        self.group = group
+        self.out_group, self.back_group = groups
         self.timeout = timeout
         self.compute_device = compute_device
         self.on_device = on_device
@@ -189,8 +190,8 @@ class RemoteLink:
     def begin_step(self, host: StepInputs, micro_batches: list[MicroBatch]) -> None:
         pass
 
-    def _host(self, shape, dtype) -> torch.Tensor:
-        """A receive buffer: on the device for NCCL, else in (pinned) host memory."""
+    def _buffer(self, shape, dtype) -> torch.Tensor:
+        """A message buffer: on the device for NCCL, else in (pinned) host memory."""
         if self.on_device:
             return torch.empty(shape, dtype=dtype, device=self.compute_device)
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
@@ -200,14 +201,14 @@ class RemoteLink:
         if self.on_device or flat.device.type == "cpu":
             message = flat
         else:
-            message = self._host(flat.shape, flat.dtype)
+            message = self._buffer(flat.shape, flat.dtype)
             message.copy_(flat)  # synchronous: gloo reads the host buffer right away
-        out = self._host(q.shape, q.dtype)
-        lse = self._host(q.shape[:2], torch.float32)
+        out = self._buffer(q.shape, q.dtype)
+        lse = self._buffer(q.shape[:2], torch.float32)
         works = [
-            dist.isend(message, dst=self.rank, group=self.group),
-            dist.irecv(out, src=self.rank, group=self.group),
-            dist.irecv(lse, src=self.rank, group=self.group),
+            dist.isend(message, dst=self.rank, group=self.out_group),
+            dist.irecv(out, src=self.rank, group=self.back_group),
+            dist.irecv(lse, src=self.rank, group=self.back_group),
         ]
         self._pending[mb] = (works, (message, out, lse))
 
@@ -256,7 +257,8 @@ class _Part:
 
 class ShardedAttention(AttentionBackend):
     """AttentionBackend for a compute rank whose KV cache is on β attention nodes: compute
-    node ``group``'s rows of each step, in up to ``micro_batches`` micro-batches."""
+    node ``group``'s rows of each step, in up to ``micro_batches`` micro-batches. The model
+    runs through runtime/micro_batches.py (``post`` / ``collect`` per part), not ``attend``."""
 
     def __init__(
         self,
@@ -328,13 +330,6 @@ class ShardedAttention(AttentionBackend):
             return answers[0][0]
         out, _ = merge_partials([o for o, _ in answers], [lse for _, lse in answers])
         return out
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One layer of a step that is one micro-batch (the model's plain forward)."""
-        if len(self.parts) != 1:
-            raise RuntimeError("a step in micro-batches runs through runtime/micro_batches.py")
-        self.post(self.parts[0], layer, q, k, v)
-        return self.collect(self.parts[0])
 
     def release(self, seq_ids: list[int]) -> None:
         for link in self.links:

@@ -46,21 +46,25 @@ class RShard:
         """The granularity of a cached prefix shared across nodes: the shortest P > 0 at
         which every node holds the same number of tokens and that number fills whole blocks.
 
-        Every period gives each node ``chunk`` tokens, so at P = n · period each node holds
-        n · chunk; that fills whole blocks when block_size divides n · chunk. The smallest
-        such P is period · lcm(chunk, block_size) / chunk = num_shards · lcm(chunk,
-        block_size). A prefix of any other length would leave some node with a partly
-        filled block (which the next token would write into, shared or not) or with tokens
-        past the prefix."""
+        With one shard that is any multiple of the block. With β > 1 the shards hold equal
+        counts only at whole periods: at P = n · period each holds n · chunk, which fills
+        whole blocks when block_size divides n · chunk; the smallest such P is period ·
+        lcm(chunk, block_size) / chunk = num_shards · lcm(chunk, block_size). A prefix of
+        any other length would leave some node with a partly filled block (which the next
+        token would write into, shared or not) or with tokens past the prefix."""
+        if self.num_shards == 1:
+            return block_size
         return self.num_shards * math.lcm(self.chunk, block_size)
 
     def block_end(self, block: int, block_size: int) -> int:
         """The shortest sequence length at which every node has filled its local block
         ``block``: the last shard (it gets each period's last chunk) fills its block last.
         A node's block holds keys of positions below this only, so its content depends on
-        the tokens before it alone — the span a prefix-cache hash of the block covers."""
-        last_local = (block + 1) * block_size - 1
-        return int(self.global_position(torch.tensor(last_local), self.num_shards - 1)) + 1
+        the tokens before it alone — the span a prefix-cache hash of the block covers.
+        (global_position of the last shard's last local index in the block, plus one, in
+        integers: this runs per sequence per step.)"""
+        full, rest = divmod((block + 1) * block_size - 1, self.chunk)
+        return full * self.period + (self.num_shards - 1) * self.chunk + rest + 1
 
     def max_length(self, capacity: int) -> int:
         """The longest sequence whose busiest shard (shard 0: it gets each period's first

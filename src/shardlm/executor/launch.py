@@ -61,7 +61,7 @@ def device_for_rank(device: str) -> torch.device:
 def init_groups(rank: int, config: EngineConfig, store: dist.Store | None) -> TPContext:
     """Join the job: a group for each compute node's collectives (its t ranks), a gloo
     control group (every rank), and with attention-node ranks a gloo group for the
-    exchange messages (and an NCCL one for the attention tensors, when they go GPU to GPU).
+    exchange messages (and two NCCL ones for the attention tensors, when they go GPU to GPU).
     Every rank creates the groups in the same order, as torch.distributed requires."""
     p = config.parallel
     backend = "nccl" if torch.device(config.model.device).type == "cuda" else "gloo"
@@ -74,16 +74,17 @@ def init_groups(rank: int, config: EngineConfig, store: dist.Store | None) -> TP
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     compute = rank < p.compute_ranks
     node_index, tp_rank = divmod(rank, t) if compute else (0, rank)
-    group, node_group, link_group = dist.group.WORLD, None, None
+    group, node_group, links = dist.group.WORLD, None, (None, None)
     if world > t:
         groups = [
             dist.new_group(list(range(a * t, (a + 1) * t)), backend=backend, timeout=timeout)
             for a in range(p.compute_ranks // t)
         ]
-        node_group = link_group = dist.new_group(backend="gloo", timeout=timeout)
+        node_group = dist.new_group(backend="gloo", timeout=timeout)
+        links = (node_group, node_group)
         if p.remote_nodes and config.attention_link_backend == "nccl":
-            # Compute ↔ attention-node tensors GPU to GPU, on a group of their own.
-            link_group = dist.new_group(backend="nccl", timeout=timeout)
+            # Compute ↔ attention-node tensors GPU to GPU: a group per direction.
+            links = tuple(dist.new_group(backend="nccl", timeout=timeout) for _ in range(2))
         group = groups[node_index] if compute else None
     return TPContext(
         tp_rank,
@@ -93,7 +94,8 @@ def init_groups(rank: int, config: EngineConfig, store: dist.Store | None) -> TP
         timeout=timeout,
         job_size=world,
         node_group=node_group,
-        link_group=link_group,
+        link_out=links[0],
+        link_back=links[1],
         job_rank=rank,
         compute_node=node_index,
     )

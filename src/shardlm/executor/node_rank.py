@@ -98,7 +98,7 @@ def run_layers(
 ) -> None:
     """One step's layers, each in the node's micro-batches: from each compute node a with
     rows in the micro-batch its q | k | v, then back to it its (out, lse). Messages are
-    received into and sent from ``link_device`` tensors (tp.link_group's side)."""
+    received (tp.link_out) into and sent (tp.link_back) from ``link_device`` tensors."""
     heads, kv_heads, head_dim = shapes
     sizes = [node.group_sizes(mb) for mb in range(node.num_micro_batches)]
     splits = [
@@ -106,8 +106,10 @@ def run_layers(
         for s in sizes
     ]
     order = [(layer, mb) for layer in range(num_layers) for mb in range(len(sizes))]
-    # Two sets of receive buffers, alternating: the next item's messages land in one while
-    # the node attends from views of the other.
+    # Receive buffers per micro-batch: the next item's messages land in one while the node
+    # attends from views of another. With one micro-batch consecutive items share it, so
+    # that case gets two sets, alternating.
+    sets = 2 if len(sizes) == 1 else 1
     buffers = [
         [
             {
@@ -116,14 +118,13 @@ def run_layers(
             }
             for split in splits
         ]
-        for _ in range(2)
+        for _ in range(sets)
     ]
 
     def receive(item: int) -> list[dist.Work]:
-        mb = order[item][1]
-        messages = buffers[item % 2][mb]
+        messages = buffers[item % sets][order[item][1]]
         return [
-            dist.irecv(messages[a], src=compute_rank(a, node.head_group), group=tp.link_group)
+            dist.irecv(messages[a], src=compute_rank(a, node.head_group), group=tp.link_out)
             for a in messages
         ]
 
@@ -139,7 +140,7 @@ def run_layers(
             incoming = receive(item + 1)
         parts = {}
         for a, (n, own) in sizes[mb].items():
-            q, k, v = buffers[item % 2][mb][a].split(splits[mb][a])
+            q, k, v = buffers[item % sets][mb][a].split(splits[mb][a])
             parts[a] = (
                 q.view(n, heads, head_dim).to(node.device),
                 k.view(own, kv_heads, head_dim).to(node.device),
@@ -149,7 +150,7 @@ def run_layers(
             for t in pair:
                 t = t.to(link_device)  # kept alive in ``sends`` until sent
                 dst = compute_rank(a, node.head_group)
-                sends.append((dist.isend(t, dst=dst, group=tp.link_group), t))
+                sends.append((dist.isend(t, dst=dst, group=tp.link_back), t))
     for work, _ in sends:
         work.wait(tp.timeout)
     node.wait_us_last_step = int(waited * 1e6)

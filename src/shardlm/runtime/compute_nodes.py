@@ -80,8 +80,9 @@ class ComputeCounters:
         return torch.tensor(self.rows, dtype=torch.long)
 
     def begin_step(self) -> None:
+        """Zero the last-step columns (a compute node without rows this step adds nothing)."""
         for row in self.rows:
-            row[0] = row[1] = 0
+            row[0] = row[1] = row[4] = row[5] = row[9] = 0
 
     def add(self, node: int, tokens: int, traffic: AttentionTraffic | None) -> None:
         row = self.rows[node]

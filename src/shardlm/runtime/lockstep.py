@@ -4,10 +4,12 @@ In-process, the α compute nodes of figure 2 share one process and one copy of t
 and each must post a layer's queries and K/V to the attention nodes before any node may
 answer (a query sees the keys the other compute nodes produced in the same layer). Each
 compute node's forward therefore runs in its own thread, and the threads take turns: one
-runs until it has posted a layer (``pass_turn``), then the next, and so on around the ring;
-when the last one has posted, the nodes answer, and the first resumes with its answer. One
-thread runs at a time, always in the same order, so under tensor parallelism every rank
-makes its collectives in the same order.
+runs until it needs an answer that is not ready (``pass_turn``, from SharedNode.collect),
+then the next, and so on around the ring; when the last compute node with rows in a
+(layer, micro-batch) has posted, the nodes answer, and a waiting thread resumes with its
+answer on its next turn. One thread runs at a time, and turns follow the step's data, the
+same in every process, so under tensor parallelism every rank makes its collectives in the
+same order.
 
 The distributed transport needs none of this: each compute node is its own process, and
 the attention-node ranks wait for every compute node's message.
@@ -79,8 +81,8 @@ class Lockstep:
         return results
 
     def pass_turn(self) -> None:
-        """Called by a compute node's thread after it posted a layer: let the next one run,
-        and wait for this one's turn to come round again."""
+        """Called by a compute node's thread that waits for the others: let the next one
+        run, and wait for this one's turn to come round again."""
         group = self._local.group
         with self._cond:
             self._advance()

@@ -234,7 +234,7 @@ class ModelRunner:
             RemoteLink(
                 rank,
                 f"{node_name(self.tp.rank, s)} (rank {rank})",
-                self.tp.link_group,
+                (self.tp.link_out, self.tp.link_back),
                 self.tp.timeout,
                 self.device,
                 on_device=self.link_on_device,

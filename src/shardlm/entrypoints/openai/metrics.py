@@ -99,7 +99,19 @@ class ServerMetrics:
             [*node, "direction"],
             registry=r,
         )
+        self.compute_wait = Gauge(
+            "shardlm_compute_node_wait_on_attention_seconds",
+            "Time a compute node has been blocked waiting for the attention nodes' answers",
+            node,
+            registry=r,
+        )
         where = ["head_group", "shard"]
+        self.node_wait = Gauge(
+            "shardlm_attention_node_wait_on_compute_seconds",
+            "Time an attention node has been blocked waiting for the compute side's messages",
+            where,
+            registry=r,
+        )
         self.node_kv_tokens = Gauge(
             "shardlm_attention_node_kv_tokens",
             "Tokens of KV an attention node holds",
@@ -135,7 +147,9 @@ class ServerMetrics:
             self.compute_flops.labels(a).set(c.dense_flops)
             self.compute_bytes.labels(a, "to").set(c.bytes_to_attention_nodes)
             self.compute_bytes.labels(a, "from").set(c.bytes_from_attention_nodes)
+            self.compute_wait.labels(a).set(c.wait_on_nodes_us / 1e6)
         for n in nodes.attention:
             where = (str(n.head_group), str(n.shard))
             self.node_kv_tokens.labels(*where).set(n.kv_tokens)
             self.node_blocks.labels(*where).set(n.blocks_in_use)
+            self.node_wait.labels(*where).set(n.wait_on_compute_us / 1e6)
