@@ -434,14 +434,7 @@ class EngineConfig:
         attention_device = None
         if p.attention_device is not None:
             attention_device = str(resolve_device(p.attention_device))
-        check_attention_device(
-            attention_device,
-            p.attention_transport,
-            tp,
-            p.compute_nodes,
-            p.attention_nodes,
-            device,
-        )
+        check_attention_device(p, attention_device, device)
         link_backend(p.attention_link, device, attention_device)  # refuses nccl off CUDA
         q = self.quantization
         transforms = WeightTransforms.resolve(
@@ -528,27 +521,23 @@ def tensor_parallel_size(
 
 
 def check_attention_device(
-    attention_device: str | None,
-    transport: str,
-    tensor_parallel_size: int,
-    compute_nodes: int,
-    attention_nodes: int,
-    compute_device: torch.device,
+    p: ParallelOptions, attention_device: str | None, compute_device: torch.device
 ) -> None:
-    """Refuse, before anything starts, an attention device that cannot work."""
+    """Refuse, before anything starts, an attention device that cannot work
+    (``attention_device``: the resolved one)."""
     dev = torch.device(attention_device) if attention_device is not None else compute_device
-    if attention_nodes and transport == "distributed" and dev.type == "cuda":
+    if p.remote_nodes and dev.type == "cuda":
         if attention_device is not None and dev.index is not None:
             raise ParamError(
                 "attention_device",
                 f"attention_device={attention_device!r}: distributed attention nodes each take "
                 "the GPU of their local rank; give 'cuda' without an index",
             )
-        ranks = tensor_parallel_size * (compute_nodes + attention_nodes)
+        ranks = p.world_size
         if not under_torchrun() and torch.cuda.device_count() < ranks:
             raise ParamError(
                 "attention_nodes",
-                f"attention_nodes={attention_nodes} on CUDA with the distributed transport needs "
+                f"attention_nodes={p.attention_nodes} on CUDA with the distributed transport needs "
                 f"one GPU per rank ({ranks}), this machine has {torch.cuda.device_count()}; "
                 "use attention_device='cpu' or attention_transport='in-process'",
             )

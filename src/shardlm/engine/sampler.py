@@ -30,6 +30,7 @@ __all__ = [
     "apply_penalties",
     "logprob_entries",
     "sample",
+    "sampling_probs",
 ]
 
 
@@ -152,7 +153,20 @@ def _flat_indices(seqs: Sequence[Sequence[int]], vocab: int, device: torch.devic
 
 def _sample_random(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Draw one token per row of the (penalised) logits [M, V] of non-greedy rows → [M] int64."""
+    probs = sampling_probs(logits, rows)
     m, vocab = logits.shape
+    # Exponential race: with q_i ~ Exp(1) independent, argmax_i p_i / q_i is distributed as p
+    # (P(p_i / q_i is largest) = p_i / Σp), so unnormalised probs are fine. q is clamped away
+    # from 0 so a removed token (p = 0) can never become 0/0 = NaN, which argmax would pick.
+    q = _exponentials(rows, m, vocab, logits.device)
+    return probs.div_(q.clamp_(min=torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+
+
+def sampling_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The distribution each non-greedy row draws from, [M, V] (rows sum to 1 unless min_p
+    removed mass): the (penalised) logits through temperature, top-k, top-p and min-p. What
+    speculative decoding verifies drafts against (engine/speculative.py)."""
+    vocab = logits.shape[1]
     params = [row.params for row in rows]
     # All per-row settings in one host→device copy. top_k 0 (off) becomes V; float32 holds any
     # realistic vocabulary size exactly.
@@ -176,12 +190,7 @@ def _sample_random(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
         # min_p 0 gives threshold 0, which no probability is below: those rows are untouched.
         threshold = min_p * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
-
-    # Exponential race: with q_i ~ Exp(1) independent, argmax_i p_i / q_i is distributed as p
-    # (P(p_i / q_i is largest) = p_i / Σp), so unnormalised probs are fine. q is clamped away
-    # from 0 so a removed token (p = 0) can never become 0/0 = NaN, which argmax would pick.
-    q = _exponentials(rows, m, vocab, logits.device)
-    return probs.div_(q.clamp_(min=torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+    return probs
 
 
 def _top_k_top_p(
