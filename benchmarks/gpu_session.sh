@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh 1b              # the 1B table, transformers eager + static
 #   bash benchmarks/gpu_session.sh 8b              # the 8B table
 #   bash benchmarks/gpu_session.sh kernels ablation profile  # per kernel; graphs off; a step
+#   bash benchmarks/gpu_session.sh nodes           # CUDA compute + CPU attention nodes (~2 min)
 #
 # Each part's log (and the bench JSON) goes to $OUT. Uses the image's python3 with shardlm
 # from src/ (nothing to install; server extras are not needed).
@@ -43,6 +44,10 @@ for part in "$@"; do
         bench --shape llama-8b "${TABLE[@]}" --repeats 3 --compare-hf eager --hf-output-len 32 \
             --json "$OUT/bench_8b.json"
         ;;
+    nodes)  # CUDA compute rank, attention nodes on the CPU over pinned gloo, m = 1, 2, 3
+        $PY benchmarks/node_overlap.py --device cuda --attention-device cpu --beta 1 \
+            --hidden 1024 --contexts 1024 8192 --decode-steps 8
+        ;;
     1b)
         bench --shape llama-1b "${TABLE[@]}" --compare-hf eager,static --hf-output-len 64 \
             --json "$OUT/bench_1b.json"
@@ -68,7 +73,7 @@ for part in "$@"; do
         $PY benchmarks/host_overhead.py --shape llama-1b --dtype bfloat16
         ;;
     *)
-        echo "unknown part $part (session, env, tests, 1b, 8b, kernels, ablation, profile)"
+        echo "unknown part $part (session, env, tests, 1b, 8b, nodes, kernels, ablation, profile)"
         exit 2
         ;;
     esac 2>&1 | tee "$OUT/$part.log"

@@ -7,9 +7,11 @@ engine's own counters give how long the compute side was blocked waiting for the
 nodes' answers (ComputeNodeStats.wait_on_nodes_us_last_step, summed over compute ranks)
 and how long each attention node was blocked waiting for the compute side's messages
 (NodeStats.wait_on_compute_us_last_step, averaged over nodes). Attention nodes run as their
-own ranks (gloo on loopback). Usage:
+own ranks (gloo on loopback; from a CUDA compute rank through pinned host buffers).
+Usage:
 
     python benchmarks/node_overlap.py [--contexts 1024 4096 16384] [--batch 4] [--beta 2]
+    python benchmarks/node_overlap.py --device cuda --attention-device cpu   # one GPU
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from attention_nodes import make_checkpoint
 
 def configs(args: argparse.Namespace) -> dict[str, dict]:
     nodes = dict(attention_nodes=args.beta, compute_nodes=args.alpha)
+    if args.attention_device:
+        nodes["attention_device"] = args.attention_device
     out = {"local": {}}
     for m in args.microbatches:
         out[f"β={args.beta} m={m}"] = dict(nodes, node_microbatches=m)
@@ -39,7 +43,8 @@ def measure(path: str, engine_args: dict, args: argparse.Namespace) -> list[dict
     pool = args.batch * (max(args.contexts) + args.decode_steps + 16)
     with LLM(
         path,
-        device="cpu",
+        device=args.device,
+        dtype=args.dtype,
         skip_tokenizer_init=True,
         kv_cache_tokens=pool,
         max_num_seqs=args.batch,
@@ -92,6 +97,13 @@ def main() -> None:
     p.add_argument("--alpha", type=int, default=1)
     p.add_argument("--beta", type=int, default=2)
     p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--device", default="cpu", help="the compute side's device")
+    p.add_argument(
+        "--attention-device",
+        default=None,
+        help="the attention nodes' device (e.g. cpu beside a CUDA compute rank: pinned gloo)",
+    )
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-chunk-size", type=int, default=16)
     p.add_argument("--chunk", type=int, default=1024, help="prefill tokens per step")
     p.add_argument("--hidden", type=int, default=256)
@@ -110,7 +122,8 @@ def main() -> None:
 
     print(
         f"\nrandom Llama: hidden {args.hidden}, {args.layers} layers, {args.heads}q/"
-        f"{args.kv_heads}kv heads; float32, CPU ({torch.get_num_threads()} threads); "
+        f"{args.kv_heads}kv heads; {args.dtype}, compute on {args.device}, nodes on "
+        f"{args.attention_device or args.device} ({torch.get_num_threads()} threads); "
         f"α={args.alpha}, kv_chunk_size {args.kv_chunk_size}; batch {args.batch}; median of "
         f"{args.decode_steps} decode steps"
     )
