@@ -379,3 +379,25 @@ def test_both_unpackings_equal_xgrammars_kernel(vocab):
         unpack_words(bitmask, vocab),
     ):
         assert torch.equal(torch.where(allowed, logits, float("-inf")), expected)
+
+
+def test_a_grammar_that_fails_to_compile_ends_its_request_explicitly(llm, monkeypatch):
+    """add_request accepted the spec (it parsed) but the compile fails in the pool: the
+    request ends with finish_reason "abort" and the compiler's message, and the others run
+    on (it never reaches a batch, where the matcher would raise)."""
+    engine = llm.engine
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("the compiler ran out of patience"))
+    monkeypatch.setattr(engine.grammars, "submit", lambda spec: failed)
+    engine.add_request("g", PROMPT, SamplingParams(structured_outputs={"regex": "ab"}))
+    engine.add_request("free", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    g = outputs["g"][-1]
+    assert g.finished and g.outputs[0].finish_reason == "abort"
+    assert "failed to compile" in g.error and "out of patience" in g.error
+    assert g.outputs[0].token_ids == []
+    free = outputs["free"][-1]
+    assert free.finished and free.error is None and free.outputs[0].finish_reason == "length"

@@ -204,9 +204,10 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = request
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks. Its final output (finish_reason "abort")
-        comes from the next ``step``. False if no such unfinished request."""
+    def abort(self, request_id: str, error: str | None = None) -> bool:
+        """Stop a request now and free its blocks. Its final output (finish_reason "abort",
+        with ``error`` when the engine itself gives up on it) comes from the next ``step``.
+        False if no such unfinished request."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
@@ -214,7 +215,9 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 finish_sequence(seq, "abort")
-        self._aborted_outputs.append(self._output(request, request.seqs))
+        output = self._output(request, request.seqs)
+        output.error = error
+        self._aborted_outputs.append(output)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -227,6 +230,7 @@ class LLMEngine:
     # -- the step --
     def step(self) -> list[RequestOutput]:
         """Advance every scheduled sequence by one step; return what changed (as deltas)."""
+        self._fail_uncompiled_grammars()
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
         if not batch:  # nothing to run: perhaps only sequences whose grammar is compiling
@@ -264,6 +268,19 @@ class LLMEngine:
             if request.is_finished:
                 del self.requests[request_id]
         return outputs
+
+    def _fail_uncompiled_grammars(self) -> None:
+        """A structured-output spec parses in add_request but compiles in a pool: a waiting
+        request whose grammar failed to compile ends here, explicitly (finish_reason "abort"
+        and the compiler's message in ``error``), instead of failing the batch it would join.
+        (LLM.generate and the server compile before queueing and never get here.)"""
+        for seq in list(self.scheduler.waiting):
+            failure = seq.grammar.failure if seq.grammar is not None else None
+            if failure is not None:
+                self.abort(
+                    seq.request.request_id,
+                    error=f"structured_outputs: the grammar failed to compile: {failure}",
+                )
 
     def _release_finished(self) -> None:
         """Tell the attention nodes (every rank's, via the control broadcast) which sequences

@@ -37,3 +37,6 @@ class RequestOutput:
     # Logprob of the token and the top k. In the first output after the prefill (a delta
     # carries it once; LLM.generate keeps it).
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # Why the engine ended the request itself (finish_reason "abort"), e.g. a structured-output
+    # grammar that failed to compile after add_request had accepted its spec; None otherwise.
+    error: str | None = None

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from shardlm.structured.backend import xgrammar
+from shardlm.structured.backend import compiler_message, xgrammar
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,15 @@ class GrammarState:
     def ready(self) -> bool:
         """The grammar has compiled (or failed to: the first use then raises)."""
         return self.future.done()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the grammar failed to compile, once it has; None while compiling or after a
+        success."""
+        if not self.future.done() or self.future.cancelled():
+            return None
+        error = self.future.exception()
+        return None if error is None else compiler_message(error)
 
     @property
     def matcher(self) -> Any:
