@@ -129,7 +129,10 @@ def run_layers(
         ]
 
     waited = 0.0
-    sends: list[tuple[dist.Work, torch.Tensor]] = []
+    # The previous item's answers, kept alive until sent; waited for one item later (the
+    # compute side posted their receives before the node even got the message), so at
+    # most two items' answers are held, not a whole step's.
+    sending: list[tuple[dist.Work, torch.Tensor]] = []
     incoming = receive(0)
     for item, (layer, mb) in enumerate(order):
         start = time.perf_counter()
@@ -146,12 +149,16 @@ def run_layers(
                 k.view(own, kv_heads, head_dim).to(node.device),
                 v.view(own, kv_heads, head_dim).to(node.device),
             )
+        sent = []
         for a, pair in node.attend_groups(layer, parts, mb).items():
             for t in pair:
-                t = t.to(link_device)  # kept alive in ``sends`` until sent
+                t = t.to(link_device)
                 dst = compute_rank(a, node.head_group)
-                sends.append((dist.isend(t, dst=dst, group=tp.link_back), t))
-    for work, _ in sends:
+                sent.append((dist.isend(t, dst=dst, group=tp.link_back), t))
+        for work, _ in sending:
+            work.wait(tp.timeout)
+        sending = sent
+    for work, _ in sending:
         work.wait(tp.timeout)
     node.wait_us_last_step = int(waited * 1e6)
     node.wait_us += node.wait_us_last_step
