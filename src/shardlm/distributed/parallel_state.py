@@ -14,7 +14,8 @@ compute node's t ranks, the control group spans the whole job (``job_size`` rank
 follow the driver's steps too), and ``node_group`` (gloo, failure timeout, every rank)
 carries the compute ↔ attention-node messages and the sampled rows' hidden states that
 compute nodes send to compute node 0. ``link_out`` / ``link_back`` carry the attention
-tensors: the node group, or (attention_link='nccl') two NCCL groups, device to device.
+tensors, one direction each: two gloo groups, or (attention_link='nccl') two NCCL groups,
+device to device.
 
 A single-process run uses ``TPContext.single()``: every collective becomes a no-op.
 """
@@ -37,9 +38,9 @@ class TPContext:
     job_size: int = 1  # every rank of the job: compute ranks, then attention nodes
     node_group: dist.ProcessGroup | None = None
     # The compute ↔ attention-node tensors, one group per direction (queries and K/V out,
-    # answers back): node_group twice over gloo; with attention_link='nccl' two NCCL groups,
-    # because NCCL runs a group's sends and receives between two ranks in issue order on
-    # one stream, and a receive posted early would hold up an answer queued behind it.
+    # answers back), gloo or NCCL (attention_link). NCCL needs the split: it runs a group's
+    # sends and receives between two ranks in issue order on one stream, and a receive
+    # posted early would hold up an answer queued behind it.
     link_out: dist.ProcessGroup | None = None
     link_back: dist.ProcessGroup | None = None
     # The failure timeout: how long the driver waits on any rank before declaring it lost.

@@ -81,10 +81,12 @@ def init_groups(rank: int, config: EngineConfig, store: dist.Store | None) -> TP
             for a in range(p.compute_ranks // t)
         ]
         node_group = dist.new_group(backend="gloo", timeout=timeout)
-        links = (node_group, node_group)
-        if p.remote_nodes and config.attention_link_backend == "nccl":
-            # Compute ↔ attention-node tensors GPU to GPU: a group per direction.
-            links = tuple(dist.new_group(backend="nccl", timeout=timeout) for _ in range(2))
+        if p.remote_nodes:
+            # Compute ↔ attention-node tensors, a group per direction (NCCL needs it, see
+            # TPContext; over gloo the same layout lets the CPU tests check each side sends
+            # and receives on the right one).
+            link = config.attention_link_backend
+            links = tuple(dist.new_group(backend=link, timeout=timeout) for _ in range(2))
         group = groups[node_index] if compute else None
     return TPContext(
         tp_rank,
