@@ -45,6 +45,17 @@ def make_checkpoint(path: str, args: argparse.Namespace) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
+def add_node_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags ``make_checkpoint`` reads (with --contexts and --decode-steps), and the
+    node and prefill chunk sizes."""
+    p.add_argument("--kv-chunk-size", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=1024, help="prefill tokens per step")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=1)
+
+
 def measure(path: str, engine_args: dict, args: argparse.Namespace) -> list[dict]:
     from shardlm import LLM, SamplingParams
 
@@ -100,12 +111,7 @@ def main() -> None:
     )
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--kv-chunk-size", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=1024, help="prefill tokens per step")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=1)
+    add_node_model_args(p)
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as path:

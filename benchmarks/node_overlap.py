@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from attention_nodes import make_checkpoint
+from attention_nodes import add_node_model_args, make_checkpoint
 
 
 def configs(args: argparse.Namespace) -> dict[str, dict]:
@@ -104,12 +104,7 @@ def main() -> None:
         help="the attention nodes' device (e.g. cpu beside a CUDA compute rank: pinned gloo)",
     )
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--kv-chunk-size", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=1024, help="prefill tokens per step")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=1)
+    add_node_model_args(p)
     args = p.parse_args()
 
     results = {}

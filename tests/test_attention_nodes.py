@@ -189,6 +189,22 @@ def test_distributed_nodes_match_single_node(beta, chunk, tp, node_ckpt, referen
     assert not child_pids()
 
 
+def generate_under_preemption(path, batch, max_tokens, check=None, **node_args):
+    """Greedy tokens of ``batch`` from the plain engine, then from one with ``node_args``
+    (node pools too small for every sequence at once): both lists, after checking the node
+    run preempted, ran ``check(engine)`` if given, and left no KV on any node."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    with LLM(path, device="cpu", max_num_batched_tokens=24) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+    with LLM(path, device="cpu", max_num_batched_tokens=24, **node_args) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+        assert llm.engine.stats.preemptions > 0
+        if check is not None:
+            check(llm.engine)
+        assert all(n.kv_tokens == 0 for n in llm.engine.attention_node_stats())
+    return want, got
+
+
 @pytest.mark.parametrize("transport", ["in-process", "distributed"])
 def test_sliding_window_chunked_prefill_and_preemption(transport, checkpoints):
     """Mistral's sliding window seen through global positions on every node; prompts split
@@ -197,22 +213,16 @@ def test_sliding_window_chunked_prefill_and_preemption(transport, checkpoints):
     path, _ = checkpoints["mistral-sliding"]
     g = torch.Generator().manual_seed(9)
     batch = [torch.randint(2, 258, (n,), generator=g).tolist() for n in (50, 33, 20, 7)]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    with LLM(path, device="cpu", max_num_batched_tokens=24) as llm:
-        ref = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-    with LLM(
+    want, got = generate_under_preemption(
         path,
-        device="cpu",
+        batch,
+        40,
         attention_nodes=3,
         kv_chunk_size=5,
         kv_cache_tokens=64,  # each node; four sequences of ~80 tokens need ~110 per node
-        max_num_batched_tokens=24,
         attention_transport=transport,
-    ) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-        assert llm.engine.stats.preemptions > 0
-        assert all(n.kv_tokens == 0 for n in llm.engine.attention_node_stats())
-    assert got == ref
+    )
+    assert got == want
 
 
 @pytest.mark.parametrize("transport", ["in-process", "distributed"])

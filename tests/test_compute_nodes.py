@@ -21,6 +21,7 @@ from shardlm.errors import ParamError, WorkerFailure
 from shardlm.runtime.lockstep import Lockstep, LockstepAborted
 from shardlm.step_inputs import StepInputs
 from tests.conftest import make_checkpoint
+from tests.test_attention_nodes import generate_under_preemption
 from tests.test_tensor_parallel import SHARDLM, TORCHRUN, child_pids, cli_generate, finish
 
 NEW_TOKENS = 24
@@ -108,22 +109,16 @@ def test_preemption_with_compute_nodes(transport, ckpt):
     path, _ = ckpt
     g = torch.Generator().manual_seed(3)
     batch = [torch.randint(2, 258, (n,), generator=g).tolist() for n in (50, 33, 20, 7)]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    with LLM(path, device="cpu", max_num_batched_tokens=24) as llm:
-        want = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-    with LLM(
+    want, got = generate_under_preemption(
         path,
-        device="cpu",
+        batch,
+        40,
         compute_nodes=2,
         attention_nodes=2,
         kv_chunk_size=5,
         kv_cache_tokens=96,  # each node; four sequences of ~80 tokens need ~160 per node
-        max_num_batched_tokens=24,
         attention_transport=transport,
-    ) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-        assert llm.engine.stats.preemptions > 0
-        assert all(n.kv_tokens == 0 for n in llm.engine.attention_node_stats())
+    )
     assert got == want
 
 

@@ -16,12 +16,12 @@ from shardlm.attention.node import AttentionNode, AttentionNodeError
 from shardlm.attention.sharded import SharedNode
 from shardlm.cache.node_budget import NodeBlockBudget
 from shardlm.cache.rshard import RShard
-from shardlm.engine_config import link_backend
+from shardlm.engine_config import check_attention_link
 from shardlm.errors import ParamError
 from shardlm.runtime.lockstep import Lockstep
 from shardlm.step_inputs import StepInputs
 from tests.conftest import make_checkpoint
-from tests.test_attention_nodes import IN_PROCESS, prefill_step
+from tests.test_attention_nodes import IN_PROCESS, generate_under_preemption, prefill_step
 from tests.test_tensor_parallel import child_pids
 
 NEW_TOKENS = 12
@@ -236,22 +236,9 @@ def test_preemption_and_abort_release_node_blocks_with_caching_and_micro_batches
     and nothing is left in use on any node after an abort."""
     path, _ = ckpt
     first, later = prompts()
-    batch = [first, *later]
-    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    with LLM(path, device="cpu", max_num_batched_tokens=24) as llm:
-        want = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-    small = {**NODES, "kv_cache_tokens": 120}
-    with LLM(
-        path,
-        device="cpu",
-        max_num_batched_tokens=24,
-        attention_transport=transport,
-        node_microbatches=2,
-        **small,
-    ) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-        assert llm.engine.stats.preemptions > 0
-        engine = llm.engine
+
+    def abort_one(engine) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
         engine.add_request("gone", first, params)
         engine.step()
         engine.step()
@@ -259,19 +246,29 @@ def test_preemption_and_abort_release_node_blocks_with_caching_and_micro_batches
         engine.step()
         assert engine.stats.blocks_in_use == 0
         assert all(n.blocks_in_use == 0 for n in engine.attention_node_stats())
+
+    want, got = generate_under_preemption(
+        path,
+        [first, *later],
+        30,
+        check=abort_one,
+        attention_transport=transport,
+        node_microbatches=2,
+        **{**NODES, "kv_cache_tokens": 120},
+    )
     assert got == want
 
 
 # -- the transport by device --
 def test_the_nccl_link_needs_both_sides_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert link_backend("gloo", cpu, None) == "gloo"
-    assert link_backend("gloo", cuda, "cpu") == "gloo"  # pinned host buffers
-    assert link_backend("nccl", cuda, None) == "nccl"
+    check_attention_link("gloo", cpu, None)
+    check_attention_link("gloo", cuda, "cpu")  # pinned host buffers
+    check_attention_link("nccl", cuda, None)
     with pytest.raises(ParamError, match=r"attention_link='nccl'.*compute on cpu"):
-        link_backend("nccl", cpu, None)
+        check_attention_link("nccl", cpu, None)
     with pytest.raises(ParamError, match="attention nodes on cpu"):
-        link_backend("nccl", cuda, "cpu")
+        check_attention_link("nccl", cuda, "cpu")
 
 
 def test_nccl_link_is_refused_before_anything_starts_on_cpu(ckpt):

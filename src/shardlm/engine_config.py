@@ -435,7 +435,7 @@ class EngineConfig:
         if p.attention_device is not None:
             attention_device = str(resolve_device(p.attention_device))
         check_attention_device(p, attention_device, device)
-        link_backend(p.attention_link, device, attention_device)  # refuses nccl off CUDA
+        check_attention_link(p.attention_link, device, attention_device)
         q = self.quantization
         transforms = WeightTransforms.resolve(
             path, q.arm, q.arm_calibration, q.quantization, q.quantize_all_linears
@@ -465,12 +465,6 @@ class EngineConfig:
                 "attention_backend='triton' runs on CUDA devices; on CPU only in Triton's "
                 "interpreter (TRITON_INTERPRET=1, for tests)",
             )
-
-    @property
-    def attention_link_backend(self) -> str:
-        """gloo or nccl: the resolved ``attention_link`` (after ``resolve``)."""
-        p = self.parallel
-        return link_backend(p.attention_link, torch.device(self.model.device), p.attention_device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -543,9 +537,11 @@ def check_attention_device(
             )
 
 
-def link_backend(link: str, compute_device: torch.device, attention_device: str | None) -> str:
-    """The torch.distributed backend that carries the compute ↔ attention-node tensors,
-    checked against where the two sides live."""
+def check_attention_link(
+    link: str, compute_device: torch.device, attention_device: str | None
+) -> None:
+    """Refuse an ``attention_link`` (the torch.distributed backend of the compute ↔
+    attention-node tensors) that cannot work where the two sides live."""
     node_device = torch.device(attention_device) if attention_device else compute_device
     if link == "nccl" and not (compute_device.type == "cuda" and node_device.type == "cuda"):
         raise ParamError(
@@ -554,7 +550,6 @@ def link_backend(link: str, compute_device: torch.device, attention_device: str 
             f"attention nodes on CUDA (compute on {compute_device.type}, attention nodes on "
             f"{node_device.type}); use 'gloo'",
         )
-    return link
 
 
 # -- the command line --

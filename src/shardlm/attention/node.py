@@ -193,8 +193,8 @@ class AttentionNode:
             zip(step.seq_ids.tolist(), step.token_counts(), strict=True)
         ):
             start = int(positions[row])
-            held = self._held(seq_id, start)
             expected = rs.count(start, self.shard)
+            held = self._held(seq_id, start, expected)
             new_length = rs.count(start + n, self.shard)
             # The driver's table holds node 0's share (the largest); decode tables arrive
             # padded with their first block, so only that many entries are the table.
@@ -256,10 +256,9 @@ class AttentionNode:
             num_owned=num_owned,
         )
 
-    def _held(self, seq_id: int, start: int) -> _Held:
-        """The record of a sequence that continues at position ``start``, checked against
-        what the node holds of it."""
-        expected = self.rshard.count(start, self.shard)
+    def _held(self, seq_id: int, start: int, expected: int) -> _Held:
+        """The record of a sequence that continues at position ``start`` (``expected`` of
+        its tokens here before it), checked against what the node holds of it."""
         held = self.held.get(seq_id)
         if held is None:
             # New here: from position 0, or after a cached prefix whose blocks every node

@@ -85,7 +85,7 @@ def init_groups(rank: int, config: EngineConfig, store: dist.Store | None) -> TP
             # Compute ↔ attention-node tensors, a group per direction (NCCL needs it, see
             # TPContext; over gloo the same layout lets the CPU tests check each side sends
             # and receives on the right one).
-            link = config.attention_link_backend
+            link = p.attention_link
             links = tuple(dist.new_group(backend=link, timeout=timeout) for _ in range(2))
         group = groups[node_index] if compute else None
     return TPContext(

@@ -67,7 +67,7 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
     )
     shapes = (layout.heads, layout.kv_heads, model.head_dim)
     # Where the exchanged tensors live: the node's GPU over NCCL, else host memory (gloo).
-    link_device = device if config.attention_link_backend == "nccl" else torch.device("cpu")
+    link_device = device if p.attention_link == "nccl" else torch.device("cpu")
     while True:
         command, sizes, payload = protocol.receive(tp)
         if command is protocol.Command.SHUTDOWN:

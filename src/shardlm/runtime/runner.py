@@ -68,7 +68,7 @@ class ModelRunner:
         self.num_compute_nodes = engine.parallel.compute_nodes
         self.micro_batches = engine.parallel.node_microbatches
         self.uses_attention_nodes = False  # the forward then runs in micro-batches
-        self.link_on_device = engine.attention_link_backend == "nccl"
+        self.link_on_device = engine.parallel.attention_link == "nccl"
         self.compute_nodes: ComputeNodes | None = None  # α > 1 (runtime/compute_nodes.py)
         path = Path(engine.model.model)
         start = time.perf_counter()
