@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINE_OPTIONS = option_fields(EngineConfig)
 
 # A value other than the default for each option, as it is typed on a command line.
+SPEC_JSON = '{"method": "ngram", "num_speculative_tokens": 2}'
 FLAG_VALUES = {
     "model": ("/ckpt", "/ckpt"),
     "tokenizer": ("/tok", "/tok"),
@@ -49,6 +50,7 @@ FLAG_VALUES = {
     "quantization": ("int8", "int8"),
     "arm": ("hadamard", "hadamard"),
     "arm_calibration": ("/cal.safetensors", "/cal.safetensors"),
+    "speculative_config": (SPEC_JSON, SPEC_JSON),
 }
 
 

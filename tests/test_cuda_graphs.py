@@ -221,3 +221,33 @@ def test_gpu_graph_logits_match_eager_in_bfloat16(llama_ckpt):
     assert got.shape == want.shape
     scale = want.abs().max()
     assert (got - want).abs().max() <= 0.03 * scale
+
+
+def test_speculative_verify_rows_run_from_the_static_buffers(checkpoints, monkeypatch):
+    """A verify step (a sequence's token + its drafts as decode rows) is a decode-only step:
+    it runs through the Triton decode kernel from the graphs' buffers, padded to a bucket;
+    greedy tokens as plain PyTorch decoding without drafts."""
+    path, _ = checkpoints["llama-gqa"]
+    runs: list[int] = []
+    run = DecodeGraphs.run
+
+    def counting_run(self, inputs):
+        runs.append(inputs.num_decodes)
+        return run(self, inputs)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    real_init = LLM.__init__
+
+    def init_with_graphs(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.engine.runner.init_decode_graphs(16, capture=DEVICE == "cuda")
+
+    prompts = ["abcabcabcabcabc", "the cat, the cat, the cat", "x" * 21]
+    want = generate(path, prompts, max_tokens=16, attention_backend="torch")
+    monkeypatch.setattr(LLM, "__init__", init_with_graphs)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    got = generate(
+        path, prompts, max_tokens=16, attention_backend="triton", speculative_config=spec
+    )
+    assert got == want
+    assert any(n > len(prompts) for n in runs), "no verify step ran from the static buffers"

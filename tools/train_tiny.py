@@ -4,6 +4,13 @@ engine never imports it.
 
     python tools/train_tiny.py [--out src/shardlm/assets/tiny-code] [--minutes 25] [--seed 0]
 
+A draft model for speculative decoding must share its target's tokenizer id for id, so
+--tokenizer DIR reuses DIR's tokenizer.json and tokenizer_config.json instead of learning one:
+
+    python tools/train_tiny.py --tokenizer src/shardlm/assets/tiny-code \
+        --out src/shardlm/assets/tiny-code-draft --hidden 128 --intermediate 384 --layers 2 \
+        --heads 4 --kv-heads 1 --minutes 12 --threads 1
+
 Steps, all deterministic given the seed, the thread count and the number of steps. A
 --minutes budget sets the number of steps from the speed of the first 20 (recorded as
 "steps" in training.json); to repeat a run exactly, pass that number: --steps N --minutes 1e9.
@@ -12,7 +19,9 @@ Steps, all deterministic given the seed, the thread count and the number of step
    except ``site-packages``, the test suites (``test/``, ``tests/``, ``idle_test/``) and the
    held-out files in HELD_OUT (used only for evaluation).
 2. Tokenizer: byte-level BPE (shardlm.byte_tokenizer: ids 0/1 = BOS/EOS, 2..257 bytes, then
-   merges learnt on the first --tokenizer-mb of the corpus) with --vocab entries in total.
+   merges learnt on the first --tokenizer-mb of the corpus) with --vocab entries in total; or,
+   with --tokenizer DIR, DIR's tokenizer files copied as they are (--vocab and --tokenizer-mb
+   then unused; BOS/EOS ids read from them).
 3. Model: transformers' LlamaForCausalLM (RMSNorm, RoPE, GQA, SwiGLU; the architecture the
    engine serves), trained by the plain loop below: AdamW, linear warm-up then cosine decay,
    random windows of --seq-len tokens, for --minutes of wall time or --steps steps.
@@ -24,8 +33,10 @@ Steps, all deterministic given the seed, the thread count and the number of step
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import sys
 import sysconfig
 import time
@@ -64,6 +75,31 @@ def encode_all(tokenizer, texts: list[str], eos: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int32)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def copy_tokenizer(src: Path, out: Path) -> dict[str, str]:
+    """Copy ``src``'s tokenizer files into ``out`` byte for byte, so that a draft model and its
+    target agree on every id, special token and chat template; returns name -> sha256 for the log.
+    """
+    digests = {}
+    for name in TOKENIZER_FILES:
+        if (src / name).resolve() != (out / name).resolve():
+            shutil.copyfile(src / name, out / name)
+        digests[name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    return digests
+
+
+def special_id(tokenizer, config: dict, key: str) -> int:
+    """Id of the ``bos_token``/``eos_token`` named in tokenizer_config.json (a string, or an
+    AddedToken dict), so a copied tokenizer need not use shardlm's fixed ids."""
+    token = config[key]
+    token_id = tokenizer.token_to_id(token["content"] if isinstance(token, dict) else token)
+    if token_id is None:
+        raise SystemExit(f"{key} {token!r} is not in the tokenizer's vocabulary")
+    return token_id
+
+
 @torch.no_grad()
 def perplexity(model, data: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of the held-out stream."""
@@ -89,6 +125,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=25.0, help="wall-time budget for training")
     p.add_argument("--steps", type=int, default=100_000, help="upper bound on optimizer steps")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="directory whose tokenizer.json + tokenizer_config.json to reuse (e.g. a draft\n"
+        "model's target) instead of learning a BPE",
+    )
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--tokenizer-mb", type=float, default=8.0, help="corpus MB the BPE sees")
     p.add_argument("--max-files", type=int, default=None, help="use only the first N files")
@@ -102,7 +145,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from tokenizers import Tokenizer
     from tqdm import tqdm
@@ -122,21 +168,34 @@ def main() -> None:
     print(f"corpus: {len(train_files)} files, {corpus_mb:.1f} MB; held out: {HELD_OUT}")
 
     start = time.perf_counter()
-    sample, size = [], 0
-    for text in train_texts:  # the BPE learns on the first --tokenizer-mb of the corpus
-        if size > args.tokenizer_mb * 1e6:
-            break
-        sample.append(text)
-        size += len(text)
-    build_byte_level_tokenizer(
-        out, extra_merges_corpus="\n".join(sample), num_merges=args.vocab - BYTE_VOCAB_SIZE
-    )
-    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    if args.tokenizer is not None:
+        tokenizer_log: dict[str, object] = {
+            "source": str(args.tokenizer),
+            "sha256": copy_tokenizer(args.tokenizer, out),
+        }
+        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        tok_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+        bos_id = special_id(tokenizer, tok_config, "bos_token")
+        eos_id = special_id(tokenizer, tok_config, "eos_token")
+    else:
+        sample, size = [], 0
+        for text in train_texts:  # the BPE learns on the first --tokenizer-mb of the corpus
+            if size > args.tokenizer_mb * 1e6:
+                break
+            sample.append(text)
+            size += len(text)
+        build_byte_level_tokenizer(
+            out, extra_merges_corpus="\n".join(sample), num_merges=args.vocab - BYTE_VOCAB_SIZE
+        )
+        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        tokenizer_log = {"source": "learnt", "tokenizer_mb": args.tokenizer_mb}
+        bos_id, eos_id = BOS_ID, EOS_ID
     vocab = tokenizer.get_vocab_size()
-    train_ids = encode_all(tokenizer, train_texts, EOS_ID)
-    held_ids = encode_all(tokenizer, held_texts, EOS_ID)
+    train_ids = encode_all(tokenizer, train_texts, eos_id)
+    held_ids = encode_all(tokenizer, held_texts, eos_id)
     print(
-        f"tokenizer: {vocab} entries in {time.perf_counter() - start:.0f}s; "
+        f"tokenizer ({tokenizer_log['source']}): {vocab} entries in "
+        f"{time.perf_counter() - start:.0f}s; "
         f"{len(train_ids) / 1e6:.1f}M training tokens, {len(held_ids) / 1e3:.0f}k held out"
     )
 
@@ -151,8 +210,8 @@ def main() -> None:
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=True,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
     )
     model = LlamaForCausalLM(config).to(args.device)
     params = sum(p.numel() for p in model.parameters())
@@ -210,6 +269,7 @@ def main() -> None:
         "args": vars(args),
         "python": sys.version.split()[0],
         "threads": torch.get_num_threads(),
+        "tokenizer": tokenizer_log,
         "train_files": len(train_files),
         "train_tokens": len(train_ids),
         "held_out_files": list(HELD_OUT),
@@ -220,7 +280,7 @@ def main() -> None:
         "held_out_perplexity_float32": round(ppl, 3),
         "loss_every_10_steps": losses,
     }
-    (out / "training.json").write_text(json.dumps(log, indent=1) + "\n")
+    (out / "training.json").write_text(json.dumps(log, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,18 @@ def demo_checkpoint() -> Path:
             "shardlm or pass --model PATH"
         )
     return BUILTIN_DIR
+
+
+DRAFT_NAME = "tiny-code-draft"
+DRAFT_DIR = Path(__file__).parent / "assets" / DRAFT_NAME
+
+
+def demo_draft_checkpoint() -> Path:
+    """Path of the built-in model's draft (speculative decoding, ``"model": "builtin"``):
+    a much smaller model trained by tools/train_tiny.py with the same tokenizer."""
+    if not (DRAFT_DIR / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"the built-in draft model is missing from this install ({DRAFT_DIR}); reinstall "
+            "shardlm or give speculative_config a draft model path"
+        )
+    return DRAFT_DIR

@@ -29,7 +29,7 @@ import torch
 
 from shardlm.attention.node import node_name
 from shardlm.config import ModelConfig
-from shardlm.demo import demo_checkpoint
+from shardlm.demo import demo_checkpoint, demo_draft_checkpoint
 from shardlm.distributed.torchrun import torchrun_rank, under_torchrun
 from shardlm.errors import ParamError
 from shardlm.kernels import ATTENTION_BACKENDS, triton_available
@@ -48,6 +48,9 @@ from shardlm.options import (
     number_in,
     option,
 )
+from shardlm.speculative_config import BUILTIN_DRAFT, DEFAULT_DISABLE_BY_BATCH, SpeculativeConfig
+from shardlm.speculative_config import check as check_speculative_config
+from shardlm.speculative_config import parse as parse_speculative_config
 
 ATTENTION_TRANSPORTS = ("distributed", "in-process")
 ATTENTION_LINKS = ("gloo", "nccl")
@@ -350,6 +353,32 @@ class QuantizationOptions:
         )
 
 
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """Speculative decoding (docs/architecture.md, "Speculative decoding"); off by default."""
+
+    speculative_config: str | None = option(
+        None,
+        "speculative decoding as JSON in vLLM's shape: "
+        '{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": N, '
+        '"prompt_lookup_min": N0} or {"method": "draft_model", "model": PATH|"builtin", '
+        '"num_speculative_tokens": K}; optional "disable_by_batch_size" (default '
+        f"{DEFAULT_DISABLE_BY_BATCH})",
+        check=check_speculative_config,
+        default_text="off",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...})
+            spec = parse_speculative_config(self.speculative_config)
+            object.__setattr__(self, "speculative_config", spec.to_json())
+        check_fields(self)
+
+    @property
+    def config(self) -> SpeculativeConfig | None:
+        return parse_speculative_config(self.speculative_config)
+
+
 GROUP_TITLES = {
     "model": "Model and loading",
     "cache": "KV cache",
@@ -357,6 +386,7 @@ GROUP_TITLES = {
     "parallel": "Parallelism",
     "kernels": "Kernels",
     "quantization": "Quantization and ARM",
+    "speculative": "Speculative decoding",
 }
 
 
@@ -370,6 +400,7 @@ class EngineConfig:
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
     kernels: KernelOptions = field(default_factory=KernelOptions)
     quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
+    speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
 
     def __post_init__(self) -> None:
         backend, nodes = self.kernels.attention_backend, self.parallel.attention_nodes
@@ -440,8 +471,12 @@ class EngineConfig:
         transforms = WeightTransforms.resolve(
             path, q.arm, q.arm_calibration, q.quantization, q.quantize_all_linears
         )
+        spec = self.speculative.config
+        if spec is not None and spec.model is not None:
+            spec = spec.replace_model(str(resolve_draft_path(spec.model)))
         return self.replace(
             model=str(path),
+            speculative_config=None if spec is None else spec.to_json(),
             dtype=_dtype_name(dtype),
             device=str(device),
             max_model_len=m.max_model_len or limit,
@@ -480,6 +515,17 @@ class EngineConfig:
             and self.parallel.world_size == 1
             and not self.kernels.enforce_eager
         )
+
+
+def resolve_draft_path(model: str) -> Path:
+    """A draft model's checkpoint directory ("builtin": the built-in model's draft)."""
+    path = demo_draft_checkpoint() if model == BUILTIN_DRAFT else Path(model)
+    if not (path / "config.json").is_file():
+        raise ParamError(
+            "speculative_config.model",
+            f"speculative_config.model {model!r} is not a checkpoint directory (no config.json)",
+        )
+    return path
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -25,16 +25,23 @@ def build_step_inputs(
     prompt's dense work is divided α ways whatever sequence it belongs to."""
     ids: list[int] = []
     pos: list[int] = []
-    rows: list[int] = []
     to_sample: list[Sequence] = []
-    for i, s in enumerate(batch.decodes):
-        ids.append(s.token_ids[s.num_computed_tokens])
-        pos.append(s.num_computed_tokens)
-        rows.append(i)
+    # A decode with drafts (speculative decoding) is 1 + k decode rows of the same sequence
+    # at consecutive positions: its last token, then the drafts. The rows write their K/V
+    # before any attends, each sees keys up to its own position, so the flat batch computes
+    # the target's distribution after every draft prefix in one forward (engine/speculative.py).
+    decode_seqs: list[Sequence] = []
+    for s in batch.decodes:
+        c = s.num_computed_tokens
+        run = [s.token_ids[c], *s.draft_ids]
+        ids.extend(run)
+        pos.extend(range(c, c + len(run)))
+        decode_seqs.extend([s] * len(run))
         to_sample.append(s)
+    rows = list(range(len(ids)))
     width = max((len(s.block_table) for s in batch.decodes), default=0)
     tables = [
-        s.block_table + [s.block_table[0]] * (width - len(s.block_table)) for s in batch.decodes
+        s.block_table + [s.block_table[0]] * (width - len(s.block_table)) for s in decode_seqs
     ]
     meta = []
     prefill_tables = []
@@ -60,15 +67,17 @@ def build_step_inputs(
         input_ids=torch.tensor(ids, **long),
         positions=torch.tensor(pos, **long),
         decode_tables=torch.tensor(tables, **long).view(len(tables), width),
-        decode_lens=torch.tensor([s.num_computed_tokens + 1 for s in batch.decodes], **long),
+        decode_lens=torch.tensor([p + 1 for p in pos[: len(decode_seqs)]], **long),
         prefill_meta=torch.tensor(meta, **long).view(len(meta), 2),
         prefill_tables=prefill_tables,
         sample_rows=torch.tensor(rows, **long),
         seq_ids=torch.tensor(
-            [s.seq_id for s in batch.decodes] + [s.seq_id for s, _ in batch.prefills], **long
+            [s.seq_id for s in decode_seqs] + [s.seq_id for s, _ in batch.prefills], **long
         ),
         row_groups=(
-            row_groups(batch, pos, compute_nodes, compute_chunk_size) if compute_nodes > 1 else None
+            row_groups(decode_seqs, batch.prefills, pos, compute_nodes, compute_chunk_size)
+            if compute_nodes > 1
+            else None
         ),
         score_rows=torch.tensor(score_rows, **long) if score_rows else None,
     )
@@ -76,18 +85,22 @@ def build_step_inputs(
 
 
 def row_groups(
-    batch: ScheduledBatch, positions: list[int], compute_nodes: int, run: int
+    decode_rows: list[Sequence],
+    prefills: list[tuple[Sequence, int]],
+    positions: list[int],
+    compute_nodes: int,
+    run: int,
 ) -> torch.Tensor:
-    """The compute node of each row: decodes on their sequence's; prefill positions dealt in
-    runs of ``run``, starting at the sequence's own node — so a prompt shorter than a run
-    prefills where the sequence was placed (by load), and a batch of short prompts spreads
-    like their sequences do."""
-    home = [s.compute_node or 0 for s in batch.decodes]
-    for seq, n in batch.prefills:
+    """The compute node of each row: decode rows (a sequence's token and drafts) on their
+    sequence's; prefill positions dealt in runs of ``run``, starting at the sequence's own
+    node — so a prompt shorter than a run prefills where the sequence was placed (by load),
+    and a batch of short prompts spreads like their sequences do."""
+    home = [s.compute_node or 0 for s in decode_rows]
+    for seq, n in prefills:
         home += [seq.compute_node or 0] * n
     pos = torch.tensor(positions, dtype=torch.long)
     groups = (pos // run + torch.tensor(home, dtype=torch.long)) % compute_nodes
-    b = len(batch.decodes)
+    b = len(decode_rows)
     groups[:b] = torch.tensor(home[:b], dtype=torch.long)
     return groups
 

@@ -37,6 +37,14 @@ from shardlm.engine.sampler import sample
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.scheduler import ScheduledBatch, Scheduler
 from shardlm.engine.sequence import Request, Sequence, append_token, finish_sequence
+from shardlm.engine.speculative import (
+    NgramProposer,
+    Proposer,
+    RowResult,
+    SpecStats,
+    draft_slots,
+    sample_and_verify,
+)
 from shardlm.engine.stats import ComputeNodeStats, EngineStats
 from shardlm.engine_config import EngineConfig
 from shardlm.errors import ParamError
@@ -85,7 +93,11 @@ class LLMEngine:
             config.scheduler.max_num_batched_tokens,
             config.scheduler.max_num_seqs,
             config.parallel.compute_nodes,
+            lookahead=self._draft_slots if config.speculative.config is not None else None,
         )
+        self.speculation = config.speculative.config
+        self.spec_stats = SpecStats()
+        self.proposer = self._proposer()
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -111,6 +123,25 @@ class LLMEngine:
             RShard(p.attention_nodes, p.kv_chunk_size),
             cache.enable_prefix_caching,
         )
+
+    def _proposer(self) -> Proposer | None:
+        """Where drafts come from (speculative decoding; None when it is off)."""
+        spec = self.speculation
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return NgramProposer(spec)
+        from shardlm.engine.draft_model import DraftModelProposer
+
+        # As many token slots as the target's pool (all nodes' together, with attention nodes).
+        nodes = max(1, self.engine_config.parallel.attention_nodes)
+        slots = self.blocks.num_blocks * self.blocks.block_size * nodes
+        return DraftModelProposer(
+            self.engine_config, self.config, self.tokenizer, self.device, slots
+        )
+
+    def _draft_slots(self, seq: Sequence, running: int) -> int:
+        return draft_slots(seq, self.speculation, running, self.max_model_len)
 
     # -- the job --
     @property
@@ -214,6 +245,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
+                self._release_drafts(seq)
                 finish_sequence(seq, "abort")
         output = self._output(request, request.seqs)
         output.error = error
@@ -244,19 +276,25 @@ class LLMEngine:
         if batch:
             self._prefill_tokens += sum(n for _, n in batch.prefills)
             self._decode_tokens += len(batch.decodes)
-            seqs, tokens, logprobs = self.executor.guarded(self._execute_and_sample, batch)
+            draft_probs = self.proposer.propose(batch.lookahead) if batch.lookahead else {}
+            seqs, results = self.executor.guarded(self._execute_and_sample, batch, draft_probs)
             for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
                 seq.num_computed_tokens += n
-                self._register_full_blocks(seq)
-            if seqs:
-                for seq, token, lps in zip(seqs, tokens, logprobs, strict=True):
-                    if seq.params.max_tokens == 0:  # scoring only: the prompt, no token
-                        finish_sequence(seq, "length")
-                    else:
+                if not seq.draft_ids:
+                    self._register_full_blocks(seq)
+            for seq, result in zip(seqs, results, strict=True):
+                if seq.params.max_tokens == 0:  # scoring only: the prompt, no token
+                    finish_sequence(seq, "length")
+                else:
+                    for token, lps in zip(result.tokens, result.logprobs, strict=True):
                         append_token(
                             seq, token, lps, self.eos_token_ids, self.max_model_len, self.tokenizer
                         )
-                    touched.setdefault(seq.request.request_id, []).append(seq)
+                        if seq.is_finished:
+                            break  # tokens after a stop are dropped
+                if seq.draft_ids:
+                    self._roll_back(seq, result.accepted)
+                touched.setdefault(seq.request.request_id, []).append(seq)
         for request_id, seqs in touched.items():
             request = self.requests.get(request_id)
             if request is None:
@@ -264,6 +302,7 @@ class LLMEngine:
             for seq in seqs:
                 if seq.is_finished:
                     self.scheduler.remove(seq)
+                    self._release_drafts(seq)
             outputs.append(self._output(request, seqs))
             if request.is_finished:
                 del self.requests[request_id]
@@ -282,28 +321,60 @@ class LLMEngine:
                     error=f"structured_outputs: the grammar failed to compile: {failure}",
                 )
 
+    def _release_drafts(self, seq: Sequence) -> None:
+        """A finished or aborted sequence's draft-model K/V goes at once (the draft is local;
+        preempted sequences reach it through ``_release_finished``)."""
+        if self.proposer is not None:
+            self.proposer.release([seq.seq_id])
+
     def _release_finished(self) -> None:
         """Tell the attention nodes (every rank's, via the control broadcast) which sequences
         the scheduler freed: finished, aborted or preempted. Sent just before the next step
         runs (or a stats query), so a step's finishes and the next schedule's preemptions
         travel in one message. Without nodes, nothing to do."""
         released = self.scheduler.drain_released()
+        if released and self.proposer is not None:
+            self.proposer.release(released)
         if released and self.engine_config.parallel.attention_nodes:
             self.executor.release(released)
 
-    def _execute_and_sample(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list]:
-        """Forward + sampling. Reading the sampled ids is the step's one host sync; it stays
-        inside the guarded call because on CUDA a failed collective surfaces only there."""
+    def _execute_and_sample(
+        self, batch: ScheduledBatch, draft_probs: dict[Sequence, torch.Tensor]
+    ) -> tuple[list[Sequence], list[RowResult]]:
+        """Forward + sampling (and verification of drafts). Reading the sampled ids is the
+        step's one host sync; it stays inside the guarded call because on CUDA a failed
+        collective surfaces only there."""
         p = self.engine_config.parallel
         inputs, seqs, scored = build_step_inputs(batch, p.compute_nodes, p.compute_chunk_size)
         logits = self.executor.run_step(inputs)
+        sampled = inputs.sample_rows.shape[0]
         if scored:
-            score_prompt(logits[len(seqs) :], scored, self.tokenizer)
-            logits = logits[: len(seqs)]
+            score_prompt(logits[sampled:], scored, self.tokenizer)
+            logits = logits[:sampled]
         if not seqs:
-            return [], [], []
-        result = sample(logits, sampling_rows(seqs, self.eos_token_ids))
-        return seqs, result.token_ids.tolist(), result.logprobs
+            return [], []
+        rows = sampling_rows(seqs, self.eos_token_ids)
+        if not batch.lookahead:
+            out = sample(logits, rows)
+            return seqs, [
+                RowResult([t], [lp])
+                for t, lp in zip(out.token_ids.tolist(), out.logprobs, strict=True)
+            ]
+        return seqs, sample_and_verify(logits, seqs, rows, draft_probs)
+
+    def _roll_back(self, seq: Sequence, accepted: int) -> None:
+        """After a verify step: the sequence's computed tokens are those whose K/V came from
+        final tokens (its previous last token and the accepted drafts it kept), i.e. all
+        but its new last token; the rejected drafts' slots are overwritten later and their
+        blocks past the tokens' need go back (attention nodes drop what they hold past the
+        next step's start themselves). Only then are full blocks offered to the prefix
+        cache, so it never holds an unverified token."""
+        self.spec_stats.record(len(seq.draft_ids), accepted)
+        seq.draft_ids = []
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self._register_full_blocks(seq)
+        if not seq.is_finished:
+            self.scheduler.trim_blocks(seq)
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Offer the blocks this step filled to the prefix cache."""
@@ -388,4 +459,8 @@ class LLMEngine:
             num_blocks=self.blocks.num_blocks,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+            spec_draft_tokens=self.spec_stats.draft_tokens,
+            spec_accepted_tokens=self.spec_stats.accepted_tokens,
+            spec_draft_tokens_per_position=tuple(self.spec_stats.draft_per_position),
+            spec_accepted_tokens_per_position=tuple(self.spec_stats.accepted_per_position),
         )

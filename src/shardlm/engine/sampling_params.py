@@ -32,6 +32,8 @@ class SamplingParams:
     distribution) of the sampled token and the top k. ``n``: independent samples per prompt.
     ``structured_outputs``: the output must match a JSON schema, regex, choice or grammar
     (a StructuredOutputs, or a dict of its fields; the engine compiles it).
+    ``speculative=False`` (shardlm's): this request decodes one token a step even when the
+    engine speculates (``speculative_config``); True lets it use drafts when it can.
     """
 
     n: int = 1
@@ -56,6 +58,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, "an integer in [1, 128]", lambda v: 1 <= v <= 128)
@@ -105,7 +108,12 @@ class SamplingParams:
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
         self._check_constraints()
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in (
+            "ignore_eos",
+            "skip_special_tokens",
+            "include_stop_str_in_output",
+            "speculative",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shardlm.cache.block_manager import BlockManager
@@ -37,12 +38,15 @@ class ScheduledBatch:
 
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+    # Speculative decoding: slots a decode reserved for drafts (token budget and KV blocks),
+    # by sequence. The engine proposes up to that many drafts (Sequence.draft_ids).
+    lookahead: dict[Sequence, int] = field(default_factory=dict)
     # Sequences finished by the scheduler itself (no room ever), to be reported.
     finished: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return len(self.decodes) + sum(self.lookahead.values()) + sum(n for _, n in self.prefills)
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
@@ -60,8 +64,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         compute_nodes: int = 1,
+        lookahead: Callable[[Sequence, int], int] | None = None,
     ):
+        """``lookahead(seq, running)``: draft slots a decoding sequence asks for this step,
+        given how many sequences are running (speculative decoding; None: never)."""
         self.blocks = blocks
+        self.lookahead = lookahead
         self.compute_nodes = compute_nodes
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -96,12 +104,19 @@ class Scheduler:
         # 1 + 2: running sequences, decodes first, then continuing prefills.
         decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        running = len(self.running)
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, scoring_cap(seq))
+            # Draft slots come out of what is left after one token for every decode, so
+            # speculation never delays another sequence's decode or a prefill's admission.
+            extra = 0
+            if n == 1 and self.lookahead is not None:
+                spare = budget - (len(decoding) - len(batch.decodes))
+                extra = max(0, min(self.lookahead(seq, running), spare))
             before = self.stats.preemptions
             fits = self._make_room(seq, seq.num_computed_tokens + n, batch)
             preempted |= self.stats.preemptions != before
@@ -109,6 +124,9 @@ class Scheduler:
                 continue
             if seq.num_tokens - seq.num_computed_tokens == 1:
                 batch.decodes.append(seq)  # its last known token: a decode, sampled
+                extra = self._draft_room(seq, extra)
+                if extra:
+                    batch.lookahead[seq] = extra
             else:
                 batch.prefills.append((seq, n))
             # Recomputed, not decremented: a preemption may have removed scheduled work.
@@ -170,6 +188,28 @@ class Scheduler:
             first.num_computed_tokens < first.num_prompt_tokens
         )
 
+    def _draft_room(self, seq: Sequence, extra: int) -> int:
+        """Blocks for up to ``extra`` draft slots after ``seq``'s next token, from free blocks
+        only (drafts never preempt anyone); how many slots it got."""
+        end = seq.num_computed_tokens + 1
+        while extra:
+            need = self.blocks.blocks_needed(end + extra) - len(seq.block_table)
+            if need <= self.blocks.num_free_blocks:
+                if need > 0:
+                    seq.block_table += self.blocks.allocate(need)
+                return extra
+            extra -= 1
+        return 0
+
+    def trim_blocks(self, seq: Sequence) -> None:
+        """Give back blocks past what ``seq``'s tokens need (the rejected drafts' slots), so
+        block accounting stays exact. Those blocks were never registered with the prefix
+        cache: only blocks of verified, computed tokens are."""
+        keep = self.blocks.blocks_needed(seq.num_tokens)
+        if len(seq.block_table) > keep:
+            self.blocks.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Ensure ``seq`` has blocks for ``num_tokens`` tokens, preempting the most recently
         admitted sequences if needed. False if ``seq`` itself had to give way."""
@@ -198,6 +238,7 @@ class Scheduler:
         # room): take it out again, its blocks are going away.
         if seq in batch.decodes:
             batch.decodes.remove(seq)
+            batch.lookahead.pop(seq, None)
         batch.prefills = [(s, n) for s, n in batch.prefills if s is not seq]
         self._release(seq)
         seq.status = SequenceStatus.WAITING

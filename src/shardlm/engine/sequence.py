@@ -47,6 +47,9 @@ class Sequence:
     # Structured outputs: its place in the grammar, fed every token it generates (None
     # without one). The scheduler admits it once the grammar has compiled.
     grammar: GrammarState | None = None
+    # Speculative decoding: this step's unverified draft tokens (never in token_ids; the
+    # verify step appends the accepted ones).
+    draft_ids: list[int] = field(default_factory=list)
     text: str = ""
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0

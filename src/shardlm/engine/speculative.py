@@ -3,8 +3,12 @@ sequence's own context, and verifying a row's k drafts against the target model'
 distributions so that what comes out is distributed exactly as the target alone would
 produce (greedy: the very same tokens).
 
-Groundwork for issue 19: the engine does not call these yet (no verify step, no KV
-rollback, no ``speculative_config``); they are tested on their own.
+The engine (llm_engine.py) wires them: the scheduler reserves draft slots for a decode
+(``ScheduledBatch.lookahead``), a proposer fills ``Sequence.draft_ids`` (``NgramProposer``
+here, ``DraftModelProposer`` in draft_model.py), the step runs the drafts as extra decode rows
+(batching.py), ``sample_and_verify`` turns the k + 1 rows of logits into the tokens to append,
+and the engine rolls back what was rejected (scheduler.trim_blocks; attention nodes truncate
+a sequence that continues before what they hold).
 
 Verification, per row, drafts x_1..x_k and target distributions p_1..p_{k+1} (p_i is the
 target's distribution for the token at draft position i, given the context and
@@ -34,9 +38,18 @@ reproducible whatever shares its batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from shardlm.engine.logits_processors import has_constraints
+from shardlm.engine.sampler import Logprob, SamplingRow, logprob_entries, sample, sampling_probs
+from shardlm.engine.sampling_params import SamplingParams
+from shardlm.speculative_config import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from shardlm.engine.sequence import Sequence as Seq
 
 
 def ngram_propose(tokens: Sequence[int], k: int, max_n: int, min_n: int = 1) -> list[int]:
@@ -126,13 +139,155 @@ def verify_random(
             break
         n = len(out)
         final = residual if residual is not None else p[b, n]
-        out.append(_draw(final, gen))
+        out.append(draw(final, gen))
         tokens.append(out)
         accepted.append(n)
     return Verified(tokens, accepted)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from unnormalised ``probs`` [V] by the sampler's exponential race."""
     e = torch.empty_like(probs).exponential_(generator=generator)
     return int((probs / e.clamp_(min=torch.finfo(e.dtype).tiny)).argmax())
+
+
+# -- the engine's side --
+def can_speculate(params: SamplingParams, has_grammar: bool) -> bool:
+    """Whether a request may use drafts. Penalties, logit_bias / min_tokens /
+    allowed_token_ids / bad_words and structured outputs change the distribution with every
+    token appended (counts, banned continuations, grammar state), which the k + 1 rows of one
+    verify step cannot see: such requests decode one token a step (in the same batch, exact).
+    ``speculative=False`` opts a request out."""
+    return (
+        params.speculative
+        and not has_grammar
+        and not params.has_penalties
+        and not has_constraints(params)
+    )
+
+
+def draft_slots(seq: Seq, spec: SpeculativeConfig, running: int, max_model_len: int) -> int:
+    """Drafts a decoding sequence may have this step: none when the batch is at or above
+    ``disable_by_batch_size`` or the request cannot speculate; never so many that the step
+    could pass max_tokens or max_model_len (a step appends at most drafts + 1 tokens)."""
+    limit = spec.disable_by_batch_size
+    if (limit is not None and running >= limit) or not can_speculate(
+        seq.params, seq.grammar is not None
+    ):
+        return 0
+    left = max_model_len - seq.num_tokens - 1
+    if seq.params.max_tokens is not None:
+        left = min(left, seq.params.max_tokens - seq.num_output_tokens - 1)
+    return max(0, min(spec.num_speculative_tokens, left))
+
+
+class Proposer(Protocol):
+    """Fills ``seq.draft_ids`` (at most ``slots[seq]`` tokens) for the step's decodes; returns
+    the draft distributions [k, V] of sampled (non-greedy) rows whose drafts were drawn
+    from a model (None for deterministic drafts)."""
+
+    def propose(self, slots: dict[Seq, int]) -> dict[Seq, torch.Tensor]: ...
+
+    def release(self, seq_ids: list[int]) -> None: ...
+
+
+class NgramProposer:
+    """Prompt lookup (``ngram_propose``) in each sequence's own tokens; no state."""
+
+    def __init__(self, spec: SpeculativeConfig) -> None:
+        self.max_n, self.min_n = spec.prompt_lookup_max, spec.prompt_lookup_min
+
+    def propose(self, slots: dict[Seq, int]) -> dict[Seq, torch.Tensor]:
+        for seq, k in slots.items():
+            seq.draft_ids = ngram_propose(seq.token_ids, k, self.max_n, self.min_n)
+        return {}
+
+    def release(self, seq_ids: list[int]) -> None:
+        pass
+
+
+@dataclass
+class SpecStats:
+    """Counters of speculative decoding (engine.stats, /metrics)."""
+
+    draft_tokens: int = 0  # drafts verified
+    accepted_tokens: int = 0  # of which accepted
+    # accepted_per_position[i]: drafts accepted at position i + 1 (of draft_per_position[i])
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_per_position: list[int] = field(default_factory=list)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+        grow = drafted - len(self.draft_per_position)
+        if grow > 0:
+            self.draft_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        for i in range(drafted):
+            self.draft_per_position[i] += 1
+            self.accepted_per_position[i] += int(i < accepted)
+
+
+@dataclass
+class RowResult:
+    """What one sampled sequence gets from a step: its new tokens (1, or accepted drafts
+    + 1), their logprobs (or Nones), and how many drafts were accepted."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+    accepted: int = 0
+
+
+def sample_and_verify(
+    logits: torch.Tensor,
+    seqs: list[Seq],
+    rows: list[SamplingRow],
+    draft_probs: dict[Seq, torch.Tensor],
+) -> list[RowResult]:
+    """``logits`` [N, V]: per sequence in order, 1 + len(seq.draft_ids) rows (its token,
+    then each draft). Sequences without drafts are sampled as usual (every sampler feature);
+    those with drafts are verified (greedy or rejection sampling, module docstring), their
+    logprobs read from the raw rows of the tokens emitted."""
+    counts = [1 + len(s.draft_ids) for s in seqs]
+    starts = [sum(counts[:i]) for i in range(len(seqs))]
+    results: list[RowResult | None] = [None] * len(seqs)
+    plain = [i for i, s in enumerate(seqs) if not s.draft_ids]
+    if plain:
+        idx = torch.tensor([starts[i] for i in plain], device=logits.device)
+        out = sample(logits[idx], [rows[i] for i in plain])
+        for i, token, lps in zip(plain, out.token_ids.tolist(), out.logprobs, strict=True):
+            results[i] = RowResult([token], [lps])
+    drafted = [i for i, s in enumerate(seqs) if s.draft_ids]
+    if not drafted:
+        return results  # type: ignore[return-value]
+    greedy_rows = [i for i in drafted if rows[i].params.greedy]
+    if greedy_rows:
+        flat = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in greedy_rows])
+        best = logits[flat.to(logits.device)].argmax(dim=-1).tolist()
+        at = 0
+        for i in greedy_rows:
+            row_best = best[at : at + counts[i]]
+            at += counts[i]
+            v = verify_greedy(torch.tensor([row_best]), [seqs[i].draft_ids])
+            results[i] = RowResult(v.tokens[0], [], v.accepted[0])
+    for i in drafted:
+        if results[i] is not None:
+            continue
+        span = logits[starts[i] : starts[i] + counts[i]]
+        probs = sampling_probs(span, [rows[i]] * counts[i])
+        q = draft_probs.get(seqs[i])
+        v = verify_random(
+            probs[None], [seqs[i].draft_ids], [rows[i].generator], None if q is None else q[None]
+        )
+        results[i] = RowResult(v.tokens[0], [], v.accepted[0])
+    for i in drafted:
+        res, k = results[i], rows[i].params.logprobs
+        if k is None:
+            res.logprobs = [None] * len(res.tokens)
+            continue
+        span = logits[starts[i] : starts[i] + len(res.tokens)]
+        tokens = torch.tensor(res.tokens, device=logits.device)
+        res.logprobs = logprob_entries(
+            torch.log_softmax(span, dim=-1), tokens, [k] * len(res.tokens)
+        )
+    return results  # type: ignore[return-value]

@@ -38,3 +38,14 @@ class EngineStats:
     num_blocks: int
     num_running: int
     num_waiting: int
+    # Speculative decoding: drafts verified, and of those accepted (0 when it is off), and
+    # the same per draft position (index i: the (i + 1)-th draft of a step).
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_draft_tokens_per_position: tuple[int, ...] = ()
+    spec_accepted_tokens_per_position: tuple[int, ...] = ()
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted drafts / verified drafts (0 before any draft)."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0

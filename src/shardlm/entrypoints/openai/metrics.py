@@ -69,6 +69,24 @@ class ServerMetrics:
         self.blocks_total = Gauge(
             "shardlm_kv_blocks_total", "KV cache blocks in the pool", registry=r
         )
+        # Speculative decoding (0 when it is off).
+        self.spec_draft = Gauge(
+            "shardlm_spec_decode_draft_tokens", "Draft tokens verified", registry=r
+        )
+        self.spec_accepted = Gauge(
+            "shardlm_spec_decode_accepted_tokens", "Draft tokens accepted", registry=r
+        )
+        self.spec_rate = Gauge(
+            "shardlm_spec_decode_acceptance_rate",
+            "Accepted / verified draft tokens since the engine started",
+            registry=r,
+        )
+        self.spec_rate_position = Gauge(
+            "shardlm_spec_decode_acceptance_rate_per_position",
+            "Accepted / verified drafts at each draft position (1 = first draft of a step)",
+            ["position"],
+            registry=r,
+        )
         # What the compute and attention nodes report of themselves (refreshed by the
         # engine thread about once a second).
         node = ["compute_node"]
@@ -134,6 +152,13 @@ class ServerMetrics:
         self.blocks_in_use.set(s.blocks_in_use)
         self.blocks_total.set(s.num_blocks)
         self.decode_tokens.set(s.decode_tokens)
+        self.spec_draft.set(s.spec_draft_tokens)
+        self.spec_accepted.set(s.spec_accepted_tokens)
+        self.spec_rate.set(s.spec_acceptance_rate)
+        for i, (drafted, accepted) in enumerate(
+            zip(s.spec_draft_tokens_per_position, s.spec_accepted_tokens_per_position, strict=True)
+        ):
+            self.spec_rate_position.labels(str(i + 1)).set(accepted / drafted if drafted else 0.0)
         if self._node_stats is not None:
             self._render_nodes(self._node_stats())
         return generate_latest(self.registry)

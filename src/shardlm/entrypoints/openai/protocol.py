@@ -89,6 +89,8 @@ class SamplingFields(BaseModel):
     min_tokens: StrictInt | None = None
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[str] | None = None
+    # shardlm's: false keeps this request out of speculative decoding.
+    speculative: bool | None = True
     # Structured outputs: OpenAI's response_format, or vLLM's field (entrypoints/structured.py).
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -134,6 +136,7 @@ class SamplingFields(BaseModel):
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
             structured_outputs=structured_spec(self.response_format, self.structured_outputs),
+            speculative=self.speculative is not False,
         )
 
     @property
