@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh 8b              # the 8B table
 #   bash benchmarks/gpu_session.sh kernels ablation profile  # per kernel; graphs off; a step
 #   bash benchmarks/gpu_session.sh nodes           # CUDA compute + CPU attention nodes (~2 min)
+#   bash benchmarks/gpu_session.sh spec            # speculative decoding on and off (~2 min)
 #
 # Each part's log (and the bench JSON) goes to $OUT. Uses the image's python3 with shardlm
 # from src/ (nothing to install; server extras are not needed).
@@ -48,6 +49,9 @@ for part in "$@"; do
         $PY benchmarks/node_overlap.py --device cuda --attention-device cpu --beta 1 \
             --hidden 1024 --contexts 1024 8192 --decode-steps 8
         ;;
+    spec)  # speculative decoding: n-gram and the built-in draft, on and off, batch 1 and 8
+        $PY benchmarks/speculative.py --device cuda --dtype bfloat16 --batches 1 8
+        ;;
     1b)
         bench --shape llama-1b "${TABLE[@]}" --compare-hf eager,static --hf-output-len 64 \
             --json "$OUT/bench_1b.json"
@@ -73,7 +77,7 @@ for part in "$@"; do
         $PY benchmarks/host_overhead.py --shape llama-1b --dtype bfloat16
         ;;
     *)
-        echo "unknown part $part (session, env, tests, 1b, 8b, nodes, kernels, ablation, profile)"
+        echo "unknown part $part (session, env, tests, 1b, 8b, nodes, spec, kernels, ablation, profile)"
         exit 2
         ;;
     esac 2>&1 | tee "$OUT/$part.log"

@@ -16,6 +16,7 @@ import pytest
 
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.engine.stats import EngineStats
 from shardlm.entrypoints.openai.async_engine import EngineDead, NodeSnapshot, RequestStream
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -51,8 +52,16 @@ class FakeEngine:
             max_model_len=MAX_MODEL_LEN,
             config=SimpleNamespace(vocab_size=VOCAB),
         )
-        self.stats = SimpleNamespace(
-            num_waiting=waiting, num_running=0, blocks_in_use=0, num_blocks=8, decode_tokens=0
+        self.stats = EngineStats(
+            preemptions=0,
+            prefix_cache_hit_tokens=0,
+            prefix_cache_query_tokens=0,
+            prefill_tokens=0,
+            decode_tokens=0,
+            blocks_in_use=0,
+            num_blocks=8,
+            num_running=0,
+            num_waiting=waiting,
         )
         self.node_stats = NodeSnapshot()
         self.pending_sequences = 0

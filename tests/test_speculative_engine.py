@@ -373,3 +373,70 @@ def test_the_builtin_model_speculates_out_of_the_box():
         got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
         assert llm.engine.stats.spec_accepted_tokens > 0
     assert got == want
+
+
+def test_prefix_cache_hits_with_speculation_stay_exact(ckpts, hf_tokens):
+    """The second round takes the first round's blocks from the prefix cache: blocks
+    registered after rollback hold only verified tokens, so the hits give the same tokens."""
+    target, *_ = ckpts
+    with LLM(
+        target, device="cpu", dtype="float32", speculative_config=ngram(), block_size=4
+    ) as llm:
+        first = llm.generate(prompts(), GREEDY, use_tqdm=False)
+        second = llm.generate(prompts(), GREEDY, use_tqdm=False)
+        stats = llm.engine.stats
+    assert [o.outputs[0].token_ids for o in first] == hf_tokens
+    assert [o.outputs[0].token_ids for o in second] == hf_tokens
+    assert stats.prefix_cache_hit_tokens > 0 and stats.blocks_in_use == 0
+
+
+def test_the_server_speculates_and_reports_acceptance(ckpts):
+    """`shardlm serve --speculative-config`: the openai client's greedy completions equal
+    the offline engine's without speculation, with or without the per-request opt-out;
+    /metrics carries the acceptance rate."""
+    from tests.test_server import Server
+
+    target, *_ = ckpts
+    prompt = "the cat sat on the mat, the cat sat on the mat, the cat"
+    with LLM(target, device="cpu", dtype="float32") as plain:
+        want = plain.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].text
+    server = Server(target, "--speculative-config", json.dumps(ngram(3)))
+    try:
+        client = server.client()
+        for extra in ({"ignore_eos": True}, {"ignore_eos": True, "speculative": False}):
+            got = client.completions.create(
+                model="tiny", prompt=prompt, temperature=0, max_tokens=NEW, extra_body=extra
+            )
+            assert got.choices[0].text == want
+        assert server.metric("shardlm_spec_decode_draft_tokens") > 0
+        assert 0 < server.metric("shardlm_spec_decode_acceptance_rate") <= 1
+        assert server.metric('shardlm_spec_decode_acceptance_rate_per_position{position="1"}') > 0
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_bad_speculative_config_flag_is_a_one_line_error(ckpts):
+    import subprocess
+    import sys
+
+    target, *_ = ckpts
+    argv = [sys.executable, "-m", "shardlm", "generate", "--model", str(target)]
+    argv += ["--device", "cpu", "--speculative-config", '{"method": "ngram"}']
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "num_speculative_tokens" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("method", ["ngram", "other"])
+def test_verify_as_decode_rows_on_the_pytorch_path(method, ckpts, hf_tokens):
+    """The representation the Triton kernel and CUDA graphs take (k + 1 decode rows of one
+    sequence), here through PyTorch attention: the same tokens as the default chunks."""
+    target, _, other, _ = ckpts
+    spec = ngram() if method == "ngram" else draft(other, 3)
+    with LLM(target, device="cpu", dtype="float32", speculative_config=spec) as llm:
+        llm.engine.verify_as_chunks = False
+        outs = llm.generate(prompts(), GREEDY, use_tqdm=False)
+        stats = llm.engine.stats
+    assert [o.outputs[0].token_ids for o in outs] == hf_tokens
+    assert stats.spec_accepted_tokens > 0 and stats.blocks_in_use == 0

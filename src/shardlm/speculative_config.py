@@ -1,7 +1,7 @@
 """``speculative_config``: what speculative decoding proposes drafts with, in vLLM's shape.
 
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-     "prompt_lookup_min": 1}
+     "prompt_lookup_min": 2}
     {"method": "draft_model", "model": "/path/to/draft", "num_speculative_tokens": 4}
 
 One engine option (``EngineConfig.speculative.speculative_config``) holds it as JSON text, so
@@ -9,10 +9,12 @@ it reaches the CLI (``--speculative-config '{...}'``), the workers and the docs 
 other option; ``LLM(speculative_config={...})`` takes a dict too. ``parse`` checks every key
 and names the one that is wrong.
 
-``disable_by_batch_size`` (as vLLM's): no drafts in a step that starts with at least that many
-running sequences — at large batch a step is no longer memory-bound, verifying k drafts costs
-about k + 1 decode rows, and speculation stops paying. The default (``DEFAULT_DISABLE_BY_BATCH``)
-comes from benchmarks/speculative.py (docs/benchmarks.md).
+``disable_by_batch_size`` (as vLLM's): no drafts while at least that many sequences are
+running or waiting. Verifying k drafts adds k rows to a sequence's step; when a step is
+memory-bound (small batch, a GPU, or bfloat16 on this CPU) those rows are nearly free, when it
+is compute-bound (large batch, or float32 matmuls on this CPU) they cost about what they
+compute, and drafts stop paying. The default (``DEFAULT_DISABLE_BY_BATCH``) is the safe side
+of benchmarks/speculative.py's figures (docs/benchmarks.md); null never disables.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from shardlm.errors import ParamError
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_PROMPT_LOOKUP_MAX = 4
-DEFAULT_PROMPT_LOOKUP_MIN = 1
+DEFAULT_PROMPT_LOOKUP_MIN = 2  # 1 proposes after any repeated token: more drafts, fewer right
 DEFAULT_DISABLE_BY_BATCH = 16
 # "model" of a draft_model config may name the built-in draft (demo.py) by this.
 BUILTIN_DRAFT = "builtin"
@@ -124,7 +126,10 @@ def parse(value: str | dict | None) -> SpeculativeConfig | None:
         "prompt_lookup_max", value.get("prompt_lookup_max", DEFAULT_PROMPT_LOOKUP_MAX), 1, 64
     )
     lookup_min = _int(
-        "prompt_lookup_min", value.get("prompt_lookup_min", DEFAULT_PROMPT_LOOKUP_MIN), 1, 64
+        "prompt_lookup_min",
+        value.get("prompt_lookup_min", min(DEFAULT_PROMPT_LOOKUP_MIN, lookup_max)),
+        1,
+        64,
     )
     if lookup_min > lookup_max:
         raise ParamError(

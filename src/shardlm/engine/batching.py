@@ -12,7 +12,10 @@ from shardlm.step_inputs import StepInputs
 
 
 def build_step_inputs(
-    batch: ScheduledBatch, compute_nodes: int = 1, compute_chunk_size: int = 16
+    batch: ScheduledBatch,
+    compute_nodes: int = 1,
+    compute_chunk_size: int = 16,
+    verify_as_chunks: bool = False,
 ) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int]]]:
     """Flatten a scheduled batch (driver side) into host tensors: they are broadcast to
     workers as they are, and copied to the device once. Also returns the sequences whose
@@ -20,26 +23,36 @@ def build_step_inputs(
     scored rows (prompt logprobs): (sequence, position of the prompt token the row's logits
     predict), in ``score_rows`` order.
 
+    A decode with k drafts (speculative decoding) computes its last token and the drafts, at
+    consecutive positions, with logits at all k + 1 rows: each row sees keys up to its own
+    position, so one forward gives the target's distribution after every draft prefix
+    (engine/speculative.py). As k + 1 decode rows of the same sequence (the default: the
+    rows write their K/V before any attends; the Triton decode kernel and CUDA graphs take
+    them as they are), or, ``verify_as_chunks``, as one chunk of k + 1 tokens like a prefill
+    chunk (on CPU one attention call over the sequence's keys gathered once is cheaper than
+    k + 1 single-query ones: docs/benchmarks.md).
+
     With α = ``compute_nodes`` > 1 every row gets its compute node: a decode its sequence's
     node a, a prefill token at position p node (p // compute_chunk_size + a) % α, so a long
     prompt's dense work is divided α ways whatever sequence it belongs to."""
     ids: list[int] = []
     pos: list[int] = []
+    rows: list[int] = []
     to_sample: list[Sequence] = []
-    # A decode with drafts (speculative decoding) is 1 + k decode rows of the same sequence
-    # at consecutive positions: its last token, then the drafts. The rows write their K/V
-    # before any attends, each sees keys up to its own position, so the flat batch computes
-    # the target's distribution after every draft prefix in one forward (engine/speculative.py).
-    decode_seqs: list[Sequence] = []
+    decode_seqs: list[Sequence] = []  # one per decode row
+    chunks: list[tuple[Sequence, int]] = []  # verify chunks, then prefill chunks
     for s in batch.decodes:
+        if s.draft_ids and verify_as_chunks:
+            chunks.append((s, 1 + len(s.draft_ids)))
+            continue
         c = s.num_computed_tokens
         run = [s.token_ids[c], *s.draft_ids]
+        rows.extend(range(len(ids), len(ids) + len(run)))
         ids.extend(run)
         pos.extend(range(c, c + len(run)))
         decode_seqs.extend([s] * len(run))
         to_sample.append(s)
-    rows = list(range(len(ids)))
-    width = max((len(s.block_table) for s in batch.decodes), default=0)
+    width = max((len(s.block_table) for s in decode_seqs), default=0)
     tables = [
         s.block_table + [s.block_table[0]] * (width - len(s.block_table)) for s in decode_seqs
     ]
@@ -47,22 +60,28 @@ def build_step_inputs(
     prefill_tables = []
     score_rows: list[int] = []
     scored: list[tuple[Sequence, int]] = []
-    for seq, n in batch.prefills:
+    for seq, n in chunks + batch.prefills:
         c = seq.num_computed_tokens
-        if seq.prompt_logprobs is not None:
-            # The row at position p predicts the prompt token at p + 1 (if not known yet).
-            for p in range(c, min(c + n, seq.num_prompt_tokens - 1)):
-                if seq.prompt_logprobs[p + 1] is None:
-                    score_rows.append(len(ids) + p - c)
-                    scored.append((seq, p + 1))
-        ids.extend(seq.token_ids[c : c + n])
+        if seq.draft_ids:  # a verify chunk: every row's logits
+            rows.extend(range(len(ids), len(ids) + n))
+            ids.extend([seq.token_ids[c], *seq.draft_ids])
+            to_sample.append(seq)
+        else:
+            if seq.prompt_logprobs is not None:
+                # The row at position p predicts the prompt token at p + 1 (if not known yet).
+                for p in range(c, min(c + n, seq.num_prompt_tokens - 1)):
+                    if seq.prompt_logprobs[p + 1] is None:
+                        score_rows.append(len(ids) + p - c)
+                        scored.append((seq, p + 1))
+            ids.extend(seq.token_ids[c : c + n])
+            if c + n == seq.num_tokens:
+                rows.append(len(ids) - 1)
+                to_sample.append(seq)
         pos.extend(range(c, c + n))
         meta.append((n, c + n))
         prefill_tables.append(torch.tensor(seq.block_table, dtype=torch.long))
-        if c + n == seq.num_tokens:
-            rows.append(len(ids) - 1)
-            to_sample.append(seq)
     long = dict(dtype=torch.long)
+    chunked = chunks + batch.prefills
     inputs = StepInputs(
         input_ids=torch.tensor(ids, **long),
         positions=torch.tensor(pos, **long),
@@ -72,10 +91,10 @@ def build_step_inputs(
         prefill_tables=prefill_tables,
         sample_rows=torch.tensor(rows, **long),
         seq_ids=torch.tensor(
-            [s.seq_id for s in decode_seqs] + [s.seq_id for s, _ in batch.prefills], **long
+            [s.seq_id for s in decode_seqs] + [s.seq_id for s, _ in chunked], **long
         ),
         row_groups=(
-            row_groups(decode_seqs, batch.prefills, pos, compute_nodes, compute_chunk_size)
+            row_groups(decode_seqs, chunked, pos, compute_nodes, compute_chunk_size)
             if compute_nodes > 1
             else None
         ),

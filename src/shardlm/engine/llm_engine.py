@@ -98,6 +98,9 @@ class LLMEngine:
         self.speculation = config.speculative.config
         self.spec_stats = SpecStats()
         self.proposer = self._proposer()
+        # Drafts verified as one chunk per sequence (PyTorch attention) or as decode rows
+        # (the Triton decode kernel and CUDA graphs): engine/batching.py.
+        self.verify_as_chunks = self.runner.attention_backend != "triton"
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -140,8 +143,8 @@ class LLMEngine:
             self.engine_config, self.config, self.tokenizer, self.device, slots
         )
 
-    def _draft_slots(self, seq: Sequence, running: int) -> int:
-        return draft_slots(seq, self.speculation, running, self.max_model_len)
+    def _draft_slots(self, seq: Sequence, queued: int) -> int:
+        return draft_slots(seq, self.speculation, queued, self.max_model_len)
 
     # -- the job --
     @property
@@ -345,7 +348,9 @@ class LLMEngine:
         step's one host sync; it stays inside the guarded call because on CUDA a failed
         collective surfaces only there."""
         p = self.engine_config.parallel
-        inputs, seqs, scored = build_step_inputs(batch, p.compute_nodes, p.compute_chunk_size)
+        inputs, seqs, scored = build_step_inputs(
+            batch, p.compute_nodes, p.compute_chunk_size, self.verify_as_chunks
+        )
         logits = self.executor.run_step(inputs)
         sampled = inputs.sample_rows.shape[0]
         if scored:

@@ -66,8 +66,9 @@ class Scheduler:
         compute_nodes: int = 1,
         lookahead: Callable[[Sequence, int], int] | None = None,
     ):
-        """``lookahead(seq, running)``: draft slots a decoding sequence asks for this step,
-        given how many sequences are running (speculative decoding; None: never)."""
+        """``lookahead(seq, queued)``: draft slots a decoding sequence asks for this step,
+        given how many sequences are running or waiting (speculative decoding; None:
+        never)."""
         self.blocks = blocks
         self.lookahead = lookahead
         self.compute_nodes = compute_nodes
@@ -104,7 +105,7 @@ class Scheduler:
         # 1 + 2: running sequences, decodes first, then continuing prefills.
         decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        running = len(self.running)
+        queued = len(self.running) + len(self.waiting)
         for seq in decoding + prefilling:
             if budget == 0:
                 break
@@ -116,7 +117,7 @@ class Scheduler:
             extra = 0
             if n == 1 and self.lookahead is not None:
                 spare = budget - (len(decoding) - len(batch.decodes))
-                extra = max(0, min(self.lookahead(seq, running), spare))
+                extra = max(0, min(self.lookahead(seq, queued), spare))
             before = self.stats.preemptions
             fits = self._make_room(seq, seq.num_computed_tokens + n, batch)
             preempted |= self.stats.preemptions != before

@@ -166,12 +166,14 @@ def can_speculate(params: SamplingParams, has_grammar: bool) -> bool:
     )
 
 
-def draft_slots(seq: Seq, spec: SpeculativeConfig, running: int, max_model_len: int) -> int:
-    """Drafts a decoding sequence may have this step: none when the batch is at or above
-    ``disable_by_batch_size`` or the request cannot speculate; never so many that the step
+def draft_slots(seq: Seq, spec: SpeculativeConfig, queued: int, max_model_len: int) -> int:
+    """Drafts a decoding sequence may have this step: none when the sequences running or
+    waiting (``queued``) reach ``disable_by_batch_size`` — counting the waiting ones too, so
+    a burst of requests turns drafts off before the batch has filled, not after a ramp of
+    steps that speculated — or when the request cannot speculate; never so many that the step
     could pass max_tokens or max_model_len (a step appends at most drafts + 1 tokens)."""
     limit = spec.disable_by_batch_size
-    if (limit is not None and running >= limit) or not can_speculate(
+    if (limit is not None and queued >= limit) or not can_speculate(
         seq.params, seq.grammar is not None
     ):
         return 0
