@@ -247,8 +247,16 @@ def test_quantization_shrinks_weight_memory_by_what_it_should(outlier_ckpt, sche
         dense = llm.engine.rank_weight_bytes[0]
     with LLM(path, dtype="float32", quantization=scheme) as llm:
         assert llm.engine.rank_weight_bytes[0] == dense - saved(["down_proj"])
+    k, n = config.hidden_size, config.vocab_size
+    quantized_head = k * n + n * 4
+    # The LM head too: its float weight goes, unless a tied embedding still reads it.
+    head = quantized_head if config.tie_word_embeddings else quantized_head - k * n * 4
     with LLM(path, dtype="float32", quantization=scheme, quantize_all_linears=True) as llm:
-        assert llm.engine.rank_weight_bytes[0] == dense - saved(shapes)
+        assert llm.engine.rank_weight_bytes[0] == dense - saved(shapes) + head
+        assert (
+            type(llm.runner.model.lm_head).__name__
+            == type(llm.runner.model.layers[0].mlp.down_proj).__name__
+        )
         kinds = {type(m).__name__ for m in llm.runner.model.layers[0].modules()}
         assert {"Int8Linear" if scheme == "int8" else "Fp8Linear"} <= kinds
         assert "Linear" not in kinds  # every linear of the layers was replaced
@@ -551,3 +559,18 @@ def test_tensor_parallel_ranks_smooth_their_own_slice(outlier_ckpt):
                 mlp.down_proj.weight_t, ref.down_proj.weight_t[rows], rtol=0, atol=0
             )
             assert not torch.equal(up, raw.gate_up_proj.weight_t[:, width:][:, rows])
+
+
+def test_quantized_lm_head_with_tied_embeddings(checkpoints):
+    """quantize_all_linears quantizes the LM head; with tied embeddings the embedding keeps
+    reading the float table and the head is an int8 copy: logits stay close to float32."""
+    path, _ = checkpoints["llama-mha-tied"]
+    with LLM(path, dtype="float32") as llm:
+        want = llm.prompt_logits(PROMPT)
+    with LLM(path, dtype="float32", quantization="int8", quantize_all_linears=True) as llm:
+        model = llm.runner.model
+        assert type(model.lm_head).__name__ == "Int8Linear"
+        assert model.embed_tokens.lm_head[0].weight_t.numel() > 0  # the float table stays
+        got = llm.prompt_logits(PROMPT)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9

@@ -320,7 +320,7 @@ class QuantizationOptions:
         None, "W8A8 quantization of the MLP down projection", choices=(None, *QUANTIZATIONS)
     )
     quantize_all_linears: bool = option(
-        False, "quantize QKV/O/gate/up too (everything but the LM head)"
+        False, "quantize QKV/O/gate/up and the LM head too (a tied embedding table stays float)"
     )
     arm: str = option(
         "none", "activation redistribution in front of the down projection", choices=ARM_MODES

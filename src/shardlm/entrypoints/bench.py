@@ -384,7 +384,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         record = {
             "shape": args.shape,
             "model": args.model,
-            "parameters": sum(p.numel() for p in engine.runner.model.parameters()),
+            "parameters": engine.runner.num_parameters,
             "dtype": str(engine.dtype).removeprefix("torch."),
             "device": str(engine.device),
             "attention_backend": engine.runner.attention_backend,
@@ -419,7 +419,7 @@ def measure(
     """One row per batch size: tokens/s of the timed runs (median, min, max, each run), the
     median ms per step, and the roofline of that batch."""
     model = engine.runner.model
-    weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed_"))
+    weights = model.streamed_weight_bytes
     per_token_kv = engine.runner.kv_bytes_per_token()
     bandwidth = copy_bandwidth(engine.device)
     vocab = engine.config.vocab_size

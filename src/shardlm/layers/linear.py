@@ -16,6 +16,14 @@ additions, so results differ from the plain product by rounding only. It pays on
 product is bandwidth-bound: from ~64 rows of x on, BLAS's own threading is as fast, so larger
 batches (prefill) take the plain path.
 
+Half precision on CPU (``pack_for_cpu``): no BLAS path streams a bfloat16 ``weight_t`` fast
+(split-K reaches ~20 GB/s, half of float32's, so bfloat16 decoded *slower* than float32);
+oneDNN's linear on a weight reordered once into its blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``) streams ~39 GB/s for one row and stays
+bandwidth-bound for a few (benchmarks/cpu_linear.py). The runner packs every bfloat16 /
+float16 Linear after loading and the weight transforms; the plain weight is then dropped,
+except where the tied embedding still reads it.
+
 Weights are created uninitialised (``torch.empty``): the loader overwrites every element, and
 random initialisation of a multi-GB model would cost seconds for nothing.
 """
@@ -53,6 +61,17 @@ def choose_splits(in_features: int, device: torch.device) -> int:
     return splits
 
 
+def can_pack_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's packed linear applies: half precision on a CPU whose oneDNN supports it."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
 class Linear(nn.Module):
     """y = x W (+ b). ``out_features`` may be the concatenation of several checkpoint
     projections (q|k|v or gate|up) so one matmul replaces several.
@@ -77,9 +96,26 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.splits = choose_splits(in_features, self.weight_t.device)
         self.tp = tp  # set: row-parallel, AllReduce the partial sums
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy (pack_for_cpu)
+        self.packed_bytes = 0
+
+    def pack_for_cpu(self, keep_weight: bool = False) -> bool:
+        """Use oneDNN's linear on a reordered copy of the weight (half precision on CPU; see
+        the module docstring). ``keep_weight``: the plain weight is still read elsewhere
+        (the tied embedding). False, and nothing changes, where it does not apply."""
+        w = self.weight_t
+        if not can_pack_for_cpu(w.device, w.dtype) or self.packed is not None:
+            return False
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().t().contiguous(), 1)
+        self.packed_bytes = w.nbytes
+        if not keep_weight:  # the packed copy is the weight now: free the plain one
+            self.weight_t = nn.Parameter(w.new_empty(0, 0), requires_grad=False)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.splits > 1 and x.shape[0] <= SPLIT_K_MAX_ROWS:
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        elif self.splits > 1 and x.shape[0] <= SPLIT_K_MAX_ROWS:
             y = split_k_matmul(x, self.weight_t, self.splits)
         else:
             y = x @ self.weight_t

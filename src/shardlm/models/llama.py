@@ -288,6 +288,42 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, self.rotary, attn)
         return self.norm(x, residual)[0]
 
+    def pack_for_cpu(self) -> int:
+        """Half precision on CPU: every Linear on oneDNN's packed weight (layers/linear.py);
+        the tied LM head keeps its plain weight too, which the embedding reads. Call after
+        loading and the weight transforms. Returns how many layers were packed."""
+        tied = isinstance(self.embed_tokens, TiedEmbedding)
+        packed = 0
+        for module in self.modules():
+            if isinstance(module, Linear):
+                packed += module.pack_for_cpu(keep_weight=tied and module is self.lm_head)
+        return packed
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of this shard's weights as they are held (packed copies included)."""
+        held = sum(p.nbytes for p in self.parameters()) + sum(
+            m.packed_bytes for m in self.modules() if isinstance(m, Linear)
+        )
+        if isinstance(self.embed_tokens, TiedEmbedding):
+            table = self.embed_tokens.lm_head[0]
+            if table is not self.lm_head:  # a quantized head: the float table is the embedding's
+                held += table.weight_t.nbytes + table.packed_bytes
+        return held
+
+    @property
+    def streamed_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every layer and the head, not the
+        embedding table (a gather of a few rows) nor a float copy kept only for it."""
+        held = self.weight_bytes
+        emb = self.embed_tokens
+        if isinstance(emb, TiedEmbedding):
+            table = emb.lm_head[0]
+            if table is not self.lm_head or table.packed is not None:
+                held -= table.weight_t.nbytes  # read by the embedding only
+            return held
+        return held - sum(p.nbytes for p in emb.parameters())
+
     def use_triton_kernels(self, enabled: bool = True) -> None:
         """Fused Triton kernels for the norms (+ residual adds) and SiLU·mul
         (kernels/fused.py); RoPE + KV write is the attention backend's (PagedAttention)."""

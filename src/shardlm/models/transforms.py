@@ -144,6 +144,11 @@ def apply_weight_transforms(model: LlamaForCausalLM, transforms: WeightTransform
             for owner, name in targets:
                 linear = getattr(owner, name)
                 setattr(owner, name, quantize_linear(linear, transforms.quantization))
+        if transforms.quantize_all_linears:
+            # The LM head too: at small models it is a large share of the bytes a decode step
+            # reads. With tied embeddings the embedding keeps reading the float table (a
+            # token's row is a gather, not a product) and the head gets a quantized copy.
+            model.lm_head = quantize_linear(model.lm_head, transforms.quantization)
 
 
 def layer_arm(arm: str, mlp: LlamaMLP, act_absmax: torch.Tensor | None) -> ArmTransform:

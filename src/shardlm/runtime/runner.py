@@ -86,11 +86,14 @@ class ModelRunner:
             # Give the freed float weights back, so the KV pool sizing (free memory) sees them.
             gc.collect()
             torch.cuda.empty_cache()
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        # Half precision on CPU: oneDNN's packed weights (twice split-K's bandwidth here).
+        self.packed_layers = self.model.pack_for_cpu() if device.type == "cpu" else 0
         self.load_seconds = time.perf_counter() - start
         self.counters = ComputeCounters(self.num_compute_nodes, self)
         self.scale = config.head_dim**-0.5
         # Quantized weights are int8/fp8 parameters (plus their scales): this is real memory.
-        self.weight_bytes = sum(p.nbytes for p in self.model.parameters())
+        self.weight_bytes = self.model.weight_bytes
         logger.info(
             "rank %d: loaded %s (%.1f MiB of weights in this shard, %s, %s) in %.2fs",
             self.tp.rank,
