@@ -192,13 +192,14 @@ def test_paged_step_turns_step_inputs_into_the_plan():
     ]
     step = paged_step(inputs, bs)
     assert step.slot_mapping.tolist() == [slots[0][9], slots[1][5], *slots[2][7:13].tolist()]
-    assert step.decode_slots[0].tolist() == slots[0].tolist()
-    assert step.decode_slots[1].tolist() == [*slots[1].tolist(), *[slots[1][0].item()] * 4]
+    # The decodes' keys by whole blocks: ⌈10 / 4⌉ = 3 columns of the padded tables.
+    assert step.decode_slots is None
+    assert step.decode_blocks.tolist() == [[3, 7, 1], [0, 9, 0]]
     (chunk,) = step.prefills
     assert (chunk.start, chunk.end, chunk.context_len) == (2, 8, 13)
     assert chunk.slots.tolist() == slots[2].tolist()
     kernel = paged_step(inputs, bs, gather_decode_keys=False)  # the Triton kernel's form
-    assert kernel.decode_slots is None
+    assert kernel.decode_slots is None and kernel.decode_blocks is None
     assert torch.equal(kernel.slot_mapping, step.slot_mapping)
     static = StepInputs.static_decodes(
         torch.tensor([1]),
@@ -210,3 +211,20 @@ def test_paged_step_turns_step_inputs_into_the_plan():
     assert paged_step(static, bs, gather_decode_keys=False).slot_mapping.tolist() == [99]
     with pytest.raises(ValueError, match="needs the Triton decode kernel"):
         paged_step(static, bs)
+
+
+def test_never_written_slots_cannot_poison_decodes(llama_ckpt):
+    """The PyTorch decode path gathers whole blocks, so it reads slots past a sequence's
+    length; the pool is torch.empty. With every slot NaN before the first request, the
+    greedy tokens are still transformers'."""
+    from shardlm import LLM, SamplingParams
+    from tests.test_model_parity import hf_greedy
+
+    path, hf = llama_ckpt
+    prompts = [[5, 9, 13], list(range(20, 47))]  # lengths inside a block and past several
+    with LLM(path, dtype="float32", device="cpu", block_size=8, attention_backend="torch") as llm:
+        llm.engine.runner.kv_cache.k.fill_(float("nan"))
+        llm.engine.runner.kv_cache.v.fill_(float("nan"))
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 10) for p in prompts]
