@@ -123,7 +123,7 @@ def test_vllm_spellings_are_aliases():
         ({"enable_prefix_caching": "yes"}, "enable_prefix_caching", "True or False"),
         ({"attention_transport": "tcp"}, "attention_transport", "one of distributed, in-process"),
         ({"attention_device": "cpu"}, "attention_device", "needs attention_nodes ≥ 1"),
-        ({"quantize_all_linears": True}, "quantize_all_linears", "needs quantization"),
+        ({"quantize_all_linears": True}, "quantize_all_linears", "needs a quantization"),
         ({"tp_timeout_s": 0.5}, "tp_timeout_s", "a number in [1, 3600]"),
         ({"model": 3}, "model", "model must be a path, got int"),
     ],

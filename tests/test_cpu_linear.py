@@ -71,3 +71,49 @@ def test_engine_logits_match_the_unpacked_model(variant, checkpoints, monkeypatc
     head = llm.engine.config.vocab_size * llm.engine.config.hidden_size * 2
     assert weights == plain_weights + (head if tied else 0)  # a tied head is held twice
     assert streamed == plain_streamed  # but a step reads it once (the roofline's bytes)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 33])
+@pytest.mark.parametrize("width", [256, 40])  # 40: no kernel (crashes torch 2.13's), the fallback
+def test_int8_weight_only_linear_is_the_dequantized_product(rows, width):
+    """W8A16: the int8 kernel against the product with the dequantized weight (float32)."""
+    from shardlm.layers.quant import Int8WeightOnlyLinear
+
+    g = torch.Generator().manual_seed(rows)
+    layer = Linear(width, 384)
+    with torch.no_grad():
+        layer.weight_t.copy_(torch.randn(width, 384, generator=g) / 16)
+    q = Int8WeightOnlyLinear(layer)
+    assert q.kernel == (width % 16 == 0) and q.weight_q.dtype == torch.int8
+    x = torch.randn(rows, width, generator=g)
+    w = q.weight_q.float() * q.weight_scale.float()[:, None]  # what the int8 weight encodes
+    want = x @ w.t()
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, 384)
+    # The kernel takes bfloat16 activations: within their rounding.
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    # And the int8 weight is close to the float one.
+    assert (want - x @ layer.weight_t).abs().max() <= 3e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_weight_only_engine_keeps_logits_and_shrinks_weights(dtype, checkpoints):
+    path, _ = checkpoints["llama-gqa"]
+    ids = list(range(3, 40))
+    with LLM(path, dtype=dtype, device="cpu") as llm:
+        want = llm.engine.prompt_logits(ids)
+        dense = llm.engine.runner.model.streamed_weight_bytes
+    with LLM(
+        path,
+        dtype=dtype,
+        device="cpu",
+        quantization="int8_weight_only",
+        quantize_all_linears=True,
+    ) as llm:
+        model = llm.engine.runner.model
+        assert type(model.lm_head).__name__ == "Int8WeightOnlyLinear"
+        got = llm.engine.prompt_logits(ids)
+        streamed = model.streamed_weight_bytes
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert streamed < dense / (3 if dtype == "float32" else 1.7)

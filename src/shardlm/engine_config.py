@@ -317,7 +317,9 @@ class QuantizationOptions:
     """W8A8 quantization and the activation redistribution module (figure 3, docs/arm.md)."""
 
     quantization: str | None = option(
-        None, "W8A8 quantization of the MLP down projection", choices=(None, *QUANTIZATIONS)
+        None,
+        "quantization of the MLP down projection: W8A8 int8 or fp8, or int8 weight-only",
+        choices=(None, *QUANTIZATIONS),
     )
     quantize_all_linears: bool = option(
         False, "quantize QKV/O/gate/up and the LM head too (a tied embedding table stays float)"
@@ -338,7 +340,7 @@ class QuantizationOptions:
         if self.quantize_all_linears and self.quantization is None:
             raise ParamError(
                 "quantize_all_linears",
-                "quantize_all_linears=True needs quantization='int8' or 'fp8'",
+                "quantize_all_linears=True needs a quantization (int8, fp8 or int8_weight_only)",
             )
         if self.arm_calibration is not None and self.arm not in ("smooth", "both"):
             raise ParamError(

@@ -12,7 +12,9 @@ sequence's tokens it has not seen (the whole prompt the first time; after a veri
 accepted drafts and the new token) and yields draft 1; then k − 1 single-row decodes yield
 the rest. The draft's K/V stays valid up to where its tokens equal the sequence's verified
 tokens: min(what it computed, the target's computed tokens) — the rollback is that one
-``min`` at the next step. A sequence the draft pool cannot hold gets no drafts that step.
+``min`` at the next step. A sequence the draft pool cannot hold gets no drafts that step;
+one far behind (a long prompt) catches up over several steps, at most
+``max_num_batched_tokens`` tokens a step, with no drafts until level.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class DraftModelProposer:
         self.runner.init_kv_cache(num_blocks, block_size)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.state: dict[int, _DraftSeq] = {}
+        # Tokens one step's catch-up forward may take (as the target's step budget).
+        self.catch_up_budget = engine.scheduler.max_num_batched_tokens
 
     @property
     def weight_bytes(self) -> int:
@@ -127,26 +131,41 @@ class DraftModelProposer:
         """Fill each sequence's draft_ids (module docstring); the draft distributions [k, V]
         of the sampled rows."""
         active: list[tuple[Sequence, int, _DraftSeq]] = []
+        behind: list[tuple[Sequence, int, _DraftSeq]] = []  # (seq, tokens to catch up, state)
+        budget = self.catch_up_budget
         for seq, k in slots.items():
             seq.draft_ids = []
             st = self.state.setdefault(seq.seq_id, _DraftSeq())
             st.computed = min(st.computed, seq.num_computed_tokens)
-            need = self.blocks.blocks_needed(seq.num_tokens + k - 1) - len(st.block_table)
-            if need > self.blocks.num_free_blocks:
-                continue  # the draft pool is full: this sequence decodes plainly this step
+            unseen = seq.num_tokens - st.computed
+            # A long way behind (a new prompt): catch up in chunks of the step's token budget
+            # over several steps, with no drafts until level, as the target prefills.
+            end = seq.num_tokens + k - 1 if unseen <= budget else st.computed + budget
+            need = self.blocks.blocks_needed(end) - len(st.block_table)
+            if budget <= 0 or need > self.blocks.num_free_blocks:
+                continue  # no room this step: this sequence decodes plainly
             if need > 0:
                 st.block_table += self.blocks.allocate(need)
-            active.append((seq, k, st))
-        if not active:
+            if unseen <= budget:
+                active.append((seq, k, st))
+                budget -= unseen
+            else:
+                behind.append((seq, budget, st))
+                budget = 0
+        if not active and not behind:
             return {}
         rows = [SamplingRow(seq.params, seq.generator, (), ()) for seq, _, _ in active]
         probs: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq, _, _ in active}
-        # Catch up on the tokens the draft has not seen; its last row yields draft 1.
-        logits = self.runner.run(_catch_up_step(active))
-        self._take(logits, active, rows, probs)
+        # Catch up on the tokens the draft has not seen; the last row of a sequence that is
+        # level now yields its draft 1.
+        logits = self.runner.run(_catch_up_step(active, behind))
+        if active:
+            self._take(logits, active, rows, probs)
         for seq, _, st in active:
             st.computed = seq.num_tokens
-        for i in range(1, max(k for _, k, _ in active)):
+        for _, n, st in behind:
+            st.computed += n
+        for i in range(1, max((k for _, k, _ in active), default=1)):
             going = [j for j, (_, k, _) in enumerate(active) if k > i]
             logits = self.runner.run(_decode_step([active[j] for j in going]))
             self._take(logits, [active[j] for j in going], [rows[j] for j in going], probs)
@@ -173,15 +192,21 @@ class DraftModelProposer:
             probs[seq].append(q)
 
 
-def _catch_up_step(active: list[tuple[Sequence, int, _DraftSeq]]) -> StepInputs:
-    """Each sequence's unseen tokens as one prefill chunk (logits at its last row)."""
+def _catch_up_step(
+    active: list[tuple[Sequence, int, _DraftSeq]], behind: list[tuple[Sequence, int, _DraftSeq]]
+) -> StepInputs:
+    """Each active sequence's unseen tokens as one prefill chunk (logits at its last row),
+    then the next ``n`` unseen tokens of each sequence still behind (no logits)."""
     ids, pos, meta, tables, rows = [], [], [], [], []
-    for seq, _, st in active:
-        ids += seq.token_ids[st.computed :]
-        pos += range(st.computed, seq.num_tokens)
-        meta.append((seq.num_tokens - st.computed, seq.num_tokens))
+    chunks = [(seq, st, seq.num_tokens - st.computed) for seq, _, st in active]
+    chunks += [(seq, st, n) for seq, n, st in behind]
+    for i, (seq, st, n) in enumerate(chunks):
+        ids += seq.token_ids[st.computed : st.computed + n]
+        pos += range(st.computed, st.computed + n)
+        meta.append((n, st.computed + n))
         tables.append(torch.tensor(st.block_table, dtype=torch.long))
-        rows.append(len(ids) - 1)
+        if i < len(active):
+            rows.append(len(ids) - 1)
     long = dict(dtype=torch.long)
     return StepInputs(
         input_ids=torch.tensor(ids, **long),
@@ -191,7 +216,7 @@ def _catch_up_step(active: list[tuple[Sequence, int, _DraftSeq]]) -> StepInputs:
         prefill_meta=torch.tensor(meta, **long).view(-1, 2),
         prefill_tables=tables,
         sample_rows=torch.tensor(rows, **long),
-        seq_ids=torch.tensor([seq.seq_id for seq, _, _ in active], **long),
+        seq_ids=torch.tensor([seq.seq_id for seq, _, _ in chunks], **long),
     )
 
 

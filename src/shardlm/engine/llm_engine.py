@@ -279,6 +279,8 @@ class LLMEngine:
         if batch:
             self._prefill_tokens += sum(n for _, n in batch.prefills)
             self._decode_tokens += len(batch.decodes)
+            for seq in batch.decodes:  # drafts exist only for this step's lookahead
+                seq.draft_ids = []
             draft_probs = self.proposer.propose(batch.lookahead) if batch.lookahead else {}
             seqs, results = self.executor.guarded(self._execute_and_sample, batch, draft_probs)
             for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
@@ -297,6 +299,9 @@ class LLMEngine:
                             break  # tokens after a stop are dropped
                 if seq.draft_ids:
                     self._roll_back(seq, result.accepted)
+                elif seq in batch.lookahead and not seq.is_finished:
+                    # Slots were reserved but the proposer made no draft: give them back.
+                    self.scheduler.trim_blocks(seq)
                 touched.setdefault(seq.request.request_id, []).append(seq)
         for request_id, seqs in touched.items():
             request = self.requests.get(request_id)

@@ -9,6 +9,8 @@ Every step has a token budget (``max_num_batched_tokens``). It is spent in this 
    and as much of the rest of its prompt as the budget allows. Samples 2..n of a request
    wait until sample 1 has computed the prompt, then share its blocks through the cache.
    A sequence whose structured-output grammar is still compiling waits; later ones pass it.
+4. speculative decoding's draft slots for decodes (``lookahead``), out of the budget and the
+   free blocks left by all of the above: drafts never delay or preempt other work.
 
 When the pool has no block for a running sequence's next tokens, the most recently admitted
 running sequence is preempted: its blocks are freed and it goes back to the front of the
@@ -112,12 +114,6 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, scoring_cap(seq))
-            # Draft slots come out of what is left after one token for every decode, so
-            # speculation never delays another sequence's decode or a prefill's admission.
-            extra = 0
-            if n == 1 and self.lookahead is not None:
-                spare = budget - (len(decoding) - len(batch.decodes))
-                extra = max(0, min(self.lookahead(seq, queued), spare))
             before = self.stats.preemptions
             fits = self._make_room(seq, seq.num_computed_tokens + n, batch)
             preempted |= self.stats.preemptions != before
@@ -125,9 +121,6 @@ class Scheduler:
                 continue
             if seq.num_tokens - seq.num_computed_tokens == 1:
                 batch.decodes.append(seq)  # its last known token: a decode, sampled
-                extra = self._draft_room(seq, extra)
-                if extra:
-                    batch.lookahead[seq] = extra
             else:
                 batch.prefills.append((seq, n))
             # Recomputed, not decremented: a preemption may have removed scheduled work.
@@ -164,6 +157,17 @@ class Scheduler:
             self.running.append(seq)
             batch.prefills.append((seq, n))
             budget -= n
+
+        # 4: draft slots (speculative decoding), last: out of the budget and the free blocks
+        # every decode, prefill and admission left, so drafts never delay or preempt anyone.
+        if self.lookahead is not None:
+            for seq in batch.decodes:
+                if budget <= 0:
+                    break
+                extra = self._draft_room(seq, min(self.lookahead(seq, queued), budget))
+                if extra:
+                    batch.lookahead[seq] = extra
+                    budget -= extra
         return batch
 
     # -- helpers --

@@ -31,8 +31,10 @@ x_1..x_{i−1}):
   without x_i, renormalised.
 
 Random numbers come from each row's own generator (k uniforms, then one exponential race
-over the vocabulary for the emitted token, as the sampler draws), so a seeded request is
-reproducible whatever shares its batch.
+over the vocabulary for the emitted token, as the sampler draws). How many drafts a step
+verifies depends on the batch (its size, free blocks), and with it how much of the generator
+the step uses: so the engine does not speculate for seeded sampled requests (can_speculate),
+which keep their promise of the same tokens whatever shares their batch.
 """
 
 from __future__ import annotations
@@ -157,12 +159,16 @@ def can_speculate(params: SamplingParams, has_grammar: bool) -> bool:
     allowed_token_ids / bad_words and structured outputs change the distribution with every
     token appended (counts, banned continuations, grammar state), which the k + 1 rows of one
     verify step cannot see: such requests decode one token a step (in the same batch, exact).
-    ``speculative=False`` opts a request out."""
+    Seeded sampled requests too (see below). ``speculative=False`` opts a request out."""
     return (
         params.speculative
         and not has_grammar
         and not params.has_penalties
         and not has_constraints(params)
+        # A seeded sampled request must give the same tokens whatever its neighbours; how
+        # many drafts it gets (batch size, free blocks) decides how much of its generator a
+        # step uses, so it decodes plainly. Seeded greedy requests use no random numbers.
+        and (params.seed is None or params.greedy)
     )
 
 

@@ -57,7 +57,9 @@ class WeightTransforms:
         if not isinstance(quantize_all_linears, bool):
             raise ValueError(f"quantize_all_linears must be a bool, got {quantize_all_linears!r}")
         if quantize_all_linears and quantization is None:
-            raise ValueError("quantize_all_linears=True needs quantization='int8' or 'fp8'")
+            raise ValueError(
+                "quantize_all_linears=True needs a quantization (int8, fp8 or int8_weight_only)"
+            )
         if arm_calibration is not None and not isinstance(arm_calibration, (str, os.PathLike)):
             raise ValueError(
                 f"arm_calibration must be a path, got {type(arm_calibration).__name__}"
