@@ -68,6 +68,8 @@ def run(
         max_num_seqs=batch,
         enable_prefix_caching=False,
     ) as llm:
+        if args.verify_as_decode_rows:  # the Triton / CUDA-graph form, on PyTorch attention
+            llm.engine.verify_as_chunks = False
         llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
         before = llm.engine.stats
         start = time.perf_counter()
@@ -190,6 +192,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompt-chars", type=int, default=600)
     p.add_argument("--force-large-batch", action="store_true")
+    p.add_argument(
+        "--verify-as-decode-rows",
+        action="store_true",
+        help="verify drafts as k + 1 single-query decode rows instead of one chunk",
+    )
     p.add_argument(
         "--row-cost",
         action="store_true",

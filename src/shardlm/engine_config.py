@@ -19,6 +19,7 @@ asked: each rank resolves "auto" on its own device (and falls back alone if the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -475,7 +476,7 @@ class EngineConfig:
         )
         spec = self.speculative.config
         if spec is not None and spec.model is not None:
-            spec = spec.replace_model(str(resolve_draft_path(spec.model)))
+            spec = dataclasses.replace(spec, model=str(resolve_draft_path(spec.model)))
         return self.replace(
             model=str(path),
             speculative_config=None if spec is None else spec.to_json(),

@@ -19,7 +19,6 @@ of benchmarks/speculative.py's figures (docs/benchmarks.md); null never disables
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -64,9 +63,6 @@ class SpeculativeConfig:
         if self.disable_by_batch_size is None:
             keys.append("disable_by_batch_size")  # null: never disabled
         return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
-
-    def replace_model(self, model: str) -> SpeculativeConfig:
-        return dataclasses.replace(self, model=model)
 
 
 def _int(key: str, value: Any, lo: int, hi: int) -> int:

@@ -52,10 +52,7 @@ def build_step_inputs(
         pos.extend(range(c, c + len(run)))
         decode_seqs.extend([s] * len(run))
         to_sample.append(s)
-    width = max((len(s.block_table) for s in decode_seqs), default=0)
-    tables = [
-        s.block_table + [s.block_table[0]] * (width - len(s.block_table)) for s in decode_seqs
-    ]
+    tables = padded_tables([s.block_table for s in decode_seqs])
     meta = []
     prefill_tables = []
     score_rows: list[int] = []
@@ -85,7 +82,7 @@ def build_step_inputs(
     inputs = StepInputs(
         input_ids=torch.tensor(ids, **long),
         positions=torch.tensor(pos, **long),
-        decode_tables=torch.tensor(tables, **long).view(len(tables), width),
+        decode_tables=tables,
         decode_lens=torch.tensor([p + 1 for p in pos[: len(decode_seqs)]], **long),
         prefill_meta=torch.tensor(meta, **long).view(len(meta), 2),
         prefill_tables=prefill_tables,
@@ -101,6 +98,14 @@ def build_step_inputs(
         score_rows=torch.tensor(score_rows, **long) if score_rows else None,
     )
     return inputs, to_sample, scored
+
+
+def padded_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Decode rows' block tables as one [B, W] tensor, each padded with its own first block
+    (a valid block of the same sequence; the padding is never attended)."""
+    width = max((len(t) for t in tables), default=0)
+    rows = [t + [t[0]] * (width - len(t)) for t in tables]
+    return torch.tensor(rows, dtype=torch.long).view(len(tables), width)
 
 
 def row_groups(

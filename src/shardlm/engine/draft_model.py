@@ -26,6 +26,7 @@ import torch
 
 from shardlm.cache.block_manager import BlockManager
 from shardlm.config import ModelConfig
+from shardlm.engine.batching import padded_tables
 from shardlm.engine.sampler import SamplingRow, sampling_probs
 from shardlm.engine.speculative import draw
 from shardlm.engine_config import EngineConfig
@@ -115,10 +116,6 @@ class DraftModelProposer:
         self.state: dict[int, _DraftSeq] = {}
         # Tokens one step's catch-up forward may take (as the target's step budget).
         self.catch_up_budget = engine.scheduler.max_num_batched_tokens
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.runner.weight_bytes
 
     def release(self, seq_ids: list[int]) -> None:
         """Sequences the scheduler freed (finished, aborted, preempted): drop their K/V."""
@@ -222,14 +219,12 @@ def _catch_up_step(
 
 def _decode_step(active: list[tuple[Sequence, int, _DraftSeq]]) -> StepInputs:
     """Each sequence's latest draft as one decode row."""
-    width = max(len(st.block_table) for _, _, st in active)
     long = dict(dtype=torch.long)
-    tables = [t.block_table + [t.block_table[0]] * (width - len(t.block_table)) for *_, t in active]
     pos = [st.computed for *_, st in active]
     return StepInputs(
         input_ids=torch.tensor([seq.draft_ids[-1] for seq, _, _ in active], **long),
         positions=torch.tensor(pos, **long),
-        decode_tables=torch.tensor(tables, **long),
+        decode_tables=padded_tables([st.block_table for *_, st in active]),
         decode_lens=torch.tensor([p + 1 for p in pos], **long),
         prefill_meta=torch.zeros(0, 2, **long),
         prefill_tables=[],

@@ -143,6 +143,15 @@ class LLMEngine:
             self.engine_config, self.config, self.tokenizer, self.device, slots
         )
 
+    def _propose(self, batch: ScheduledBatch) -> dict[Sequence, torch.Tensor]:
+        """Drafts for this step's lookahead (Sequence.draft_ids); stale ones of an earlier
+        step that raised are dropped first. The draft distributions of sampled rows."""
+        if self.proposer is None:
+            return {}
+        for seq in batch.decodes:
+            seq.draft_ids = []
+        return self.proposer.propose(batch.lookahead) if batch.lookahead else {}
+
     def _draft_slots(self, seq: Sequence, queued: int) -> int:
         return draft_slots(seq, self.speculation, queued, self.max_model_len)
 
@@ -279,9 +288,7 @@ class LLMEngine:
         if batch:
             self._prefill_tokens += sum(n for _, n in batch.prefills)
             self._decode_tokens += len(batch.decodes)
-            for seq in batch.decodes:  # drafts exist only for this step's lookahead
-                seq.draft_ids = []
-            draft_probs = self.proposer.propose(batch.lookahead) if batch.lookahead else {}
+            draft_probs = self._propose(batch)
             seqs, results = self.executor.guarded(self._execute_and_sample, batch, draft_probs)
             for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
                 seq.num_computed_tokens += n

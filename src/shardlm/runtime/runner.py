@@ -88,7 +88,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         # Half precision on CPU: oneDNN's packed weights (twice split-K's bandwidth here).
-        self.packed_layers = self.model.pack_for_cpu() if device.type == "cpu" else 0
+        self.packed_layers = self.model.pack_for_cpu()
         self.load_seconds = time.perf_counter() - start
         self.counters = ComputeCounters(self.num_compute_nodes, self)
         self.scale = config.head_dim**-0.5
