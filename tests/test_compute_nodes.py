@@ -331,44 +331,44 @@ def test_cli_and_torchrun_compute_nodes_give_the_same_text(ckpt):
     assert finish(cli_generate(path, launcher, extra)) == plain
 
 
-def test_node_reports_reach_the_metrics(ckpt, monkeypatch):
-    """The server's engine thread asks the nodes for their own counters and /metrics shows
+def test_node_reports_reach_the_metrics(ckpt):
+    """The server's engine process asks the nodes for their own counters and /metrics shows
     them: tokens per compute node, KV per attention node."""
     import asyncio
 
     pytest.importorskip("prometheus_client")
-    from shardlm.engine.llm_engine import LLMEngine
-    from shardlm.entrypoints.openai import async_engine
+    from shardlm.entrypoints.openai.engine_client import EngineClient
     from shardlm.entrypoints.openai.metrics import ServerMetrics
 
-    monkeypatch.setattr(async_engine, "NODE_STATS_PERIOD_S", 0.0)
-    engine = LLMEngine(
-        ckpt[0],
-        device="cpu",
-        compute_nodes=2,
-        attention_nodes=2,
-        attention_transport="in-process",
-        compute_chunk_size=4,
+    client = EngineClient(
+        dict(
+            model=str(ckpt[0]),
+            device="cpu",
+            compute_nodes=2,
+            attention_nodes=2,
+            attention_transport="in-process",
+            compute_chunk_size=4,
+        )
     )
-    runner = async_engine.AsyncEngine(engine)
 
     async def ask() -> None:
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-        stream = await runner.add("r", {"prompt_token_ids": list(range(2, 40))}, params)
+        stream = await client.add("r", {"prompt_token_ids": list(range(2, 40))}, params)
         async for _ in stream:
             pass
 
     try:
         asyncio.run(ask())
-        # The engine thread refreshes the snapshot after each step: wait for the last one.
+        # The engine refreshes the snapshot at most once a second, and once more when it
+        # goes idle after the last steps: wait for that one.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if sum(c.tokens for c in runner.node_stats.compute) == 38 + 7:
+            if sum(c.tokens for c in client.node_stats.compute) == 38 + 7:
                 break
             time.sleep(0.05)
-        text = ServerMetrics(lambda: runner.stats, lambda: runner.node_stats).render().decode()
+        text = ServerMetrics(lambda: client.stats, lambda: client.node_stats).render().decode()
     finally:
-        runner.shutdown()
+        client.shutdown()
     tokens = {
         line.split('"')[1]: float(line.split()[-1])
         for line in text.splitlines()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -17,7 +16,8 @@ import pytest
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.engine.stats import EngineStats
-from shardlm.entrypoints.openai.async_engine import EngineDead, NodeSnapshot, RequestStream
+from shardlm.entrypoints.openai.engine_client import EngineDead, RequestStream
+from shardlm.entrypoints.openai.engine_core import NodeSnapshot
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shardlm.entrypoints.openai.server import build_app
@@ -44,14 +44,12 @@ class Tokenizer:
 
 
 class FakeEngine:
-    """AsyncEngine's surface: every request generates "ab" (two deltas), n sequences each."""
+    """EngineClient's surface: every request generates "ab" (two deltas), n sequences each."""
 
     def __init__(self, refuse: BaseException | None = None, waiting: int = 0) -> None:
-        self.engine = SimpleNamespace(
-            tokenizer=Tokenizer(),
-            max_model_len=MAX_MODEL_LEN,
-            config=SimpleNamespace(vocab_size=VOCAB),
-        )
+        self.tokenizer = Tokenizer()
+        self.max_model_len = MAX_MODEL_LEN
+        self.vocab_size = VOCAB
         self.stats = EngineStats(
             preemptions=0,
             prefix_cache_hit_tokens=0,

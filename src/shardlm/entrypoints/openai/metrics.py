@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from shardlm.engine.stats import EngineStats
 
 if TYPE_CHECKING:
-    from shardlm.entrypoints.openai.async_engine import NodeSnapshot
+    from shardlm.entrypoints.openai.engine_core import NodeSnapshot
 
 # Seconds: from a few ms (small models, GPUs) to a minute (long prompts on CPU).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -13,7 +13,7 @@ from typing import Literal
 from starlette.requests import Request
 
 from shardlm.engine.outputs import CompletionOutput, RequestOutput
-from shardlm.entrypoints.openai.async_engine import EngineDead, RequestStream
+from shardlm.entrypoints.openai.engine_client import EngineDead, RequestStream
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.protocol import APIError
 from shardlm.entrypoints.openai.responses import (

@@ -26,8 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import LOGGING_CONFIG
 
 from shardlm.demo import BUILTIN_NAME, DEMO_NOTICE
-from shardlm.engine.llm_engine import LLMEngine
-from shardlm.entrypoints.openai.async_engine import AsyncEngine
+from shardlm.entrypoints.openai.engine_client import EngineClient
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.middleware import CountAndAuthorize, endpoint_label
 from shardlm.entrypoints.openai.protocol import APIError
@@ -93,7 +92,7 @@ async def _unexpected(request: Request, e: Exception) -> JSONResponse:
 
 
 # -- the app --
-def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig, model_name: str) -> FastAPI:
     """The routes over ``engine``, which the app shuts down when it stops. ``model_name`` is
     the name the API answers to; the API key is ``config.api_key``, else $SHARDLM_API_KEY."""
     metrics = ServerMetrics(lambda: engine.stats, lambda: engine.node_stats)
@@ -103,7 +102,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
     )
     completions, chat = CompletionServing(**shared), ChatServing(**shared)
     tokenization = TokenizationServing(**shared)
-    card = model_card(model_name, engine.engine.max_model_len)
+    card = model_card(model_name, engine.max_model_len)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -156,18 +155,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
 
 # -- the process --
 def run_server(engine_args: dict, server: ServerConfig, access_log: bool = False) -> int:
-    """Load the engine (``engine_args``: LLMEngine's keyword arguments, the checkpoint under
-    "model", None for the built-in one), serve until SIGINT/SIGTERM, then shut down
+    """Start the engine in its own process (``engine_args``: LLMEngine's keyword arguments,
+    the checkpoint under "model", None for the built-in one; engine_core.py) and wait until it
+    has loaded the model, serve until SIGINT/SIGTERM in this process, then shut down
     gracefully: uvicorn stops accepting, in-flight requests get ``server.shutdown_timeout``
     seconds to finish (those still running half a second before are failed with a 503 body
-    or an error event), and the engine and its workers stop. ``access_log``: one INFO line per
-    request on stderr."""
+    or an error event), and the engine process and its workers stop. ``access_log``: one INFO
+    line per request on stderr."""
     args = dict(engine_args)
     model = args.get("model")
     name = server.served_model_name or str(model or BUILTIN_NAME)
     if model is None:  # EngineConfig.resolve() picks the built-in model
         print(DEMO_NOTICE, file=sys.stderr)
-    engine = AsyncEngine(LLMEngine(**args))
+    engine = EngineClient(args)  # the engine's own process (engine_core.py)
     app = build_app(engine, server, name)
     uv = _UvicornServer(
         uvicorn.Config(
@@ -204,7 +204,7 @@ def _log_config() -> dict:
 class _UvicornServer(uvicorn.Server):
     """uvicorn, saying once where it listens, and failing what cannot finish in time."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, model_name: str) -> None:
         super().__init__(config)
         self.engine = engine
         self.model_name = model_name
@@ -222,11 +222,10 @@ class _UvicornServer(uvicorn.Server):
             port = bound[0].getsockname()[1]
         host = self.config.host
         host = f"[{host}]" if ":" in host else host
-        core = self.engine.engine
-        dtype = str(core.dtype).removeprefix("torch.")
+        info = self.engine.info
         return (
             f"shardlm serve: listening on http://{host}:{port} (model {self.model_name}, "
-            f"dtype {dtype}, device {core.device}, max_model_len {core.max_model_len})"
+            f"dtype {info.dtype}, device {info.device}, max_model_len {info.max_model_len})"
         )
 
     def handle_exit(self, sig: int, frame: object) -> None:

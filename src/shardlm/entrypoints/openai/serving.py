@@ -8,7 +8,7 @@ import asyncio
 from starlette.requests import ClientDisconnect, Request
 
 from shardlm.engine.sampling_params import SamplingParams
-from shardlm.entrypoints.openai.async_engine import AsyncEngine, EngineDead, RequestStream
+from shardlm.entrypoints.openai.engine_client import EngineClient, EngineDead, RequestStream
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.protocol import APIError
 from shardlm.entrypoints.openai.run import Prompt
@@ -38,16 +38,15 @@ class OpenAIServing:
     """The engine and the server's settings, as both generation endpoints use them."""
 
     def __init__(
-        self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str, max_waiting: int
+        self, engine: EngineClient, metrics: ServerMetrics, model_name: str, max_waiting: int
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
         self.max_waiting = max_waiting
-        core = engine.engine
-        self.tokenizer = core.tokenizer
-        self.max_model_len: int = core.max_model_len
-        self.vocab_size: int = core.config.vocab_size
+        self.tokenizer = engine.tokenizer
+        self.max_model_len: int = engine.max_model_len
+        self.vocab_size: int = engine.vocab_size
 
     async def encode(self, text: str, fields: Fields, **kwargs) -> list[int]:
         """``validation.encode_text``, in a thread for long texts (the loop keeps serving)."""
@@ -56,16 +55,17 @@ class OpenAIServing:
         return await asyncio.to_thread(encode_text, self.tokenizer, text, fields, **kwargs)
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:
-        """Parse and compile the request's structured-output grammar in a worker thread, so
-        a bad spec is a 400 naming ``param`` and the engine thread finds it compiled (neither
-        it nor the event loop waits for xgrammar's import or a compile)."""
+        """Have the engine process compile the request's structured-output grammar before the
+        request is queued, off its step loop, so a bad spec is a 400 naming ``param`` and the
+        step that admits the request finds it compiled."""
         if params.structured_outputs is None:
             return
         try:
-            grammars = self.engine.engine.grammars  # thread-safe (structured/compiler.py)
-            await asyncio.to_thread(grammars.compile, params.structured_outputs)
+            await self.engine.compile(params.structured_outputs)
         except ValueError as e:
             raise APIError(400, str(e), param) from None
+        except EngineDead as e:
+            raise APIError(503, str(e)) from None
 
     def check_alive(self) -> None:
         if self.engine.dead is not None:
