@@ -58,6 +58,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "qwen2",
         {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
     ),
+    # Qwen3: head_dim 32 ≠ hidden / heads = 16, per-head q/k norms.
+    "qwen3-head-dim": ("qwen3", {"head_dim": 32}),
+    "qwen3-tied-sliding": (
+        "qwen3",
+        {
+            "head_dim": 32,
+            "tie_word_embeddings": True,
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": 1,
+        },
+    ),
 }
 
 
@@ -68,6 +80,7 @@ def hf_classes(arch: str):
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
     }[arch]
 
 
@@ -84,9 +97,13 @@ def make_checkpoint(
     # A larger init than HF's default 0.02 keeps logits well separated, so greedy argmax is
     # not decided by float rounding noise.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Qwen3's per-head norms start at 1: random, and different for q and k, so a
+                # weight ignored or swapped changes the output.
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(path, **save_kwargs)
     build_byte_level_tokenizer(path)
     return model

@@ -1,7 +1,8 @@
 """Model configuration read from a Hugging Face ``config.json``.
 
-One dataclass covers Llama, Mistral and Qwen2: they differ only in flags (QKV bias, sliding
-window, tied embeddings), so the model code stays a single implementation.
+One dataclass covers Llama, Mistral, Qwen2 and Qwen3 (dense): they differ only in flags (QKV
+bias, sliding window, tied embeddings, per-head q/k norms), so the model code stays a single
+implementation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 
 from shardlm.errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+# Architectures whose sliding window is switched by ``use_sliding_window`` (Qwen's spelling).
+QWEN_WINDOWED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -51,6 +59,9 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # Qwen3: RMSNorm over each head's channels of q and of k (own weights [head_dim]), before
+    # RoPE.
+    qk_norm: bool = False
     # Per-layer sliding-window size (None = full attention).
     sliding_windows: tuple[int | None, ...] = ()
     bos_token_id: int | None = None
@@ -70,7 +81,7 @@ class ModelConfig:
         """Parameter count, for sizing reports and benchmarks."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        per_layer = attn + 3 * h * i + 2 * h
+        per_layer = attn + 3 * h * i + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
         heads = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + heads + h
 
@@ -120,6 +131,9 @@ class ModelConfig:
         n_heads = int(need("num_attention_heads"))
         n_kv = int(raw.get("num_key_value_heads") or n_heads)
         head_dim = raw.get("head_dim") or hidden // n_heads
+        if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            # RoPE rotates channel pairs (i, i + head_dim/2).
+            raise ConfigError(f"{source}: head_dim must be an even integer ≥ 2, got {head_dim!r}")
         if n_heads % n_kv != 0:
             raise ConfigError(
                 f"{source}: num_attention_heads={n_heads} is not a multiple of "
@@ -127,6 +141,11 @@ class ModelConfig:
             )
         n_layers = int(need("num_hidden_layers"))
         is_qwen2 = arch == "Qwen2ForCausalLM"
+        attention_bias = raw.get("attention_bias") or False
+        if not isinstance(attention_bias, bool):
+            raise ConfigError(
+                f"{source}: attention_bias must be true or false, got {attention_bias!r}"
+            )
 
         generation = generation or {}
         eos = generation.get("eos_token_id", raw.get("eos_token_id"))
@@ -146,10 +165,11 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             rope=_parse_rope(raw, source),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=True if is_qwen2 else bool(raw.get("attention_bias", False)),
-            o_bias=False if is_qwen2 else bool(raw.get("attention_bias", False)),
+            qkv_bias=True if is_qwen2 else attention_bias,
+            o_bias=False if is_qwen2 else attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            sliding_windows=_parse_sliding_windows(raw, n_layers, is_qwen2),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_windows=_parse_sliding_windows(raw, n_layers, arch in QWEN_WINDOWED, source),
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=eos_ids,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
@@ -184,22 +204,31 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
 
 
 def _parse_sliding_windows(
-    raw: dict[str, Any], n_layers: int, is_qwen2: bool
+    raw: dict[str, Any], n_layers: int, qwen: bool, source: str
 ) -> tuple[int | None, ...]:
     """Which layers attend through a sliding window, and how wide it is.
 
-    Mistral: ``sliding_window`` applies to every layer. Qwen2: only when ``use_sliding_window``
-    is set, to the layers from ``max_window_layers`` on (or as ``layer_types`` says).
+    Mistral: ``sliding_window`` applies to every layer (or as ``layer_types`` says). Qwen2 and
+    Qwen3, as transformers reads them: no window at all unless ``use_sliding_window``; then
+    the layers ``layer_types`` marks "sliding_attention", or without it the layers from
+    ``max_window_layers`` on (transformers' default 28 when the field is absent).
     """
     window = raw.get("sliding_window")
-    if not window:
+    if not window or (qwen and not raw.get("use_sliding_window", False)):
         return (None,) * n_layers
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"{source}: sliding_window must be a positive integer, got {window!r}")
     layer_types = raw.get("layer_types")
-    if layer_types and len(layer_types) == n_layers:
-        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
-    if is_qwen2:
-        if not raw.get("use_sliding_window", False):
-            return (None,) * n_layers
-        first = int(raw.get("max_window_layers", n_layers))
-        return tuple(int(window) if i >= first else None for i in range(n_layers))
-    return (int(window),) * n_layers
+    if layer_types:
+        allowed = ("full_attention", "sliding_attention")
+        bad = [t for t in layer_types if t not in allowed]
+        if bad or len(layer_types) != n_layers:
+            raise ConfigError(
+                f"{source}: layer_types must list one of {', '.join(allowed)} for each of the "
+                f"{n_layers} layers, got {layer_types!r}"
+            )
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if qwen:
+        first = int(raw.get("max_window_layers", 28))
+        return tuple(window if i >= first else None for i in range(n_layers))
+    return (window,) * n_layers

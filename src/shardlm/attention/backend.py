@@ -43,8 +43,11 @@ class AttentionBackend:
         rotary,
         num_heads: int,
         num_kv_heads: int,
+        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
-        """``attend`` from the fused projection output [T, (Hq + 2·Hkv)·D], RoPE included."""
+        """``attend`` from the fused projection output [T, (Hq + 2·Hkv)·D], RoPE included;
+        ``qk_norm`` = (q weight [D], k weight [D], eps): per-head RMSNorms before RoPE
+        (Qwen3), or None."""
         raise NotImplementedError(f"{type(self).__name__} does not fuse RoPE")
 
     def release(self, seq_ids: list[int]) -> None:

@@ -220,9 +220,11 @@ class PagedAttention(AttentionBackend):
         rotary,
         num_heads: int,
         num_kv_heads: int,
+        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
         """``attend`` from the fused projection output qkv [T, (Hq + 2·Hkv)·D]: one kernel
-        rotates q and k and writes k, v into the pool (kernels/fused.py)."""
+        (normalises q and k per head when ``qk_norm`` is given,) rotates q and k and writes
+        k, v into the pool (kernels/fused.py)."""
         from shardlm.kernels.fused import rope_and_store
 
         q = rope_and_store(
@@ -235,6 +237,7 @@ class PagedAttention(AttentionBackend):
             self.cache.v[layer],
             num_heads,
             num_kv_heads,
+            qk_norm,
         )
         return self._attend_cached(layer, q, None, None)
 

@@ -13,6 +13,9 @@ At batch 1 a decode step is ~10 kernels per layer once these replace their PyTor
 * ``rope_and_store``: RoPE on q and k straight out of the fused [q | k | v] projection, q
   written out and k, v written into the paged KV pool at the token's slot — the rotation,
   the split and the two cache writes of layers/rotary.py + PagedAttention in one kernel.
+  With Qwen3's per-head q/k norms it normalises each head first, in the same kernel (a
+  head's D channels are already in registers for the rotation; layers/norm.py's
+  qk_rms_norm is the reference).
 """
 
 from __future__ import annotations
@@ -76,9 +79,13 @@ def _kernels():
         q_ptr,  # [T, Hq, D] out
         k_pool_ptr,  # [slots, Hkv, D]
         v_pool_ptr,
+        q_norm_ptr,  # [D] per-head q norm weight (read only when HAS_QK_NORM)
+        k_norm_ptr,
         qkv_stride,
         stride_kslot,
         stride_khead,
+        eps,
+        HAS_QK_NORM: tl.constexpr,
         NUM_Q: tl.constexpr,
         NUM_KV: tl.constexpr,
         HEADS_P: tl.constexpr,  # Hq + Hkv rounded up to a power of two
@@ -104,6 +111,20 @@ def _kernels():
         sin = tl.load(sin_ptr + pos * head_dim + j, mask=j_ok, other=0.0).to(tl.float32)
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
+        if HAS_QK_NORM:
+            # Each head's rms over its D channels (both halves), in float32; then, as
+            # rms_norm does, the normalised head cast to the activation dtype and scaled by
+            # q's weight (q heads) or k's (k heads) in that dtype.
+            inv = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / head_dim + eps)
+            is_q_head = (h < NUM_Q)[:, None]
+            qw1 = tl.load(q_norm_ptr + j, mask=j_ok, other=0.0)[None, :]
+            qw2 = tl.load(q_norm_ptr + HALF + j, mask=j_ok, other=0.0)[None, :]
+            kw1 = tl.load(k_norm_ptr + j, mask=j_ok, other=0.0)[None, :]
+            kw2 = tl.load(k_norm_ptr + HALF + j, mask=j_ok, other=0.0)[None, :]
+            n1 = tl.where(is_q_head, qw1, kw1) * (a * inv[:, None]).to(x1.dtype)
+            n2 = tl.where(is_q_head, qw2, kw2) * (b * inv[:, None]).to(x1.dtype)
+            a = n1.to(tl.float32)
+            b = n2.to(tl.float32)
         y1 = (a * cos[None, :] - b * sin[None, :]).to(x1.dtype)
         y2 = (b * cos[None, :] + a * sin[None, :]).to(x1.dtype)
         is_q = (h < NUM_Q)[:, None] & ok
@@ -179,15 +200,23 @@ def rope_and_store(
     v_pool: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Rotated q [T, Hq, D] from qkv [T, (Hq + 2·Hkv)·D]; rotated k and v are written into
     one layer's pools [slots, Hkv, D] at ``slot_mapping`` [T]. ``cos``/``sin``: RotaryEmbedding's
-    tables [max_positions, D]."""
+    tables [max_positions, D]. ``qk_norm``: (q weight [D], k weight [D], eps) of per-head
+    RMSNorms applied to q and k before the rotation (Qwen3), or None."""
     t = qkv.shape[0]
     d = cos.shape[1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     if qkv.stride(1) != 1:
         qkv = qkv.contiguous()
+    if qk_norm is None:
+        q_weight = k_weight = qkv  # never read: HAS_QK_NORM is off
+        eps = 0.0
+    else:
+        q_weight, k_weight, eps = qk_norm
+        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
     kernel = _kernels()[2]
     kernel[(t,)](
         qkv,
@@ -198,9 +227,13 @@ def rope_and_store(
         q,
         k_pool,
         v_pool,
+        q_weight,
+        k_weight,
         qkv.stride(0),
         k_pool.stride(0),
         k_pool.stride(1),
+        float(eps),
+        HAS_QK_NORM=qk_norm is not None,
         NUM_Q=num_heads,
         NUM_KV=num_kv_heads,
         HEADS_P=next_power_of_two(num_heads + num_kv_heads),

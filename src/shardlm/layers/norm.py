@@ -14,6 +14,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+def qk_rms_norm(
+    qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_q: int, eps: float
+) -> torch.Tensor:
+    """Qwen3's per-head norms on q and k side by side, qk [T, Hq + Hkv, D]: rms_norm over
+    each head's D channels, with q's weight [D] on the first ``num_q`` heads and k's on the
+    rest. One call for both, as RoPE then rotates both in one call."""
+    weight = torch.cat(
+        [q_weight.expand(num_q, -1), k_weight.expand(qk.shape[1] - num_q, -1)]
+    )  # [Hq + Hkv, D], broadcast over the tokens
+    return rms_norm(qk, weight, eps)
+
+
 class RMSNorm(nn.Module):
     """``forward(x)`` → rms_norm(x); ``forward(x, residual)`` → (rms_norm(x + residual),
     x + residual): the decoder adds each sublayer's output to the residual stream right

@@ -1,10 +1,11 @@
-"""The Llama decoder (third design figure), which also serves Mistral and Qwen2.
+"""The Llama decoder (third design figure), which also serves Mistral, Qwen2 and Qwen3.
 
     x → RMSNorm → [q|k|v] → RoPE(q, k) → attention over the KV cache → O-proj → + x
       → RMSNorm → [gate|up] → SiLU(gate)·up → ARM → down → + residual
 
-ARM (optional, layers/arm.py) is an online Hadamard transform whose inverse and smoothing
-are folded into the weights (models/transforms.py).
+Qwen3 adds an RMSNorm over each head's channels of q and of k, between the projection and
+RoPE (``qk_norm``). ARM (optional, layers/arm.py) is an online Hadamard transform whose
+inverse and smoothing are folded into the weights (models/transforms.py).
 
 The model sees a flat batch of tokens with their positions and an attention object that owns
 the KV cache; it knows nothing about requests or how the cache is laid out.
@@ -26,7 +27,7 @@ from shardlm.layers.activation import silu_and_mul
 from shardlm.layers.embedding import TiedEmbedding, VocabParallelEmbedding
 from shardlm.layers.hadamard import fwht
 from shardlm.layers.linear import Linear
-from shardlm.layers.norm import RMSNorm
+from shardlm.layers.norm import RMSNorm, qk_rms_norm
 from shardlm.layers.rotary import RotaryEmbedding
 
 
@@ -131,6 +132,20 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(
             self.q_size, config.hidden_size, config.o_bias, tp if tp.enabled else None
         )
+        # Qwen3: RMSNorm over each head's channels of q and of k, before RoPE. Their weights
+        # are per channel, the same for every head, so every rank holds them whole.
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def qk_norm(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(q weight, k weight, eps) of the per-head norms, or None where there are none: what
+        the fused RoPE kernel applies before rotating."""
+        if self.q_norm is None:
+            return None
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
     def forward(
         self,
@@ -143,7 +158,13 @@ class LlamaAttention(nn.Module):
         if attn.fuses_rope:
             # The backend rotates q, k and writes k, v into its cache in one kernel.
             out = attn.rope_attend(
-                self.layer_idx, qkv, positions, rotary, self.num_heads, self.num_kv_heads
+                self.layer_idx,
+                qkv,
+                positions,
+                rotary,
+                self.num_heads,
+                self.num_kv_heads,
+                qk_norm=self.qk_norm(),
             )
             return self.output(out)
         q, k, v = self.split_rotated(qkv, positions, rotary)
@@ -161,6 +182,10 @@ class LlamaAttention(nn.Module):
         t = qkv.shape[0]
         # q and k sit side by side in the fused output: rotate both with one call.
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
+        if self.q_norm is not None:
+            qk = qk_rms_norm(
+                qk, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.q_norm.eps
+            )
         qk = rotary(qk, positions)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
@@ -389,6 +414,9 @@ class LlamaForCausalLM(nn.Module):
                     f"{dst}.self_attn.qkv_proj.bias",
                     *(src(f"{attn}.{name}.bias", (rows,), 0, part) for name, rows, part in qkv),
                 )
+            if c.qk_norm:  # per channel of a head: every rank reads them whole
+                for norm in ("q_norm", "k_norm"):
+                    yield spec(f"{dst}.self_attn.{norm}.weight", src(f"{attn}.{norm}.weight", (d,)))
             yield spec(
                 f"{dst}.self_attn.o_proj.weight_t",
                 src(f"{attn}.o_proj.weight", (h, c.q_size), 1, q_rows),

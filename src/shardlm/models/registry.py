@@ -6,11 +6,13 @@ from shardlm.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from shardlm.errors import ConfigError
 from shardlm.models.llama import LlamaForCausalLM
 
-# Mistral and Qwen2 are Llama with flags (sliding window, QKV bias), read by ModelConfig.
+# Mistral, Qwen2 and Qwen3 are Llama with flags (sliding window, QKV bias, per-head q/k
+# norms), read by ModelConfig.
 _MODELS = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
 }
 assert set(_MODELS) == set(SUPPORTED_ARCHITECTURES)
 

@@ -18,6 +18,7 @@ import torch
 from shardlm.calibration import calibration_candidates, find_calibration, load_calibration
 from shardlm.errors import ConfigError
 from shardlm.layers.arm import ArmTransform, arm_transform, check_arm_mode, uses_smoothing
+from shardlm.layers.hadamard import HadamardPlan
 from shardlm.layers.linear import Linear
 from shardlm.layers.quant import QUANTIZATIONS, fp8_supported, quantize_linear
 from shardlm.models.llama import LlamaForCausalLM, LlamaMLP
@@ -84,12 +85,21 @@ class WeightTransforms:
     def describe(self, model: LlamaForCausalLM | None = None) -> str:
         parts = []
         if self.arm != "none":
-            block = model.layers[0].mlp.hadamard_block if model is not None else 0
-            parts.append(f"arm={self.arm}" + (f" (Hadamard blocks of {block})" if block else ""))
+            plan = model.layers[0].mlp.hadamard_block if model is not None else 0
+            parts.append(
+                f"arm={self.arm}" + (f" ({_describe_hadamard(plan, model)})" if plan else "")
+            )
         if self.quantization:
             which = "all linears" if self.quantize_all_linears else "down_proj"
             parts.append(f"{self.quantization} {which}")
         return ", ".join(parts) or "no weight transforms"
+
+
+def _describe_hadamard(plan: HadamardPlan, model: LlamaForCausalLM) -> str:
+    """'Hadamard 12×16 over the MLP width' or 'Hadamard blocks of 64' (this rank's slice)."""
+    if plan.block == model.layers[0].mlp.down_proj.in_features:
+        return f"Hadamard {plan} over the MLP width"
+    return f"Hadamard blocks of {plan.block}"
 
 
 def calibration_file(model: str | Path, arm: str, given: str | os.PathLike | None) -> Path:
@@ -159,15 +169,15 @@ def layer_arm(arm: str, mlp: LlamaMLP, act_absmax: torch.Tensor | None) -> ArmTr
     transform = arm_transform(arm, down.in_features, act_absmax, down.weight_t.detach())
     if transform.block == 1:  # an odd width: H_1 = [1] would change nothing
         _warn_no_hadamard(down.in_features, arm)
-        transform = ArmTransform(transform.scale, 0)
+        transform = ArmTransform(transform.scale, None)
     return transform
 
 
 @functools.cache  # once per width, not once per layer
 def _warn_no_hadamard(width: int, arm: str) -> None:
     logger.warning(
-        "MLP width %d (this rank's slice) has no power-of-two factor: the Hadamard part of "
-        "arm=%s is the identity here",
+        "MLP width %d (this rank's slice) has no Hadamard block (no power-of-two factor): "
+        "the Hadamard part of arm=%s is the identity here",
         width,
         arm,
     )
@@ -176,7 +186,9 @@ def _warn_no_hadamard(width: int, arm: str) -> None:
 @torch.no_grad()
 def fold_arm(mlp: LlamaMLP, transform: ArmTransform) -> None:
     """Make ``mlp`` compute the same function through T: diag(s) into the up projection's
-    columns (and bias), T⁻¹ into the down projection, and the online Hadamard switched on."""
+    columns (and bias), T⁻¹ = Hᵀ·diag(1/s) into the down projection, and the online Hadamard
+    switched on (the MLP's ``hadamard_block`` holds the plan; its forward passes it to
+    ``fwht``, which runs ``hadamard_transform`` for a plan)."""
     inter = mlp.down_proj.in_features
     if transform.scale is not None:
         s = transform.scale.to(mlp.gate_up_proj.weight_t.device)
@@ -187,4 +199,4 @@ def fold_arm(mlp: LlamaMLP, transform: ArmTransform) -> None:
             bias.copy_((bias.float() * s).to(bias.dtype))
     w = mlp.down_proj.weight_t
     w.copy_(transform.fold_into_down(w))
-    mlp.hadamard_block = transform.block
+    mlp.hadamard_block = transform.hadamard or 0
