@@ -5,19 +5,22 @@ engine process reach the command line as one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from shardlm import LLM
 from tests.conftest import make_checkpoint
-from tests.test_server import Server
+from tests.test_server import Server, free_port, greedy
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +129,35 @@ def test_a_start_up_error_in_the_engine_process_is_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("shardlm: error: ") and "GPT2LMHeadModel" in last, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_serve_under_torchrun_runs_the_engine_as_rank_0(ckpt):
+    """torchrun starts `shardlm serve` on every rank; rank 0's process serves HTTP and its
+    engine process (which inherits RANK=0) drives rank 1: the same text as one process."""
+    with LLM(ckpt, dtype="float32", device="cpu", kv_cache_tokens=4096) as llm:
+        expected = greedy(llm, "The cat")
+    port = free_port()
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    argv += ["2", "-m", "shardlm", "serve", "--model", str(ckpt), "--tp", "2", "--port"]
+    argv += [str(port), "--device", "cpu", "--dtype", "float32", "--kv-cache-tokens", "4096"]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.2)
+            body = {"prompt": "The cat", "temperature": 0, "max_tokens": 12, "ignore_eos": True}
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            log.seek(0)
+            assert r.json()["choices"][0]["text"] == expected, log.read()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
