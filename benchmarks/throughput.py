@@ -6,7 +6,7 @@ random Llama-shaped checkpoint made with save_pretrained. shardlm gets every req
 batch (left padding), generating the longest requested output for all. Throughput counts the
 requested output tokens only, for both. Usage:
 
-    python benchmarks/throughput.py [--num-requests 64] [--hf-batch 64]
+    python benchmarks/throughput.py [--num-requests 64] [--hf-batch 64] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import torch
 from common import add_model_args, make_checkpoint, print_profile
 
 
-def run_hf(path: str, prompts: list[list[int]], outputs: list[int], batch: int) -> float:
+def run_hf(
+    path: str, prompts: list[list[int]], outputs: list[int], batch: int, dtype: str
+) -> float:
     """Padded batches in arrival order; each batch generates its longest requested output."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None  # like ignore_eos: never stop early
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
@@ -48,11 +50,11 @@ def run_hf(path: str, prompts: list[list[int]], outputs: list[int], batch: int) 
 
 
 def run_shardlm(
-    path: str, prompts: list[list[int]], outputs: list[int], profile: bool = False
+    path: str, prompts: list[list[int]], outputs: list[int], dtype: str, profile: bool = False
 ) -> tuple[float, dict]:
     from shardlm import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32", device="cpu", skip_tokenizer_init=True)
+    llm = LLM(path, dtype=dtype, device="cpu", skip_tokenizer_init=True)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outputs]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     before = llm.engine.stats
@@ -83,6 +85,7 @@ def main() -> None:
     add_model_args(p)
     p.add_argument("--profile", action="store_true", help="also profile one shardlm run")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
 
     rng = random.Random(0)
@@ -95,11 +98,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as path:
         n_params = make_checkpoint(path, args)
-        t_ours, stats = run_shardlm(path, prompts, outputs, args.profile)
-        t_hf = None if args.skip_hf else run_hf(path, prompts, outputs, args.hf_batch)
+        t_ours, stats = run_shardlm(path, prompts, outputs, args.dtype, args.profile)
+        t_hf = None if args.skip_hf else run_hf(path, prompts, outputs, args.hf_batch, args.dtype)
 
     print(
-        f"model: {n_params / 1e6:.1f}M parameters, float32; {args.num_requests} requests, "
+        f"model: {n_params / 1e6:.1f}M parameters, {args.dtype}; {args.num_requests} requests, "
         f"prompts {args.min_prompt}-{args.max_prompt} tokens ({sum(map(len, prompts))} total), "
         f"outputs {args.min_output}-{args.max_output} ({useful} total); "
         f"{torch.get_num_threads()} threads"
