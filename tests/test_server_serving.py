@@ -122,7 +122,7 @@ def test_completion_validate_tokenizes_checks_and_builds_params_per_prompt():
         ({"prompt": "x" * MAX_MODEL_LEN}, "prompt"),
         ({"prompt": "x" * 60, "max_tokens": 5}, "max_tokens"),
         ({"prompt": "x", "model": "other"}, "model"),
-        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
     ],
 )
@@ -134,7 +134,7 @@ def test_completion_validate_refuses_naming_the_field(body, param):
 def test_chat_validate_names_messages_and_the_limit_the_client_used():
     s = serving(ChatServing, FakeEngine())
     msg = [{"role": "user", "content": "hi"}]
-    (text, ids), params = asyncio.run(
+    (text, ids), params, _ = asyncio.run(
         s.validate(ChatCompletionRequest.model_validate({"messages": msg, "top_logprobs": None}))
     )
     assert text == "<user>hi<assistant>" and ids == list(text.encode())

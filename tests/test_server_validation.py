@@ -254,6 +254,10 @@ def test_server_config_defaults_and_immutability():
         "api_key",
         "max_waiting",
         "shutdown_timeout",
+        "tool_call_parser",
+        "enable_auto_tool_choice",
+        "reasoning_parser",
+        "chat_template",
     ]
 
 
@@ -268,6 +272,10 @@ def test_server_config_defaults_and_immutability():
         ({"shutdown_timeout": float("nan")}, "shutdown_timeout"),
         ({"host": 127}, "host"),
         ({"api_key": 5}, "api_key"),
+        ({"tool_call_parser": "granite"}, "tool_call_parser"),
+        ({"reasoning_parser": "o1"}, "reasoning_parser"),
+        ({"chat_template": "/no/such/template.jinja"}, "chat_template"),
+        ({"enable_auto_tool_choice": True}, "enable_auto_tool_choice"),  # without a parser
     ],
 )
 def test_server_config_refuses_bad_values_naming_the_option(kwargs, param):

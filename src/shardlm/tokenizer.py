@@ -335,10 +335,12 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat template
 
-    def _template(self, with_tools: bool) -> jinja2.Template:
+    def _template(self, with_tools: bool, override: str | None = None) -> jinja2.Template:
         template = self.chat_template
         if with_tools and "tool_use" in self.named_chat_templates:
             template = self.named_chat_templates["tool_use"]
+        if override is not None:  # a named template of the checkpoint, or the template itself
+            template = self.named_chat_templates.get(override, override)
         if template is None:
             raise TokenizerError(
                 f"{self._source}: checkpoint has no chat_template in tokenizer_config.json "
@@ -355,16 +357,20 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        chat_template: str | None = None,
         **extra: Any,
     ) -> str | list[int]:
         """Render ``messages`` with the checkpoint's template, like transformers.
 
         The template sees ``messages``, ``add_generation_prompt``, the named special tokens
         (``bos_token``, ``eos_token``, ...), ``tools``/``documents`` (``None`` unless given) and
-        ``extra``. With ``tokenize=True`` the text is encoded without adding specials: the template
-        already writes BOS where the model expects it.
+        ``extra`` (transformers' ``**kwargs``, e.g. ``enable_thinking``). Messages are passed as
+        given (``None`` values dropped): a tool call's ``arguments`` stay a dict or a string,
+        as the caller wrote them. ``chat_template`` overrides the checkpoint's: the name of one
+        of its named templates, or a template. With ``tokenize=True`` the text is encoded
+        without adding specials: the template already writes BOS where the model expects it.
         """
-        template = self._template(with_tools=extra.get("tools") is not None)
+        template = self._template(extra.get("tools") is not None, chat_template)
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TokenizerError("apply_chat_template: messages must be a non-empty list of dicts")
         cleaned = []

@@ -2,16 +2,27 @@
 
 pydantic checks types and names the field of a wrong one; ranges are checked by
 SamplingParams, whose messages also name the field. Unknown fields are ignored, as OpenAI
-does. Known OpenAI features shardlm does not implement (tools, suffix, ...) are
-refused with a 400 rather than silently ignored, since ignoring them would change the
-output the client asked for.
+does. Known OpenAI features shardlm does not implement (suffix, audio output, non-text
+content parts, the legacy functions API, ...) are refused with a 400 naming the field rather
+than silently ignored, since ignoring them would change the output the client asked for.
+Integers may be written as integral floats (``"n": 2.0``): JSON Schema, and so OpenAI's
+published spec, counts 2.0 as an integer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.entrypoints.openai.structured import structured_param, structured_spec
@@ -57,6 +68,22 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
 
+def _whole(value: Any) -> Any:
+    """2.0 → 2: an integral float is an integer in JSON Schema (bools and strings stay
+    refused, as StrictInt refuses them)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as OpenAI takes one: 2 or 2.0, not 2.5, "2" or true.
+WholeInt = Annotated[StrictInt, BeforeValidator(_whole)]
+
+# OpenAI's top_p 0 means "only the most likely token"; the sampler's nucleus needs a positive
+# mass, and any mass below the top token's probability keeps exactly that token.
+SMALLEST_TOP_P = 1e-9
+
+
 class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
@@ -67,11 +94,11 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: StrictInt | None = None
+    n: WholeInt | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: WholeInt | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool | None = False
@@ -79,15 +106,15 @@ class SamplingFields(BaseModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extensions, which clients of vLLM and SGLang send.
-    top_k: int | None = None
+    top_k: WholeInt | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[WholeInt] | None = None
     skip_special_tokens: bool | None = True
-    prompt_logprobs: StrictInt | None = None
-    min_tokens: StrictInt | None = None
-    allowed_token_ids: list[StrictInt] | None = None
+    prompt_logprobs: WholeInt | None = None
+    min_tokens: WholeInt | None = None
+    allowed_token_ids: list[WholeInt] | None = None
     bad_words: list[str] | None = None
     # shardlm's: false keeps this request out of speculative decoding.
     speculative: bool | None = True
@@ -109,21 +136,35 @@ class SamplingFields(BaseModel):
                 "stop",
             )
 
+    def structured(self):
+        """The request's StructuredOutputs (None: free text); chat's tool_choice may set
+        its own instead."""
+        return structured_spec(self.response_format, self.structured_outputs)
+
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured_outputs: Any = None,
     ) -> SamplingParams:
         """The engine's parameters (max_tokens None: up to the context limit); a ValueError
-        names the field (answered as a 400)."""
+        names the field (answered as a 400). ``structured_outputs``: a spec that replaces the
+        request's own (tool_choice required or named)."""
+        top_p = 1.0 if self.top_p is None else self.top_p
+        seed = self.seed
+        if seed is not None and seed < 0:  # OpenAI's seeds are any int64, the engine's >= 0
+            seed %= 2**63
         return SamplingParams(
             n=self.num_choices,
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            top_p=SMALLEST_TOP_P if top_p == 0 else top_p,
             top_k=0 if self.top_k is None else self.top_k,
             min_p=0.0 if self.min_p is None else self.min_p,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            seed=self.seed,
+            seed=seed,
             max_tokens=max_tokens,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids or [],
@@ -135,7 +176,7 @@ class SamplingFields(BaseModel):
             min_tokens=self.min_tokens or 0,
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
-            structured_outputs=structured_spec(self.response_format, self.structured_outputs),
+            structured_outputs=structured_outputs or self.structured(),
             speculative=self.speculative is not False,
         )
 
@@ -150,16 +191,17 @@ class SamplingFields(BaseModel):
 
 
 # Strict: true/false or "2" are not token ids.
-PromptInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+PromptInput = StrictStr | list[StrictStr] | list[WholeInt] | list[list[WholeInt]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: PromptInput
-    max_tokens: StrictInt | None = 16
-    logprobs: StrictInt | None = None
+    # Required; null (OpenAI's default, "<|endoftext|>"): as from the start of a document.
+    prompt: PromptInput | None
+    max_tokens: WholeInt | None = 16
+    logprobs: WholeInt | None = None
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: WholeInt | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -180,6 +222,8 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
         p = self.prompt
+        if p is None:
+            return [""]  # the tokenizer's BOS, if it adds one: the start of a document
         if isinstance(p, str):
             return [p]
         if not p:
@@ -189,43 +233,179 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: StrictStr
+# -- chat messages --
+# Content parts OpenAI defines that carry no text: shardlm serves text-only models.
+MEDIA_PARTS = ("image_url", "input_audio", "file")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; its type is checked by ``ChatMessage`` so that a
+    refused one is named (messages.i.content.j.type) rather than failing a union."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+    text: StrictStr | None = None
+    refusal: StrictStr | None = None
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr
+    # OpenAI's is a JSON string; Hugging Face's documented form, which some clients send, a dict.
+    arguments: StrictStr | dict[str, Any]
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: StrictStr | None = None
+    type: StrictStr = "function"
+    function: FunctionCall | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    function_call: FunctionCall | None = None  # legacy: an assistant's one call
+    tool_call_id: StrictStr | None = None
+    # vLLM's: an earlier answer's reasoning, which templates such as Qwen3's read.
+    reasoning_content: StrictStr | None = None
 
-    def as_template_dict(self) -> dict[str, Any]:
+    def as_template_dict(self, index: int = 0) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' form): "developer" as
+        "system" and the legacy "function" result as a "tool" one, the names templates know;
+        text parts joined; an assistant's legacy ``function_call`` as a call; a call's
+        arguments as a dict when they are a JSON object, as Hugging Face templates expect
+        (most write them with ``| tojson``). A refused part is a 400 naming it
+        (``messages.{index}...``)."""
+        where = f"messages.{index}"
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        out: dict[str, Any] = {"role": role, "content": self._text(where)}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.role == "tool":
+            if self.tool_call_id is None:
+                raise APIError(
+                    400, f"{where}.tool_call_id: a tool message needs one", f"{where}.tool_call_id"
+                )
+            out["tool_call_id"] = self.tool_call_id
+        calls = list(self.tool_calls or [])
+        if self.function_call is not None:  # the legacy form of one call
+            calls.append(MessageToolCall(type="function", function=self.function_call))
+        if calls and self.role == "assistant":
+            out["tool_calls"] = [
+                _template_call(c, f"{where}.tool_calls.{j}") for j, c in enumerate(calls)
+            ]
+        if self.reasoning_content is not None and self.role == "assistant":
+            out["reasoning_content"] = self.reasoning_content
+        return out
+
+    def _text(self, where: str) -> str:
         content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        # "developer" is OpenAI's new name for "system"; chat templates know the old one.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        if content is None:
+            return ""  # an assistant message with only tool_calls
+        if isinstance(content, str):
+            return content
+        texts = []
+        for j, part in enumerate(content):
+            at = f"{where}.content.{j}"
+            if part.type in MEDIA_PARTS:
+                raise APIError(
+                    400,
+                    f"{at}.type: {part.type!r} content parts are not supported by shardlm, "
+                    "which serves text-only models; send 'text' parts",
+                    f"{at}.type",
+                )
+            allowed = ("text", "refusal") if self.role == "assistant" else ("text",)
+            if part.type not in allowed:
+                raise APIError(
+                    400,
+                    f"{at}.type: {part.type!r} is not a content part type for a {self.role} "
+                    f"message; use {' or '.join(repr(a) for a in allowed)}",
+                    f"{at}.type",
+                )
+            text = part.text if part.type == "text" else part.refusal
+            if text is None:
+                field = "text" if part.type == "text" else "refusal"
+                raise APIError(400, f"{at}.{field}: a {part.type} part needs one", f"{at}.{field}")
+            texts.append(text)
+        return "".join(texts)
+
+
+def _template_call(call: MessageToolCall, where: str) -> dict[str, Any]:
+    if call.type != "function" or call.function is None:
+        raise APIError(
+            400,
+            f"{where}.type: only 'function' tool calls are supported by shardlm "
+            f"(got {call.type!r}{'' if call.function else ' without a function'})",
+            f"{where}.type",
+        )
+    arguments: Any = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            arguments = parsed
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": arguments},
+    }
+    if call.id is not None:
+        out["id"] = call.id
+    return out
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: WholeInt | None = None
+    max_completion_tokens: WholeInt | None = None
     logprobs: bool | None = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: WholeInt | None = None
     add_generation_prompt: bool | None = True
+    # Tools (entrypoints/openai/tool_parsers.py); checked by validation.check_tools.
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    # vLLM's: extra variables for the chat template (enable_thinking, ...).
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Refused by name: the legacy functions API and audio output.
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[Any] | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools:
-            raise APIError(400, "tools are not supported by shardlm", "tools")
+        if self.functions is not None or self.function_call is not None:
+            field = "functions" if self.functions is not None else "function_call"
+            raise APIError(
+                400,
+                f"{field}: the legacy functions API is not supported by shardlm; use tools "
+                "and tool_choice",
+                field,
+            )
+        if self.audio is not None or any(m != "text" for m in self.modalities or []):
+            field = "audio" if self.audio is not None else "modalities"
+            raise APIError(
+                400, f"{field}: shardlm generates text only (modalities ['text'])", field
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them (a 400 names a refused part)."""
+        return [m.as_template_dict(i) for i, m in enumerate(self.messages)]
 
     @property
     def max_tokens_field(self) -> str:

@@ -29,7 +29,8 @@ from shardlm.demo import BUILTIN_NAME, DEMO_NOTICE
 from shardlm.entrypoints.openai.engine_client import EngineClient
 from shardlm.entrypoints.openai.metrics import ServerMetrics
 from shardlm.entrypoints.openai.middleware import CountAndAuthorize, endpoint_label
-from shardlm.entrypoints.openai.protocol import APIError
+from shardlm.entrypoints.openai.openapi_docs import document_request_bodies
+from shardlm.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shardlm.entrypoints.openai.responses import model_card
 from shardlm.entrypoints.openai.server_config import API_KEY_ENV, ServerConfig
 from shardlm.entrypoints.openai.serving_chat import ChatServing
@@ -100,7 +101,7 @@ def build_app(engine: EngineClient, config: ServerConfig, model_name: str) -> Fa
     shared = dict(
         engine=engine, metrics=metrics, model_name=model_name, max_waiting=config.max_waiting
     )
-    completions, chat = CompletionServing(**shared), ChatServing(**shared)
+    completions, chat = CompletionServing(**shared), ChatServing(**shared, config=config)
     tokenization = TokenizationServing(**shared)
     card = model_card(model_name, engine.max_model_len)
 
@@ -150,6 +151,8 @@ def build_app(engine: EngineClient, config: ServerConfig, model_name: str) -> Fa
     async def tokenizer_info() -> dict:
         return tokenization.tokenizer_info()
 
+    bodies = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+    document_request_bodies(app, bodies)
     return app
 
 

@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from shardlm.errors import ParamError
 from shardlm.options import check_fields, int_in, number_in, option
 
 API_KEY_ENV = "SHARDLM_API_KEY"
+# The names in tool_parsers.TOOL_PARSERS and reasoning.REASONING_PARSERS (tests check they
+# agree); listed here so that the CLI builds its parser without importing the server.
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
+
+def _template_file(value: object) -> str | None:
+    """--chat-template names a readable jinja file."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not Path(value).is_file():
+        raise ParamError("chat_template", f"chat_template must be a jinja file, got {value!r}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -41,5 +56,38 @@ class ServerConfig:
         check=number_in(0, math.inf),
     )
 
+    tool_call_parser: str | None = option(
+        None,
+        "how tool_choice 'auto' reads calls from the generated text",
+        choices=(*TOOL_CALL_PARSERS, None),
+    )
+    enable_auto_tool_choice: bool = option(
+        False, "allow tool_choice 'auto' (vLLM's flag; needs --tool-call-parser)"
+    )
+    reasoning_parser: str | None = option(
+        None,
+        "split <think>…</think> reasoning into reasoning_content",
+        choices=(*REASONING_PARSERS, None),
+    )
+    chat_template: str | None = option(
+        None,
+        "a jinja chat template file that replaces the checkpoint's",
+        check=_template_file,
+        default_text="the checkpoint's",
+    )
+
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ParamError(
+                "enable_auto_tool_choice",
+                "enable_auto_tool_choice needs tool_call_parser (--tool-call-parser NAME: "
+                + ", ".join(TOOL_CALL_PARSERS)
+                + ")",
+            )
+
+    def chat_template_text(self) -> str | None:
+        """The --chat-template file's template, read once at startup."""
+        if self.chat_template is None:
+            return None
+        return Path(self.chat_template).read_text(encoding="utf-8")

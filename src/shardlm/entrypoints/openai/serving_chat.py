@@ -1,34 +1,78 @@
-"""/v1/chat/completions: the messages rendered by the model's chat template, n choices,
-streamed (a role chunk first, as OpenAI does) or not."""
+"""/v1/chat/completions: the messages (and tools) rendered by the model's chat template, n
+choices, streamed (a role chunk first, as OpenAI does) or not; each choice's text read into
+reasoning, content and tool calls by chat_output.py."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.entrypoints.openai.chat_output import ChatOutput
 from shardlm.entrypoints.openai.protocol import ChatCompletionRequest
 from shardlm.entrypoints.openai.responses import envelope, vllm_prompt_logprobs
 from shardlm.entrypoints.openai.run import Prompt, Run, stream_events
+from shardlm.entrypoints.openai.server_config import ServerConfig
 from shardlm.entrypoints.openai.serving import OpenAIServing, read_body
+from shardlm.entrypoints.openai.structured import forced_call_spec
 from shardlm.entrypoints.openai.validation import (
     chat_fields,
     check_context,
     check_model,
     render_chat,
     sampling_params,
+    tool_mode,
 )
 
 
+def chat_logprobs_json(content: list | None) -> dict:
+    """A choice's logprobs object (refusal is always null: shardlm never refuses)."""
+    return {"content": content, "refusal": None}
+
+
+def chat_params(
+    body: ChatCompletionRequest, config: ServerConfig
+) -> tuple[SamplingParams, ChatOutput]:
+    """The request's SamplingParams (a forced tool call's grammar included) and how its
+    choices are read; the offline tests build them here too, so they sample as the server
+    does."""
+    mode = tool_mode(body, config.enable_auto_tool_choice, config.tool_call_parser)
+    forced = None
+    if mode in ("required", "named"):
+        forced = forced_call_spec(body.tool_choice, body.tools, body.parallel_tool_calls)
+    params = sampling_params(
+        body,
+        body.requested_max_tokens,
+        body.logprobs_k,
+        chat_fields(body.max_tokens_field),
+        body.prompt_logprobs,
+        structured_outputs=forced,
+    )
+    output = ChatOutput(
+        mode=mode,
+        tools=tuple(body.tools or ()),
+        tool_choice=body.tool_choice,
+        tool_parser=config.tool_call_parser,
+        reasoning_parser=config.reasoning_parser,
+    )
+    return params, output
+
+
 class ChatServing(OpenAIServing):
+    def __init__(self, *args: Any, config: ServerConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config or ServerConfig()
+        self.chat_template = self.config.chat_template_text()
+
     async def create(self, request: Request) -> Response:
         arrival = time.perf_counter()
         body = await read_body(request, ChatCompletionRequest)
-        prompt, params = await self.validate(body)
+        prompt, params, output = await self.validate(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.start(rid, [prompt], [params], chat_fields(body.max_tokens_field))
         kind = "chat.completion.chunk" if body.stream else "chat.completion"
@@ -45,46 +89,63 @@ class ChatServing(OpenAIServing):
             arrival=arrival,
         )
         if body.stream:
-            events = stream_events(run, self._chunks(run))
+            events = stream_events(run, self._chunks(run, output))
             return StreamingResponse(events, media_type="text/event-stream")
         await run.collect(request)
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": c.chat_logprobs} if body.logprobs_k is not None else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in run.choices
-        ]
+        choices = []
+        for c in run.choices:
+            message, reason = output.message(c.text, c.finish_reason)
+            logprobs = chat_logprobs_json(c.chat_logprobs) if body.logprobs_k is not None else None
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
+                }
+            )
         answer = {**head, "choices": choices, "usage": run.usage()}
         if body.prompt_logprobs is not None:  # vLLM's field, at the top level for chat
             answer["prompt_logprobs"] = vllm_prompt_logprobs(run.prompt_logprobs[0] or [])
         return JSONResponse(answer)
 
-    async def validate(self, body: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
-        """The rendered prompt as (text, token ids) that fits the context, and its parameters."""
+    async def validate(
+        self, body: ChatCompletionRequest
+    ) -> tuple[Prompt, SamplingParams, ChatOutput]:
+        """The rendered prompt as (text, token ids) that fits the context, its parameters,
+        and how its choices' text is read."""
         check_model(body.model, self.model_name)
         body.refuse_unsupported()
+        params, output = chat_params(body, self.config)
+        text = render_chat(self.tokenizer, body, self.chat_template)
         fields = chat_fields(body.max_tokens_field)
-        text = render_chat(self.tokenizer, body)
         ids = await self.encode(text, fields, add_special_tokens=False)
         check_context(len(ids), body.requested_max_tokens, self.max_model_len, fields)
-        params = sampling_params(
-            body, body.requested_max_tokens, body.logprobs_k, fields, body.prompt_logprobs
-        )
-        await self.compile_grammar(params, body.structured_param)
-        return (text, ids), params
+        forced = output.mode in ("required", "named")
+        await self.compile_grammar(params, "tools" if forced else body.structured_param)
+        return (text, ids), params, output
 
     @staticmethod
-    async def _chunks(run: Run) -> AsyncIterator[str]:
+    async def _chunks(run: Run, output: ChatOutput) -> AsyncIterator[str]:
         def chunk(index: int, delta: dict, logprobs: dict | None, reason: str | None) -> str:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             return run.chunk(choice)
 
-        for i in range(run.n):
-            yield chunk(i, {"role": "assistant", "content": ""}, None, None)
+        streams = [output.stream() for _ in run.choices]
+        for c in run.choices:
+            yield chunk(c.index, {"role": "assistant", "content": ""}, None, None)
+            for delta in streams[c.index].start():
+                yield chunk(c.index, delta, None, None)
         async for c, delta, lp in run.deltas():
-            content = {"content": delta.text} if delta.text or delta.token_ids else {}
-            logprobs = {"content": lp} if lp is not None else None
-            yield chunk(c.index, content, logprobs, delta.finish_reason)
+            stream = streams[c.index]
+            pieces = stream.feed(delta.text)
+            reason = None
+            if delta.finish_reason is not None:
+                tail, reason = stream.finish(delta.finish_reason)
+                pieces += tail
+            logprobs = chat_logprobs_json(lp) if lp is not None else None
+            if not pieces and (logprobs is not None or reason is not None):
+                pieces = [{}]  # logprobs of held-back text, or the end
+            for k, piece in enumerate(pieces):
+                last = k == len(pieces) - 1
+                yield chunk(c.index, piece, logprobs if k == 0 else None, reason if last else None)

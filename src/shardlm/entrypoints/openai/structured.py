@@ -1,12 +1,14 @@
 """Structured outputs in the HTTP API: OpenAI's ``response_format`` (``json_object``,
 ``json_schema``) and vLLM's ``structured_outputs`` field ({"json"|"regex"|"choice"|"grammar"|
 "json_object": …}) become the engine's StructuredOutputs. Every refusal is a ParamError naming
-the field the client used, answered as a 400."""
+the field the client used, answered as a 400. Chat's tool_choice "required" or a named
+function is enforced with the same machinery (``forced_call_spec``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from shardlm.entrypoints.openai.tool_definitions import named_tool_schema, required_tools_schema
 from shardlm.errors import ParamError
 from shardlm.structured.params import StructuredOutputs
 
@@ -61,3 +63,15 @@ def _from_response_format(response_format: dict[str, Any] | None) -> StructuredO
     if not isinstance(schema, dict):
         raise ParamError(FORMAT, "response_format.json_schema.schema must be a JSON schema object")
     return StructuredOutputs(json=schema)
+
+
+def forced_call_spec(
+    tool_choice: Any, tools: list[dict], parallel_tool_calls: bool | None
+) -> StructuredOutputs:
+    """The grammar of tool_choice "required" (a list of calls, one unless parallel calls
+    are allowed) or a named function (its arguments object): the output is always a call
+    of a declared function whose arguments satisfy its schema. ``tools`` are checked
+    (tool_definitions.validate_tools) before."""
+    if isinstance(tool_choice, dict):
+        return StructuredOutputs(json=named_tool_schema(tools, tool_choice["function"]["name"]))
+    return StructuredOutputs(json=required_tools_schema(tools, parallel_tool_calls is not False))

@@ -11,6 +11,7 @@ it; ``Fields`` renames it for the endpoint (chat's ``max_tokens`` may be
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from pydantic import BaseModel, ValidationError
 
 from shardlm.engine import prompts
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.entrypoints.openai.chat_output import ToolMode
 from shardlm.entrypoints.openai.protocol import APIError, ChatCompletionRequest, SamplingFields
+from shardlm.entrypoints.openai.tool_definitions import ToolError, validate_tools
 from shardlm.errors import ShardlmError
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -33,7 +36,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
     ) -> str: ...
 
 
@@ -173,17 +176,84 @@ def encode_text(
         raise APIError(400, f"the prompt could not be tokenized: {e}", fields.prompt) from None
 
 
-def render_chat(tokenizer: Tokenizer | None, body: ChatCompletionRequest) -> str:
-    """The messages through the model's chat template."""
+# Template variables a request's chat_template_kwargs may not set: the server's own.
+RESERVED_TEMPLATE_VARIABLES = (
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "chat_template",
+    "tokenize",
+)
+
+
+def render_chat(
+    tokenizer: Tokenizer | None, body: ChatCompletionRequest, chat_template: str | None = None
+) -> str:
+    """The messages (and tools) through the model's chat template, or ``chat_template``
+    (--chat-template), with the request's chat_template_kwargs as extra variables."""
     if tokenizer is None:
         raise APIError(400, "this server has no tokenizer, so it cannot render chats")
-    messages = [m.as_template_dict() for m in body.messages]
+    messages = body.template_messages()
+    extra: dict[str, Any] = dict(body.chat_template_kwargs or {})
+    reserved = sorted(set(extra) & set(RESERVED_TEMPLATE_VARIABLES))
+    if reserved:
+        raise APIError(
+            400,
+            f"chat_template_kwargs may not set {', '.join(reserved)} (the server sets "
+            f"{', '.join(RESERVED_TEMPLATE_VARIABLES)})",
+            "chat_template_kwargs",
+        )
+    if body.tools:
+        extra["tools"] = body.tools
+    if chat_template is not None:
+        extra["chat_template"] = chat_template
     try:
         return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt is not False
+            messages, add_generation_prompt=body.add_generation_prompt is not False, **extra
         )
     except ShardlmError as e:
         raise APIError(400, str(e), "messages") from None
+
+
+# -- tools --
+def _dotted(path: str) -> str:
+    """tools[1].function.name → tools.1.function.name, as the other fields are named."""
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def tool_mode(body: ChatCompletionRequest, auto_enabled: bool, tool_parser: str | None) -> ToolMode:
+    """How the request's tools shape its output; malformed tools, tool_choice or
+    parallel_tool_calls, and choices the server is not set up for, are 400s naming the
+    field. Without tool_choice, tools mean "auto" (OpenAI's default), which, as in vLLM,
+    needs --enable-auto-tool-choice and --tool-call-parser."""
+    try:
+        validate_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    except ToolError as e:
+        param = _dotted(e.param)
+        raise APIError(400, param + str(e)[len(e.param) :], param) from None
+    choice = body.tool_choice
+    if not body.tools or choice == "none":
+        return "none"
+    if choice in (None, "auto"):
+        if not (auto_enabled and tool_parser):
+            raise APIError(
+                400,
+                'tool_choice "auto" (the default when tools are given) needs the server '
+                "started with --enable-auto-tool-choice and --tool-call-parser NAME; "
+                'send tool_choice "none", "required" or a named function otherwise',
+                "tool_choice",
+            )
+        return "auto"
+    if body.response_format is not None or body.structured_outputs is not None:
+        field = "response_format" if body.response_format is not None else "structured_outputs"
+        raise APIError(
+            400,
+            f"tool_choice {'required' if choice == 'required' else 'naming a function'} "
+            f"constrains the output to a call; it cannot be combined with {field}",
+            "tool_choice",
+        )
+    return "required" if choice == "required" else "named"
 
 
 def check_context(
@@ -222,7 +292,9 @@ def sampling_params(
     logprobs: int | None,
     fields: Fields,
     prompt_logprobs: int | None = None,
+    structured_outputs: Any = None,
 ) -> SamplingParams:
-    """The engine's parameters; SamplingParams' range checks answered as 400s."""
+    """The engine's parameters; SamplingParams' range checks answered as 400s.
+    ``structured_outputs``: a grammar that replaces the request's own (a forced tool call)."""
     with refused_as_400(fields):
-        return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs, structured_outputs)

@@ -1,0 +1,191 @@
+"""The server against OpenAI's published API spec (../shared/openai-openapi/openapi.json),
+fuzzed with schemathesis: createChatCompletion and createCompletion, bodies generated from
+the spec's request schemas, the model name fixed by a hook, against `shardlm serve` on the
+built-in model (tools auto-enabled with the hermes parser, as a tool-serving deployment is).
+
+For every case: no 5xx; a 200 is valid against the spec's response schema (schemathesis'
+response_schema_conformance, which also reads Server-Sent Events); every 4xx is in a listed
+class: a feature the README lists as refused on purpose, or a validation error of a named
+kind. The tally per class is printed (-s) and written to $SHARDLM_CONFORMANCE_TALLY if set.
+Bounded (MAX_EXAMPLES per operation, max_tokens ≤ 4) to stay near a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
+
+from tests.test_server_tools import TEMPLATE  # noqa: E402
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.json"
+if not SPEC.is_file():
+    pytest.skip(f"{SPEC} is absent", allow_module_level=True)
+
+NAME = "tiny"
+MAX_TOKENS = 4
+MAX_EXAMPLES = int(os.environ.get("SHARDLM_CONFORMANCE_EXAMPLES", "150"))
+
+# Every 4xx the server may answer a spec-valid request with: (class, status, param pattern,
+# message pattern). Refused on purpose (README, "accepted message forms"), or a value the
+# spec's schema allows but its text, OpenAI or the engine refuses.
+ALLOWED_4XX = [
+    ("refused: non-text content part", 400, r"messages\.\d+\.content\.\d+\.type", "not supported"),
+    ("refused: legacy functions API", 400, r"functions|function_call", "legacy functions API"),
+    ("refused: audio output", 400, r"audio|modalities", "text only"),
+    (
+        "refused: custom tools and calls",
+        400,
+        r"tools\.\d+\.type|messages\.\d+\.tool_calls\.\d+\.type",
+        "",
+    ),
+    ("refused: suffix", 400, r"suffix", "not supported"),
+    ("refused: best_of other than n", 400, r"best_of", "not supported"),
+    (
+        "tool definition invalid",
+        400,
+        r"tools(\.\d+(\.function(\.name|\.parameters|\.description)?)?)?",
+        "",
+    ),
+    ("tool_choice invalid or unknown function", 400, r"tool_choice(\.function\.name)?", ""),
+    ("tool message without tool_call_id", 400, r"messages\.\d+\.tool_call_id", ""),
+    ("top_logprobs without logprobs", 400, r"top_logprobs", "needs logprobs"),
+    ("max_tokens beyond the context or below 0", 400, r"max_tokens|max_completion_tokens", ""),
+    ("n beyond the server's queue", 400, r"n", "sequences"),
+    ("chat template refused the conversation", 400, r"messages", "chat template"),
+    ("prompt: empty, a token outside the vocabulary, or too long", 400, r"prompt|messages", ""),
+    ("logprobs beyond 20 / prompt_logprobs", 400, r"logprobs|top_logprobs", ""),
+    ("logit_bias token outside the vocabulary", 400, r"logit_bias", ""),
+    ("stop strings beyond the limit", 400, r"stop", ""),
+    ("response_format schema refused by the compiler", 400, r"response_format", ""),
+    ("string not valid Unicode (lone surrogate)", 400, r"[\w.]+", "not valid Unicode"),
+]
+
+
+def classify(status: int, error: dict) -> str | None:
+    param, message = error.get("param") or "", error.get("message") or ""
+    for name, code, params, text in ALLOWED_4XX:
+        if code == status and re.fullmatch(params, param) and text in message:
+            return name
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    port = free_port()
+    argv = [sys.executable, "-m", "shardlm", "serve", "--port", str(port)]
+    argv += ["--served-model-name", NAME, "--device", "cpu", "--kv-cache-tokens", "16384"]
+    argv += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    env = {k: v for k, v in os.environ.items() if k != "SHARDLM_API_KEY"}
+    with (
+        tempfile.NamedTemporaryFile("w+", suffix=".log") as log,
+        tempfile.NamedTemporaryFile("w", suffix=".jinja") as template,
+    ):
+        # The built-in model's template knows no tool role: serve a tool-format one.
+        template.write(TEMPLATE)
+        template.flush()
+        argv += ["--chat-template", template.name]
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"server did not start: {log.read()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.2)
+            yield url + "/v1"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def schema():
+    loaded = schemathesis.openapi.from_dict(json.loads(SPEC.read_text()))
+
+    @loaded.hook("map_body")
+    def served_model_and_few_tokens(context, body):
+        """The served model's name; at most MAX_TOKENS generated (values below it, which
+        exercise the checks, are kept)."""
+        if not isinstance(body, dict):
+            return body
+        body["model"] = NAME
+        limits = [k for k in ("max_tokens", "max_completion_tokens") if k in body]
+        for key in limits:
+            if isinstance(body[key], (int, float)) and body[key] > MAX_TOKENS:
+                body[key] = MAX_TOKENS
+        if not limits or all(body[k] is None for k in limits):
+            body["max_tokens"] = MAX_TOKENS
+        return body
+
+    return loaded
+
+
+TALLY: collections.Counter = collections.Counter()
+
+
+@pytest.mark.parametrize("operation_id", ["createChatCompletion", "createCompletion"])
+def test_spec_valid_requests_are_answered_as_the_spec_says(schema, base_url, operation_id):
+    operation = schema.find_operation_by_id(operation_id)
+    tally: collections.Counter = collections.Counter()
+    unlisted: list[str] = []
+
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(hooks=schema.hooks))
+    def fuzz(case):
+        response = case.call(base_url=base_url, timeout=120)
+        status = response.status_code
+        assert status < 500, f"{status} for {case.body!r}: {response.text[:500]}"
+        if status == 200:
+            case.validate_response(response, checks=[response_schema_conformance])
+            tally["200"] += 1
+            return
+        error = response.json().get("error", {})
+        kind = classify(status, error)
+        if kind is None:
+            unlisted.append(f"{status} {error} for {json.dumps(case.body)[:300]}")
+            kind = "UNLISTED"
+        tally[kind] += 1
+
+    fuzz()
+    TALLY.update({f"{operation_id}: {k}": v for k, v in tally.items()})
+    report = "\n".join(f"{v:5d}  {k}" for k, v in tally.most_common())
+    print(f"\n{operation_id} ({sum(tally.values())} cases):\n{report}")
+    if path := os.environ.get("SHARDLM_CONFORMANCE_TALLY"):
+        with open(path, "a") as f:
+            f.write(f"{operation_id}\n{report}\n")
+    assert not unlisted, "\n".join(unlisted[:10])
+    # A floor, so that a server refusing everything by a listed class still fails.
+    assert tally["200"] >= sum(tally.values()) // 4, tally
