@@ -18,11 +18,19 @@ from shardlm.calibration import CALIBRATION_FILE, load_calibration, save_calibra
 from shardlm.config import ModelConfig
 from shardlm.entrypoints.cli import main as cli_main
 from shardlm.errors import CheckpointError, ConfigError
-from shardlm.layers.arm import ARM_MODES
-from shardlm.layers.hadamard import fwht, hadamard_block_size, hadamard_matrix, stage_radices
+from shardlm.layers.arm import ARM_MODES, ArmTransform
+from shardlm.layers.hadamard import (
+    HadamardPlan,
+    fwht,
+    hadamard_block_size,
+    hadamard_layout,
+    hadamard_matrix,
+    hadamard_transform,
+    stage_radices,
+)
 from shardlm.layers.linear import Linear
 from shardlm.layers.quant import Fp8Linear, Int8Linear, quantize_int8
-from shardlm.models.transforms import layer_arm
+from shardlm.models.transforms import WeightTransforms, layer_arm
 from shardlm.quality import greedy_tokens, mlp_inputs, mlp_output_errors, token_agreement
 from tests.conftest import make_checkpoint
 
@@ -107,8 +115,9 @@ def outlier_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_ckpt(tmp_path_factory):
-    """No planted outliers; MLP width 192 = 3·64, so the Hadamard is block-diagonal (blocks of
-    64; 32 per rank at TP=2). Calibrated."""
+    """No planted outliers; MLP width 192 = 12·16, so the Hadamard is the full-width
+    H_12 ⊗ H_16 with a Paley H_12 that is not symmetric (96 = 12·8 per rank at TP=2).
+    Calibrated."""
     path = tmp_path_factory.mktemp("arm-plain")
     make_checkpoint(path, "llama", {"intermediate_size": 192})
     calibrate(path, tmp_path_factory.mktemp("data"))
@@ -166,14 +175,48 @@ def test_block_diagonal_hadamard_for_other_sizes():
         hadamard_block_size(0)
 
 
-def test_arm_transform_times_its_fold_is_the_identity():
+@pytest.mark.parametrize(
+    "plan",
+    [HadamardPlan(1, 32), HadamardPlan(12, 8), HadamardPlan(12, 4), HadamardPlan(1, 1), None],
+    ids=str,
+)
+def test_arm_transform_times_its_fold_is_the_identity(plan):
+    """(h·T)·(T⁻¹·W) = h·W for Sylvester blocks, the full-width Paley ⊗ Sylvester H of 96 and
+    blocks of it."""
     torch.manual_seed(0)
-    from shardlm.layers.arm import ArmTransform
-
     w = torch.randn(96, 40, dtype=torch.float64)
     h = torch.randn(7, 96, dtype=torch.float64)
-    t = ArmTransform(torch.rand(96, dtype=torch.float64) * 10 + 0.1, 32)
+    t = ArmTransform(torch.rand(96, dtype=torch.float64) * 10 + 0.1, plan)
     torch.testing.assert_close(t.apply(h) @ t.fold_into_down(w), h @ w, rtol=1e-10, atol=1e-10)
+    assert t.block == (plan.block if plan else 0)
+
+
+def test_the_fold_is_the_transpose_not_h_itself():
+    """A Paley factor is not symmetric: folding H·W (as if H⁻¹ = H) would change the MLP."""
+    torch.manual_seed(0)
+    plan = HadamardPlan(12, 8)
+    w = torch.randn(96, 40, dtype=torch.float64)
+    h = torch.randn(7, 96, dtype=torch.float64)
+    t = ArmTransform(None, plan)
+    dense = hadamard_matrix(96)
+    torch.testing.assert_close(t.fold_into_down(w), dense.T @ w)
+    wrong = hadamard_transform(w.t(), plan, inverse=True).t()  # H·W
+    assert (t.apply(h) @ wrong - h @ w).norm() > 0.1 * (h @ w).norm()
+
+
+@pytest.mark.parametrize("width", [1536, 11008, 156])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fold_is_exact_at_real_widths(width, dtype):
+    """The full-width H of a real MLP width (1536 = 12·128, 11008 = 344·32) and the fallback
+    blocks (156: 52 each) with smoothing: h·W unchanged up to rounding."""
+    torch.manual_seed(width)
+    t = ArmTransform(torch.rand(width, dtype=dtype) * 10 + 0.1, hadamard_layout(width))
+    assert t.block == (52 if width == 156 else width)
+    w = torch.randn(width, 24, dtype=dtype) / width**0.5
+    h = torch.randn(5, width, dtype=dtype)
+    want = h @ w
+    got = t.apply(h) @ t.fold_into_down(w)
+    assert (got - want).norm() / want.norm() < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
 # -- quantized linears --
@@ -268,7 +311,12 @@ def test_arm_in_float32_keeps_logits_and_tokens(plain_ckpt, arm):
     with LLM(plain_ckpt, dtype="float32") as llm:
         ref_logits, ref_tokens = llm.prompt_logits(PROMPT), greedy(llm)
     with LLM(plain_ckpt, dtype="float32", arm=arm) as llm:
-        assert llm.runner.model.layers[0].mlp.hadamard_block == (64 if arm != "smooth" else 0)
+        model = llm.runner.model
+        assert model.layers[0].mlp.hadamard == (HadamardPlan(12, 16) if arm != "smooth" else None)
+        if arm != "smooth":
+            assert f"arm={arm} (Hadamard 12×16 over the MLP width)" in WeightTransforms(
+                arm=arm
+            ).describe(model)
         torch.testing.assert_close(llm.prompt_logits(PROMPT), ref_logits, rtol=0, atol=1e-4)
         assert greedy(llm) == ref_tokens
 
@@ -525,7 +573,7 @@ def test_odd_mlp_width_gets_no_hadamard_and_a_warning(tmp_path, caplog):
     path = tmp_path / "odd"
     make_checkpoint(path, "llama", {"intermediate_size": 75})
     with caplog.at_level("WARNING"), LLM(path, dtype="float32", arm="hadamard") as llm:
-        assert llm.runner.model.layers[0].mlp.hadamard_block == 0
+        assert llm.runner.model.layers[0].mlp.hadamard is None
     assert "no power-of-two factor" in caplog.text
     with pytest.raises(ValueError, match="arm_calibration must be a path, got int"):
         LLM(path, arm="smooth", arm_calibration=123)
@@ -536,7 +584,7 @@ def test_tensor_parallel_ranks_smooth_their_own_slice(outlier_ckpt):
     with exactly the TP=1 folded weights of channels [r·I/2, (r+1)·I/2)."""
     from shardlm.distributed.parallel_state import TPContext
     from shardlm.loader import load_weights
-    from shardlm.models.transforms import WeightTransforms, apply_weight_transforms
+    from shardlm.models.transforms import apply_weight_transforms
     from shardlm.runtime.runner import build_model
 
     path, _ = outlier_ckpt
@@ -563,6 +611,52 @@ def test_tensor_parallel_ranks_smooth_their_own_slice(outlier_ckpt):
                 mlp.down_proj.weight_t, ref.down_proj.weight_t[rows], rtol=0, atol=0
             )
             assert not torch.equal(up, raw.gate_up_proj.weight_t[:, width:][:, rows])
+
+
+def test_tensor_parallel_ranks_use_the_plan_of_their_slice(plain_ckpt):
+    """MLP width 192 at TP=2: each rank folds the full-width H of its own 96 channels,
+    H_12 ⊗ H_8 (not a slice of the 192-wide H_12 ⊗ H_16): its down projection is Hᵀ·W_r."""
+    from shardlm.distributed.parallel_state import TPContext
+    from shardlm.loader import load_weights
+    from shardlm.models.transforms import apply_weight_transforms
+    from shardlm.runtime.runner import build_model
+
+    config = ModelConfig.from_pretrained(plain_ckpt)
+
+    def loaded(rank: int, world: int, arm: str):
+        tp = TPContext(rank=rank, world_size=world)
+        model = build_model(config, torch.float32, torch.device("cpu"), 64, tp)
+        load_weights(model, plain_ckpt, torch.float32)
+        apply_weight_transforms(model, WeightTransforms.resolve(plain_ckpt, arm=arm))
+        return model
+
+    plain = loaded(0, 1, "none")
+    dense = torch.kron(hadamard_matrix(12), hadamard_matrix(8))  # H_12 ⊗ H_8
+    for rank in (0, 1):
+        part = loaded(rank, 2, "hadamard")
+        rows = slice(rank * 96, (rank + 1) * 96)
+        for n in range(config.num_hidden_layers):
+            mlp = part.layers[n].mlp
+            assert mlp.hadamard == HadamardPlan(12, 8)
+            raw = plain.layers[n].mlp.down_proj.weight_t[rows].double()
+            torch.testing.assert_close(
+                mlp.down_proj.weight_t.double(), dense.T @ raw, rtol=1e-5, atol=1e-6
+            )
+
+
+def test_width_without_a_construction_gets_blocks_and_a_warning(tmp_path, caplog):
+    """MLP width 156 = 4·39: no Hadamard of order 156 here, so blocks of 52 (a Paley II
+    matrix over GF(25)), named in a warning; the float function is unchanged."""
+    path = tmp_path / "w156"
+    make_checkpoint(path, "llama", {"intermediate_size": 156})
+    hadamard_layout.cache_clear()  # the warning is once per width and process
+    with LLM(path, dtype="float32") as llm:
+        ref_logits = llm.prompt_logits(PROMPT)
+    with caplog.at_level("WARNING"), LLM(path, dtype="float32", arm="hadamard") as llm:
+        assert llm.runner.model.layers[0].mlp.hadamard == HadamardPlan(52, 1)
+        torch.testing.assert_close(llm.prompt_logits(PROMPT), ref_logits, rtol=0, atol=1e-4)
+    assert "Hadamard width 156" in caplog.text and "blocks of 52" in caplog.text
+    assert caplog.text.count("Hadamard width 156") == 1  # two layers, one warning
 
 
 def test_quantized_lm_head_with_tied_embeddings(checkpoints):

@@ -12,12 +12,14 @@ of levels. ARM inserts an invertible T between h and the down projection:
   multiplied up by the same factor, sharing the range between activation and weight. Since
   h_j = SiLU(g_j)·u_j, scaling h_j is scaling u_j: s is folded into W_up's column j (and
   its bias), so it costs nothing at run time.
-* H, a normalized block-diagonal Hadamard (layers/hadamard.py), orthonormal: every output
-  channel is a ±1/√b mix of b input channels, so an outlier's energy is spread evenly over
-  its block and the distribution becomes close to Gaussian. It runs online as a fast
-  Walsh–Hadamard transform of h (O(n log n) per token); since H⁻¹ = H, the fold is
-  W ← H·diag(1/s)·W. Under tensor parallelism each rank transforms only its own slice of
-  the intermediate features (blocks never cross ranks), so no communication is added.
+* H, a normalized Hadamard matrix (layers/hadamard.py), orthonormal: every output channel
+  is a ±1/√b mix of b input channels, so an outlier's energy is spread evenly over them and
+  the distribution becomes close to Gaussian. Over the full width when one can be built
+  (n = K·2^m, H = H_K ⊗ H_(2^m) with a Paley H_K), else block-diagonal. It runs online on h
+  (a fast Walsh–Hadamard transform plus one small dense product, per token). H_K is not
+  symmetric, so H⁻¹ = Hᵀ and the fold is W ← Hᵀ·diag(1/s)·W. Under tensor parallelism each
+  rank transforms only its own slice of the intermediate features, with the plan of its
+  slice's width (H never crosses ranks), so no communication is added.
 
 In exact arithmetic the model's function is unchanged; in float32 the logits move by
 rounding only. The weights are folded once, at load, before any quantization.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardlm.layers.hadamard import fwht, hadamard_block_size
+from shardlm.layers.hadamard import HadamardPlan, hadamard_layout, hadamard_transform
 
 ARM_MODES = ("none", "hadamard", "smooth", "both")
 # SmoothQuant's migration strength: 0.5 splits the range evenly between h and W.
@@ -68,27 +70,33 @@ def smoothing_factors(
 class ArmTransform:
     """T = diag(scale)·H for one layer's down-projection input on one rank.
 
-    ``scale`` is None without smoothing; ``block`` is the Hadamard block size, 0 without it.
+    ``scale`` is None without smoothing; ``hadamard`` is H's plan, None without it.
     """
 
     scale: torch.Tensor | None
-    block: int
+    hadamard: HadamardPlan | None
+
+    @property
+    def block(self) -> int:
+        """H's block size (the width itself when H covers it), 0 without H."""
+        return self.hadamard.block if self.hadamard is not None else 0
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """h·T, for measuring (the engine folds diag(s) into W_up and runs only H online)."""
         if self.scale is not None:
             h = h * self.scale.to(h)
-        return fwht(h, self.block) if self.block else h
+        return hadamard_transform(h, self.hadamard) if self.hadamard is not None else h
 
     def fold_into_down(self, weight_t: torch.Tensor) -> torch.Tensor:
-        """T⁻¹·W for W [in, out]: rows scaled by 1/s, then H along the input dimension (as
-        fwht acts on the last dimension, on Wᵀ). Computed in at least float32, returned in W's
+        """T⁻¹·W = Hᵀ·diag(1/s)·W for W [in, out] (H orthonormal, H⁻¹ = Hᵀ): rows scaled by
+        1/s, then Hᵀ along the input dimension, computed as (Wᵀ·H)ᵀ since the transform
+        multiplies its last dimension by H. Computed in at least float32, returned in W's
         dtype."""
         w = weight_t.to(torch.promote_types(weight_t.dtype, torch.float32))
         if self.scale is not None:
             w = w / self.scale.to(w.dtype)[:, None]
-        if self.block:
-            w = fwht(w.t(), self.block).t()
+        if self.hadamard is not None:
+            w = hadamard_transform(w.t(), self.hadamard).t()
         return w.to(weight_t.dtype)
 
 
@@ -100,11 +108,12 @@ def arm_transform(
     alpha: float = DEFAULT_ALPHA,
 ) -> ArmTransform:
     """The transform of one layer on one rank: ``intermediate`` is this rank's slice of the
-    MLP width, ``act_absmax`` this rank's slice of the calibration (needed for smoothing)."""
+    MLP width (H is planned for it), ``act_absmax`` this rank's slice of the calibration
+    (needed for smoothing)."""
     scale = None
     if uses_smoothing(arm):
         if act_absmax is None:
             raise ValueError(f"arm={arm!r} needs calibration statistics")
         scale = smoothing_factors(act_absmax, down_weight_t, alpha)
-    block = hadamard_block_size(intermediate) if uses_hadamard(arm) else 0
-    return ArmTransform(scale, block)
+    plan = hadamard_layout(intermediate) if uses_hadamard(arm) else None
+    return ArmTransform(scale, plan)

@@ -1,34 +1,123 @@
-"""The normalized Walsh–Hadamard transform, block-diagonal, in O(n log n).
+"""The normalized Hadamard transform of ARM, over the full width where one can be built.
 
-H_1 = [1] and H_2m = [[H_m, H_m], [H_m, -H_m]] / √2 (Sylvester), so H_b for b = 2^k is
-orthonormal and symmetric: H_b⁻¹ = H_bᵀ = H_b. Sylvester matrices are Kronecker powers,
-H_b = H_r1 ⊗ H_r2 ⊗ … for any r1·r2·… = b, which is what makes the transform fast: view the
-length-b vector as a tensor [r1, r2, …] and multiply each axis by its small H_ri in turn. The
-classic butterfly is r = 2 throughout (log₂ b stages of b additions). Here each stage takes a
-radix of up to 64 (a small dense matmul), so b = 1024 is two stages of 32: more arithmetic
-per stage, but 5× fewer stages, which is what decides the run time on a CPU or for a
-PyTorch-level loop on a GPU (each stage is a kernel). With the radix bounded, the cost is
-still O(b log b).
+Sylvester: H_1 = [1] and H_2m = [[H_m, H_m], [H_m, -H_m]] / √2, so H_b for b = 2^k is
+orthonormal and symmetric. Sylvester matrices are Kronecker powers, H_b = H_r1 ⊗ H_r2 ⊗ …
+for any r1·r2·… = b, which is what makes the transform fast: view the length-b vector as a
+tensor [r1, r2, …] and multiply each axis by its small H_ri in turn (``fwht``). The classic
+butterfly is r = 2 throughout (log₂ b stages of b additions). Here each stage takes a radix of
+up to 64 (a small dense matmul), so b = 1024 is two stages of 32: more arithmetic per stage,
+but 5× fewer stages, which is what decides the run time on a CPU or for a PyTorch-level loop
+on a GPU (each stage is a kernel). With the radix bounded, the cost is still O(b log b).
 
-Sizes that are not a power of two use a block-diagonal H: the largest power of two that
-divides n sets the block size, and each block of the vector is transformed on its own. A
-block-diagonal H is still orthonormal and symmetric, so the transform is its own inverse.
+Other widths: n = K·2^m with K an order Paley's constructions reach (layers/paley.py: 12,
+20, 28, 44, 52, 76, 108, 140, 148, 344, …) gets the full-width H_n = H_K ⊗ H_(2^m), both
+factors normalized, so H_n is orthonormal: the vector viewed as [K, 2^m] goes through
+``fwht`` on the 2^m axis and one dense K×K product on the K axis (``hadamard_transform``).
+The smallest K that works is chosen (the dense part costs K multiply-adds per entry, the
+Sylvester part a few). H_K is *not* symmetric in general (Paley I is I + a skew matrix), so
+H⁻¹ = Hᵀ, not H: the transform computes x·H, and the weight fold (layers/arm.py) uses
+Hᵀ·W = H⁻¹·W.
+
+Widths no construction covers within ``MAX_DENSE_ORDER`` (172·2^m for m < 3, 156, odd
+widths…) fall back to a block-diagonal H whose blocks are the largest such orders dividing
+n (156 → three blocks of 52; 172 → blocks of 4), with a warning once per width. A
+block-diagonal H of orthonormal blocks is still orthonormal.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
-# Largest stage of the transform: H_64 is a 16 KiB matrix in float32.
+from shardlm.layers.paley import paley_construction, paley_matrix
+
+logger = logging.getLogger(__name__)
+
+# Largest stage of the Sylvester transform: H_64 is a 16 KiB matrix in float32.
 MAX_RADIX = 64
+# Largest dense factor: K multiply-adds per entry, against the down projection's hidden-size
+# ones (≥ 2048 in the models this engine serves, so at most about half of it and usually a
+# few percent: 11008 = 344·32 against hidden 2048–4096). Covers every width listed in
+# docs/arm.md, and Qwen2.5-72B's 29568 = 924·32.
+MAX_DENSE_ORDER = 1024
+
+
+@dataclass(frozen=True)
+class HadamardPlan:
+    """H = I ⊗ (H_k ⊗ H_pow2): blocks of ``k·pow2`` consecutive entries, each the Kronecker
+    product of a dense normalized order-``k`` factor (1: none) and a Sylvester ``pow2``.
+    One block of the whole width is the full-width transform."""
+
+    k: int
+    pow2: int
+
+    @property
+    def block(self) -> int:
+        return self.k * self.pow2
+
+    def __str__(self) -> str:
+        return str(self.pow2) if self.k == 1 else f"{self.k}×{self.pow2}"
+
+
+def _constructible(k: int) -> bool:
+    """An order the dense factor can take (1 is the trivial one)."""
+    return k == 1 or (k <= MAX_DENSE_ORDER and paley_construction(k) is not None)
+
+
+def _smallest_factor(odd: int, twos: int) -> int | None:
+    """The smallest constructible K = odd·2^j, j ≤ twos."""
+    return next(
+        (odd << j for j in range(twos + 1) if _constructible(odd << j)),
+        None,
+    )
+
+
+@functools.cache  # a few widths per model, each asked once per layer and rank
+def hadamard_plan(n: int) -> tuple[int, int] | None:
+    """(K, 2^m) with K·2^m = n and a full-width H_K ⊗ H_(2^m), K the smallest that works;
+    None when no construction covers n."""
+    if n < 1:
+        raise ValueError(f"a Hadamard transform needs a positive size, got {n}")
+    pow2 = n & -n
+    odd, twos = n // pow2, pow2.bit_length() - 1
+    k = _smallest_factor(odd, twos)
+    return None if k is None else (k, n // k)
+
+
+@functools.cache
+def hadamard_layout(n: int) -> HadamardPlan:
+    """The transform a length-``n`` vector gets: the full-width plan when there is one, else
+    the block-diagonal fallback with the largest constructible block dividing n (logged
+    once per width; block 1, the identity, for odd widths)."""
+    full = hadamard_plan(n)
+    if full is not None:
+        return HadamardPlan(*full)
+    pow2 = n & -n
+    odd, twos = n // pow2, pow2.bit_length() - 1
+    best = HadamardPlan(1, pow2)
+    for d in range(3, odd, 2):  # the odd part of a block must divide n's
+        k = _smallest_factor(d, twos) if odd % d == 0 else None
+        if k is not None and d * pow2 > best.block:
+            best = HadamardPlan(k, d * pow2 // k)
+    if best.block > 1:
+        logger.warning(
+            "Hadamard width %d: no construction over the full width, so ARM uses a "
+            "block-diagonal Hadamard with blocks of %d (%s)",
+            n,
+            best.block,
+            best,
+        )
+    return best
 
 
 def hadamard_block_size(n: int) -> int:
-    """The block of the block-diagonal transform of a length-``n`` vector: the largest power
-    of two dividing ``n`` (n itself when it is a power of two; 1, the identity, when odd)."""
+    """The largest power of two dividing ``n`` (n itself when it is a power of two; 1, the
+    identity, when odd): the block of a Sylvester-only block-diagonal transform, kept for
+    callers that want one (``hadamard_layout`` is what ARM uses)."""
     if n < 1:
         raise ValueError(f"a Hadamard transform needs a positive size, got {n}")
     return n & -n
@@ -44,7 +133,7 @@ def stage_radices(block: int, max_radix: int = MAX_RADIX) -> tuple[int, ...]:
 
 
 def fwht(x: torch.Tensor, block: int, max_radix: int = MAX_RADIX) -> torch.Tensor:
-    """x·H along the last dimension, H block-diagonal with normalized Hadamard blocks of
+    """x·H along the last dimension, H block-diagonal with normalized Sylvester blocks of
     ``block`` (a power of two dividing the last dimension). Returns a new tensor.
     ``max_radix`` = 2 gives the textbook butterfly (the reference the tests compare with)."""
     n = x.shape[-1]
@@ -58,28 +147,72 @@ def fwht(x: torch.Tensor, block: int, max_radix: int = MAX_RADIX) -> torch.Tenso
     for r in stage_radices(block, max_radix):
         # Index within the block = (outer, j, inner) with j in [0, r): multiply axis j by H_r
         # (a plain GEMM when j is the innermost axis, as H_r is symmetric).
-        h = _cached_hadamard(r, y.dtype, y.device)
+        h = _cached_factor("sylvester", r, y.dtype, y.device)
         y = y.reshape(-1, r) @ h if stride == 1 else torch.matmul(h, y.reshape(-1, r, stride))
         stride *= r
     return y.reshape(*lead, n)
 
 
-_CACHE: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+def hadamard_transform(
+    x: torch.Tensor, plan: HadamardPlan, max_radix: int = MAX_RADIX, inverse: bool = False
+) -> torch.Tensor:
+    """x·H along the last dimension for H = I ⊗ (H_k ⊗ H_pow2) (``plan``); a new tensor.
+    ``inverse``: x·H⁻¹ = x·Hᵀ instead.
+
+    Within a block the index is a·pow2 + b, a in [0, k), b in [0, pow2), and
+    (H_k ⊗ H_pow2)[a·pow2 + b, a'·pow2 + b'] = H_k[a, a']·H_pow2[b, b'], so
+    y[a', b'] = Σ_a H_k[a, a'] · (Σ_b x[a, b]·H_pow2[b, b']): fwht on the pow2 axis, then
+    H_kᵀ applied to the k axis (transposed: H_k is not symmetric). Hᵀ = H_kᵀ ⊗ H_pow2 swaps
+    H_k for H_kᵀ only."""
+    n, k, pow2 = x.shape[-1], plan.k, plan.pow2
+    if n % plan.block:
+        raise ValueError(f"Hadamard plan {plan} (block {plan.block}) does not divide {n}")
+    y = fwht(x, pow2, max_radix) if pow2 > 1 else x
+    if k == 1:
+        return y if pow2 > 1 else x.clone()
+    h = _cached_factor("paley", k, y.dtype, y.device)
+    h = h.t() if inverse else h
+    rows = x.numel() // (k * pow2)
+    if pow2 == 1:  # the k axis is the innermost: a plain GEMM by H_k
+        return (y.reshape(rows, k) @ h).reshape(x.shape)
+    return torch.matmul(h.t(), y.reshape(rows, k, pow2)).reshape(x.shape)
 
 
-def _cached_hadamard(r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (r, dtype, device)
+_CACHE: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _cached_factor(kind: str, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A normalized factor on the transform's device, made once: Sylvester H_r or Paley H_r."""
+    key = (kind, r, dtype, device)
     if key not in _CACHE:
-        _CACHE[key] = hadamard_matrix(r).to(dtype=dtype, device=device)
+        dense = sylvester_matrix(r) if kind == "sylvester" else paley_factor(r)
+        _CACHE[key] = dense.to(dtype=dtype, device=device)
     return _CACHE[key]
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The dense normalized H_n (n a power of two), by Sylvester's construction; for tests
-    and for folding into small weights, never on the decode path."""
+def sylvester_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The dense normalized Sylvester H_n (n a power of two)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Sylvester's construction needs a power of two, got {n}")
     h = torch.ones(1, 1, dtype=dtype)
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h / math.sqrt(n)
+
+
+def paley_factor(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The dense factor H_k of a plan, normalized (orthonormal, not symmetric in general)."""
+    if k == 1:
+        return torch.ones(1, 1, dtype=dtype)
+    return (paley_matrix(k) / math.sqrt(k)).to(dtype)
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The dense normalized full-width H_n = H_K ⊗ H_(2^m) the transform of width ``n``
+    applies (Sylvester's H_n for a power of two); for tests and small folds, never on the
+    decode path. Raises when no construction covers n (see ``hadamard_layout``)."""
+    plan = hadamard_plan(n)
+    if plan is None:
+        raise ValueError(f"no Hadamard construction covers width {n}")
+    k, pow2 = plan
+    return torch.kron(paley_factor(k, dtype), sylvester_matrix(pow2, dtype))

@@ -25,7 +25,7 @@ from shardlm.distributed.parallel_state import TPContext
 from shardlm.errors import ConfigError
 from shardlm.layers.activation import silu_and_mul
 from shardlm.layers.embedding import TiedEmbedding, VocabParallelEmbedding
-from shardlm.layers.hadamard import fwht
+from shardlm.layers.hadamard import HadamardPlan, hadamard_transform
 from shardlm.layers.linear import Linear
 from shardlm.layers.norm import RMSNorm, qk_rms_norm
 from shardlm.layers.rotary import RotaryEmbedding
@@ -204,9 +204,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(
             shard.intermediate, config.hidden_size, config.mlp_bias, tp if tp.enabled else None
         )
-        # ARM (layers/arm.py): block of the online Hadamard on the down-projection input, set
-        # when the transform is folded into the weights; 0 = off.
-        self.hadamard_block = 0
+        # ARM (layers/arm.py): the online Hadamard on the down-projection input (its plan:
+        # Kronecker factors, blocks), set when the transform is folded into the weights.
+        self.hadamard: HadamardPlan | None = None
         self.use_kernel = False  # SiLU·mul in one Triton kernel (kernels/fused.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,8 +216,8 @@ class LlamaMLP(nn.Module):
             h = fused_silu_and_mul(self.gate_up_proj(x))
         else:
             h = silu_and_mul(self.gate_up_proj(x))
-        if self.hadamard_block:
-            h = fwht(h, self.hadamard_block)
+        if self.hadamard is not None:
+            h = hadamard_transform(h, self.hadamard)
         return self.down_proj(h)
 
 

@@ -85,7 +85,7 @@ class WeightTransforms:
     def describe(self, model: LlamaForCausalLM | None = None) -> str:
         parts = []
         if self.arm != "none":
-            plan = model.layers[0].mlp.hadamard_block if model is not None else 0
+            plan = model.layers[0].mlp.hadamard if model is not None else None
             parts.append(
                 f"arm={self.arm}" + (f" ({_describe_hadamard(plan, model)})" if plan else "")
             )
@@ -187,8 +187,7 @@ def _warn_no_hadamard(width: int, arm: str) -> None:
 def fold_arm(mlp: LlamaMLP, transform: ArmTransform) -> None:
     """Make ``mlp`` compute the same function through T: diag(s) into the up projection's
     columns (and bias), T⁻¹ = Hᵀ·diag(1/s) into the down projection, and the online Hadamard
-    switched on (the MLP's ``hadamard_block`` holds the plan; its forward passes it to
-    ``fwht``, which runs ``hadamard_transform`` for a plan)."""
+    switched on (the MLP's ``hadamard`` holds the plan its forward runs)."""
     inter = mlp.down_proj.in_features
     if transform.scale is not None:
         s = transform.scale.to(mlp.gate_up_proj.weight_t.device)
@@ -199,4 +198,4 @@ def fold_arm(mlp: LlamaMLP, transform: ArmTransform) -> None:
             bias.copy_((bias.float() * s).to(bias.dtype))
     w = mlp.down_proj.weight_t
     w.copy_(transform.fold_into_down(w))
-    mlp.hadamard_block = transform.hadamard or 0
+    mlp.hadamard = transform.hadamard
