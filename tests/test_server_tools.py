@@ -606,6 +606,22 @@ def test_openai_client_round_trip(tool_server):
     assert answer.usage.prompt_tokens > r.usage.prompt_tokens  # the history was rendered
 
 
+def test_tokenize_renders_messages_as_chat_completions_does(tool_server):
+    """/tokenize with messages goes through --chat-template, tools and chat_template_kwargs,
+    as /v1/chat/completions does: the same prompt tokens."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    body = {"messages": messages, "tools": TOOLS, "chat_template_kwargs": {"x": 1}}
+    counted = tool_server.post("/tokenize", body).json()["count"]
+    chat = {**body, "model": "tiny", "max_tokens": 1, "tool_choice": "none"}
+    r = tool_server.post("/v1/chat/completions", chat)
+    assert r.status_code == 200, r.text
+    assert counted == r.json()["usage"]["prompt_tokens"]
+    plain = tool_server.post("/tokenize", {"messages": messages}).json()["count"]
+    assert plain < counted  # the tools were rendered
+    bad = tool_server.post("/tokenize", {"messages": [{"role": "user", "content": 3}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("messages")
+
+
 def test_openapi_json_documents_the_request_bodies(monkeypatch):
     monkeypatch.delenv("SHARDLM_API_KEY", raising=False)
     app = build_app(ScriptedEngine(["x"]), ServerConfig(), "fake")

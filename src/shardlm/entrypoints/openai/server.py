@@ -102,7 +102,7 @@ def build_app(engine: EngineClient, config: ServerConfig, model_name: str) -> Fa
         engine=engine, metrics=metrics, model_name=model_name, max_waiting=config.max_waiting
     )
     completions, chat = CompletionServing(**shared), ChatServing(**shared, config=config)
-    tokenization = TokenizationServing(**shared)
+    tokenization = TokenizationServing(**shared, chat_template=chat.chat_template)
     card = model_card(model_name, engine.max_model_len)
 
     @asynccontextmanager

@@ -1,7 +1,9 @@
 """vLLM's tokenizer endpoints, as lm-evaluation-harness and other clients call them:
 
-* ``POST /tokenize`` {"prompt": text} or {"messages": [...]} (rendered by the chat
-  template), ``add_special_tokens`` (default true), ``return_token_strs`` →
+* ``POST /tokenize`` {"prompt": text} or {"messages": [...]} (rendered as
+  /v1/chat/completions renders them: the chat template or --chat-template, ``tools``,
+  ``chat_template_kwargs``, ``add_generation_prompt``), ``add_special_tokens`` (default true;
+  never added to a rendered chat), ``return_token_strs`` →
   {"count", "max_model_len", "tokens", "token_strs"};
 * ``POST /detokenize`` {"tokens": [ids]} → {"prompt": text};
 * ``GET /tokenizer_info`` → the tokenizer's settings, as tokenizer_config.json has them
@@ -10,12 +12,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, StrictInt
 from starlette.requests import Request
 
-from shardlm.entrypoints.openai.protocol import APIError, ChatMessage
+from shardlm.entrypoints.openai.protocol import APIError, ChatCompletionRequest
 from shardlm.entrypoints.openai.serving import OpenAIServing, read_body
-from shardlm.entrypoints.openai.validation import COMPLETION_FIELDS, Fields, check_model, token_ids
+from shardlm.entrypoints.openai.validation import (
+    COMPLETION_FIELDS,
+    Fields,
+    check_model,
+    render_chat,
+    token_ids,
+)
 
 TOKENIZE_FIELDS = COMPLETION_FIELDS
 DETOKENIZE_FIELDS = Fields({"prompt": "tokens", "prompt_token_ids": "tokens"})
@@ -26,9 +36,16 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[Any] | None = None  # checked as a chat request's (TokenizeChatRequest)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatCompletionRequest):
+    """The messages form of /tokenize: a chat request's rendering fields, and the token
+    strings flag."""
+
     return_token_strs: bool = False
 
 
@@ -40,6 +57,10 @@ class DetokenizeRequest(BaseModel):
 
 
 class TokenizationServing(OpenAIServing):
+    def __init__(self, *args: Any, chat_template: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.chat_template = chat_template  # --chat-template's text, or None
+
     def _tokenizer(self):
         if self.tokenizer is None:
             raise APIError(400, "this server has no tokenizer (skip_tokenizer_init)")
@@ -52,13 +73,8 @@ class TokenizationServing(OpenAIServing):
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            messages = [m.as_template_dict() for m in body.messages]
-            try:
-                text = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=body.add_generation_prompt
-                )
-            except ValueError as e:
-                raise APIError(400, str(e), "messages") from None
+            chat = await read_body(request, TokenizeChatRequest)
+            text = render_chat(tokenizer, chat, self.chat_template)
             ids = await self.encode(text, TOKENIZE_FIELDS, add_special_tokens=False)
         else:
             ids = await self.encode(
