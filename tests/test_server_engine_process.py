@@ -103,11 +103,12 @@ def test_the_engine_process_exits_when_the_server_is_killed(ckpt):
 
 
 def test_sigint_to_the_process_group_stops_both_processes_cleanly(ckpt):
-    """Ctrl-C in a terminal signals every process of the group: the engine process ignores
-    it and the HTTP process shuts it down after draining."""
+    """Ctrl-C in a terminal (or a service manager's SIGTERM) signals every process of the
+    group: the engine process ignores it and the HTTP process shuts it down after draining."""
     s = Server(ckpt, api_key=None)
     engine = engine_pid(s.proc.pid)
     os.kill(engine, signal.SIGINT)  # what the terminal sends the engine: ignored
+    os.kill(engine, signal.SIGTERM)  # what a service manager sends the group: ignored too
     time.sleep(0.5)
     assert alive(engine)
     r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "a", "max_tokens": 3}, timeout=30)
@@ -161,3 +162,23 @@ def test_serve_under_torchrun_runs_the_engine_as_rank_0(ckpt):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_failure_after_the_engine_started_does_not_leave_the_server_waiting(ckpt):
+    """Whatever fails between starting the engine process and serving, the HTTP process
+    stops its engine and exits (a non-daemon child would keep it waiting forever)."""
+    code = (
+        "import sys\n"
+        "from shardlm.entrypoints.openai import server\n"
+        "from shardlm.entrypoints.openai.server_config import ServerConfig\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('app failed')\n"
+        "server.build_app = broken\n"
+        "try:\n"
+        f"    args = {{'model': {str(ckpt)!r}, 'device': 'cpu'}}\n"
+        "    server.run_server(args, ServerConfig(port=0))\n"
+        "except RuntimeError as e:\n"
+        "    print('raised', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "raised app failed" in r.stdout, r.stderr

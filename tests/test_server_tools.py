@@ -196,6 +196,16 @@ def test_chat_template_kwargs_and_override_reach_the_template(tokenizer_dir, tmp
     file.write_text("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
     override = ServerConfig(chat_template=str(file)).chat_template_text()
     assert render_chat(tok, chat(), override) == "[user]hi"
+    # A template's own operations on a request's variables fail as the request's fault.
+    file.write_text('{{ "Today: " + date_string }}')
+    concat = ServerConfig(chat_template=str(file)).chat_template_text()
+    with pytest.raises(APIError) as e:
+        render_chat(tok, chat(chat_template_kwargs={"date_string": 5}), concat)
+    assert e.value.status == 400 and "TypeError" in e.value.message
+    # A file that is not UTF-8 is refused before the server starts.
+    file.write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(ValueError, match="chat_template"):
+        ServerConfig(chat_template=str(file))
 
 
 # -- requests --
@@ -393,7 +403,23 @@ OUTPUTS = [
         "stop",
     ),
     (ServerConfig(), "required", "required", '[{"name": "lookup", "par', "length"),
+    # Cut by a stop string: the partial call is no call, so no "tool_calls" either.
+    (
+        ServerConfig(),
+        "named",
+        {"type": "function", "function": {"name": "get_weather"}},
+        '{"city": "Par',
+        "stop",
+    ),
 ]
+
+
+def complete_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("config,mode,choice,text,reason", OUTPUTS)
@@ -411,7 +437,8 @@ def test_streamed_deltas_join_to_the_message(config, mode, choice, text, reason)
     message, final = output().message(text, reason)
     assert message["refusal"] is None and message["role"] == "assistant"
     calls = message.get("tool_calls", [])
-    assert final == ("tool_calls" if calls and reason == "stop" else reason)
+    whole = all(complete_json(c["function"]["arguments"]) for c in calls)
+    assert final == ("tool_calls" if calls and whole and reason == "stop" else reason)
     rng = random.Random(0)
     for cuts in [
         [],
@@ -620,6 +647,8 @@ def test_tokenize_renders_messages_as_chat_completions_does(tool_server):
     assert plain < counted  # the tools were rendered
     bad = tool_server.post("/tokenize", {"messages": [{"role": "user", "content": 3}]})
     assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("messages")
+    bad = tool_server.post("/tokenize", {"messages": messages, "tools": [{"type": "function"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools.0.function"
 
 
 def test_openapi_json_documents_the_request_bodies(monkeypatch):

@@ -394,6 +394,10 @@ class Tokenizer:
             text = template.render(**variables)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template error: {e.message or e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            # The template's own Python operations on what the request gave it (a number
+            # where it concatenates strings, a missing key): the input's fault, not a bug.
+            raise TokenizerError(f"chat template error: {type(e).__name__}: {e}") from None
         if tokenize:
             return self.encode(text, add_special_tokens=False)
         return text

@@ -18,9 +18,9 @@ Sylvester part a few). H_K is *not* symmetric in general (Paley I is I + a skew 
 H⁻¹ = Hᵀ, not H: the transform computes x·H, and the weight fold (layers/arm.py) uses
 Hᵀ·W = H⁻¹·W.
 
-Widths no construction covers within ``MAX_DENSE_ORDER`` (172·2^m for m < 3, 156, odd
-widths…) fall back to a block-diagonal H whose blocks are the largest such orders dividing
-n (156 → three blocks of 52; 172 → blocks of 4), with a warning once per width. A
+Widths no construction covers within ``MAX_DENSE_ORDER`` (172 itself — 344 = 7³ + 1 is
+Paley I, so 172·2^m with m ≥ 1 is covered —, 156, odd widths…) fall back to a
+block-diagonal H whose blocks are the largest such orders dividing n (156 → three blocks of 52; 172 → blocks of 4), with a warning once per width. A
 block-diagonal H of orthonormal blocks is still orthonormal.
 """
 
@@ -112,15 +112,6 @@ def hadamard_layout(n: int) -> HadamardPlan:
             best,
         )
     return best
-
-
-def hadamard_block_size(n: int) -> int:
-    """The largest power of two dividing ``n`` (n itself when it is a power of two; 1, the
-    identity, when odd): the block of a Sylvester-only block-diagonal transform, kept for
-    callers that want one (``hadamard_layout`` is what ARM uses)."""
-    if n < 1:
-        raise ValueError(f"a Hadamard transform needs a positive size, got {n}")
-    return n & -n
 
 
 @functools.cache  # on the decode path: once per block size

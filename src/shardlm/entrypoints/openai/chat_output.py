@@ -90,8 +90,9 @@ class ChatOutput:
         if parser is not None:
             reasoning, content = parser.split(text)
         calls: list[ToolCall] = []
+        complete = True  # the calls are whole (a forced call cut short is not)
         if self.mode in ("required", "named"):
-            content, calls = self._forced(text)
+            content, calls, complete = self._forced(text)
         elif (tool_parser := self._parser()) is not None:
             parsed = tool_parser.parse(content or "")
             if parsed.tool_calls:
@@ -105,18 +106,20 @@ class ChatOutput:
             message["tool_calls"] = [call_json(c) for c in calls]
         if self.reasoning_parser is not None:
             message["reasoning_content"] = reasoning
-        return message, finish_reason(reason, bool(calls))
+        return message, finish_reason(reason, bool(calls) and complete)
 
-    def _forced(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """(content, calls) of an output the grammar forced. One cut short (max_tokens) is no
-        complete call: a named function keeps the partial arguments, as OpenAI's do when
-        cut; "required" returns the text as content."""
+    def _forced(self, text: str) -> tuple[str | None, list[ToolCall], bool]:
+        """(content, calls, complete) of an output the grammar forced. One cut short
+        (max_tokens, a stop string) is no complete call: a named function keeps the partial
+        arguments, as OpenAI's do when cut; "required" returns the text as content. Only
+        complete calls finish with "tool_calls"."""
         try:
-            return None, parse_forced(text, list(self.tools), self.tool_choice, self.new_id)
+            calls = parse_forced(text, list(self.tools), self.tool_choice, self.new_id)
+            return None, calls, True
         except ValueError:
             if self.named is None:
-                return text, []
-            return None, [ToolCall(self.new_id(), self.named, text)]
+                return text, [], False
+            return None, [ToolCall(self.new_id(), self.named, text)], False
 
     def stream(self) -> ChoiceStream:
         return ChoiceStream(self)
@@ -169,13 +172,13 @@ class ChoiceStream:
         return out, finish_reason(reason, self.has_calls)
 
     def _finish_forced(self) -> list[dict]:
-        content, calls = self.output._forced(self.forced_text)
+        content, calls, complete = self.output._forced(self.forced_text)
+        self.has_calls = complete
         if self.named_id is not None:  # the call went out at the start: its arguments now
             delta = ToolCallDelta(0, None, None, calls[0].arguments)
             return [{"tool_calls": [call_delta_json(delta)]}]
         if not calls:
             return [{"content": content}] if content else []
-        self.has_calls = True
         deltas = []
         for i, call in enumerate(calls):
             deltas.append(ToolCallDelta(i, call.id, call.name, ""))

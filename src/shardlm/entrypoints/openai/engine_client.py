@@ -110,16 +110,21 @@ class EngineClient:
             target=run_engine_core,
             args=(engine_args, self._commands, self._messages, os.getpid()),
             name="shardlm-engine",
+            # Terminated at interpreter exit if nothing stopped it before (a crash between
+            # start and shutdown must not leave the HTTP process waiting for its child).
+            daemon=True,
         )
         self._process.start()
         try:
             self.info, self.stats = self._wait_until_ready()
+            path = self.info.tokenizer_path
+            # The HTTP process's own tokenizer: prompts and chat templates are rendered here.
+            self.tokenizer: Tokenizer | None = (
+                None if path is None else Tokenizer.from_pretrained(path)
+            )
         except BaseException:
             self._end_process(timeout=5.0)
             raise
-        path = self.info.tokenizer_path
-        # The HTTP process's own tokenizer: prompts and chat templates are rendered here.
-        self.tokenizer: Tokenizer | None = None if path is None else Tokenizer.from_pretrained(path)
         self.max_model_len = self.info.max_model_len
         self.vocab_size = self.info.vocab_size
         self.node_stats = NodeSnapshot()
@@ -133,6 +138,11 @@ class EngineClient:
         self._reader = threading.Thread(target=self._read, name="shardlm-engine-reader")
         self._reader.daemon = True
         self._reader.start()
+        # A process killed in the middle of a message leaves the reader blocked inside it:
+        # the watchdog notices the exit whatever the reader is doing.
+        watchdog = threading.Thread(target=self._watch, name="shardlm-engine-watchdog")
+        watchdog.daemon = True
+        watchdog.start()
 
     # -- the event-loop side --
     async def add(self, request_id: str, prompt: dict, params: SamplingParams) -> RequestStream:
@@ -216,15 +226,19 @@ class EngineClient:
             with contextlib.suppress(Exception):
                 self._commands.put(("stop",))
             self._process.join(timeout)
-        if self._process.is_alive():
-            logger.warning("the engine process did not stop in %.0f s: terminating it", timeout)
-            self._process.terminate()
-            self._process.join(5.0)
-        if self._process.is_alive():
+        if self._process.is_alive():  # it ignores SIGTERM (engine_core.py): kill it
+            logger.warning("the engine process did not stop in %.0f s: killing it", timeout)
             self._process.kill()
             self._process.join()
         # Anything still buffered for a process that is gone must not hold up our exit.
         self._commands.cancel_join_thread()
+
+    def _watch(self) -> None:
+        """Wait for the engine process to exit; give the reader a moment to deliver what the
+        engine said last (its own reason for dying), then fail whatever is left."""
+        self._process.join()
+        self._reader.join(READ_TIMEOUT_S * 2)
+        self._die(EngineDead(f"the engine process exited (code {self._process.exitcode})"))
 
     def _read(self) -> None:
         """The reader thread: every engine message, until the engine is dead."""
@@ -266,6 +280,7 @@ class EngineClient:
                     return True
                 self.pending_sequences -= pending.sequences
                 if kind == "accepted":
+                    self.stats = message[2]
                     self._sinks[rid] = pending.sink
                     pending.sink.put(_ACCEPTED)
                 else:

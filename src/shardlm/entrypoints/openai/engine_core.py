@@ -22,7 +22,7 @@ import queue
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.queues import Queue
 
 from shardlm.attention.node import NodeStats
@@ -95,9 +95,11 @@ class RemoteError:
 def run_engine_core(engine_args: dict, commands: Queue, messages: Queue, parent_pid: int) -> None:
     """The engine process's entry (multiprocessing spawn target): build the engine, say ready
     (or why not), then step until told to stop, the loop fails, or the parent is gone."""
-    # Ctrl-C in a terminal signals the whole process group: the HTTP process decides when
-    # this one stops (it drains first), so the engine ignores SIGINT.
+    # Ctrl-C in a terminal, or a service manager stopping the unit, signals the whole
+    # process group: the HTTP process decides when this one stops (it drains first), so the
+    # engine ignores SIGINT and SIGTERM (it stops on a command, or when its parent is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -166,8 +168,10 @@ class EngineCore:
                 outputs = self.engine.step()
                 self._stepped = True
                 self._update(outputs, self._node_stats())
-            reason = "the server is shutting down" if self.stopping else "the server went away"
-            self.messages.put(("dead", reason))
+            if self.stopping:
+                self.messages.put(("dead", "the server is shutting down"))
+            else:  # nobody reads the queue any more: do not wait at exit to flush it
+                self.messages.cancel_join_thread()
         except BaseException as e:  # a failed step: the client fails every request with it
             logger.exception("the engine failed")
             self.messages.put(("dead", f"the engine failed: {e}"))
@@ -177,7 +181,10 @@ class EngineCore:
             self.engine.shutdown(graceful=graceful)
 
     def _update(self, outputs: list, nodes: NodeSnapshot | None) -> None:
-        self.messages.put(("update", outputs, self.engine.stats, nodes))
+        # The server has each request's prompt: deltas cross without it (a long prompt would
+        # otherwise be pickled, and unpickled in the HTTP process, at every step).
+        slim = [replace(out, prompt=None, prompt_token_ids=[]) for out in outputs]
+        self.messages.put(("update", slim, self.engine.stats, nodes))
 
     def _wait_for_command(self) -> None:
         try:
@@ -206,8 +213,8 @@ class EngineCore:
                 self.engine.add_request(rid, prompt, params)
             except Exception as e:  # ValueError: refused; anything else is answered too
                 self.messages.put(("refused", rid, RemoteError.of(e)))
-            else:
-                self.messages.put(("accepted", rid))
+            else:  # with the counters that now include it (the server's admission check)
+                self.messages.put(("accepted", rid, self.engine.stats))
         elif kind == "abort":
             self.engine.abort(command[1])
         elif kind == "compile":

@@ -171,29 +171,31 @@ def run_server(engine_args: dict, server: ServerConfig, access_log: bool = False
     if model is None:  # EngineConfig.resolve() picks the built-in model
         print(DEMO_NOTICE, file=sys.stderr)
     engine = EngineClient(args)  # the engine's own process (engine_core.py)
-    app = build_app(engine, server, name)
-    uv = _UvicornServer(
-        uvicorn.Config(
-            app,
-            host=server.host,
-            port=server.port,
-            timeout_graceful_shutdown=server.shutdown_timeout,
-            log_level="warning",
-            log_config=_log_config(),
-            access_log=access_log,
-        ),
-        engine,
-        name,
-    )
-    if access_log:  # uvicorn's access logger, alone at INFO: the rest stays at warning
-        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for whatever
     # handler was installed before it: make that one a no-op, so a requested stop exits 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
+        app = build_app(engine, server, name)
+        uv = _UvicornServer(
+            uvicorn.Config(
+                app,
+                host=server.host,
+                port=server.port,
+                timeout_graceful_shutdown=server.shutdown_timeout,
+                log_level="warning",
+                log_config=_log_config(),
+                access_log=access_log,
+            ),
+            engine,
+            name,
+        )
+        if access_log:  # uvicorn's access logger, alone at INFO: the rest stays at warning
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         uv.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        # Also where uvicorn skipped its lifespan shutdown (a second Ctrl-C) or never ran.
+        engine.shutdown()
     return 0
 
 

@@ -21,11 +21,16 @@ REASONING_PARSERS = ("qwen3", "deepseek_r1")
 
 
 def _template_file(value: object) -> str | None:
-    """--chat-template names a readable jinja file."""
+    """--chat-template names a readable UTF-8 jinja file (read here, before the engine
+    starts, so a bad file is one line on the command line)."""
     if value is None:
         return None
     if not isinstance(value, str) or not Path(value).is_file():
         raise ParamError("chat_template", f"chat_template must be a jinja file, got {value!r}")
+    try:
+        Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamError("chat_template", f"chat_template {value!r} cannot be read: {e}") from None
     return None
 
 

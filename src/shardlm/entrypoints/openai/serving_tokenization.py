@@ -23,6 +23,7 @@ from shardlm.entrypoints.openai.validation import (
     COMPLETION_FIELDS,
     Fields,
     check_model,
+    check_tools,
     render_chat,
     token_ids,
 )
@@ -74,6 +75,7 @@ class TokenizationServing(OpenAIServing):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
             chat = await read_body(request, TokenizeChatRequest)
+            check_tools(chat)
             text = render_chat(tokenizer, chat, self.chat_template)
             ids = await self.encode(text, TOKENIZE_FIELDS, add_special_tokens=False)
         else:

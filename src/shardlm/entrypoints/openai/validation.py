@@ -222,16 +222,21 @@ def _dotted(path: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
-def tool_mode(body: ChatCompletionRequest, auto_enabled: bool, tool_parser: str | None) -> ToolMode:
-    """How the request's tools shape its output; malformed tools, tool_choice or
-    parallel_tool_calls, and choices the server is not set up for, are 400s naming the
-    field. Without tool_choice, tools mean "auto" (OpenAI's default), which, as in vLLM,
-    needs --enable-auto-tool-choice and --tool-call-parser."""
+def check_tools(body: ChatCompletionRequest) -> None:
+    """Malformed tools, tool_choice or parallel_tool_calls: a 400 naming the field."""
     try:
         validate_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     except ToolError as e:
         param = _dotted(e.param)
         raise APIError(400, param + str(e)[len(e.param) :], param) from None
+
+
+def tool_mode(body: ChatCompletionRequest, auto_enabled: bool, tool_parser: str | None) -> ToolMode:
+    """How the request's tools shape its output; malformed tools (``check_tools``) and
+    choices the server is not set up for are 400s naming the field. Without tool_choice,
+    tools mean "auto" (OpenAI's default), which, as in vLLM, needs --enable-auto-tool-choice
+    and --tool-call-parser."""
+    check_tools(body)
     choice = body.tool_choice
     if not body.tools or choice == "none":
         return "none"
