@@ -20,8 +20,9 @@ Hᵀ·W = H⁻¹·W.
 
 Widths no construction covers within ``MAX_DENSE_ORDER`` (172 itself — 344 = 7³ + 1 is
 Paley I, so 172·2^m with m ≥ 1 is covered —, 156, odd widths…) fall back to a
-block-diagonal H whose blocks are the largest such orders dividing n (156 → three blocks of 52; 172 → blocks of 4), with a warning once per width. A
-block-diagonal H of orthonormal blocks is still orthonormal.
+block-diagonal H whose blocks are the largest such orders dividing n (156 → three blocks
+of 52; 172 → blocks of 4), with a warning once per width. A block-diagonal H of orthonormal
+blocks is still orthonormal.
 """
 
 from __future__ import annotations
