@@ -35,7 +35,7 @@ for part in "$@"; do
             # CUDA compute rank beside CPU attention nodes over pinned gloo (the NCCL link
             # test skips itself: it needs a GPU per rank)
         SHARDLM_KERNEL_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -x \
-            tests/test_kernels.py tests/test_cuda_graphs.py &&
+            tests/test_kernels.py tests/test_cuda_graphs.py tests/test_kv_quant.py &&
         $PY -m pytest -q -p no:cacheprovider -x -rs tests/test_node_overlap.py -k "cuda or nccl"
         ;;
     session)
@@ -48,6 +48,10 @@ for part in "$@"; do
     nodes)  # CUDA compute rank, attention nodes on the CPU over pinned gloo, m = 1, 2, 3
         $PY benchmarks/node_overlap.py --device cuda --attention-device cpu --beta 1 \
             --hidden 1024 --contexts 1024 8192 --decode-steps 8
+        ;;
+    kvquant)  # decode tokens/s at long context, kv_cache_dtype auto vs int8 vs fp8
+        $PY benchmarks/kv_quant.py --device cuda --dtype bfloat16 --shape llama-1b \
+            --context 4096 32768 --batch 8 --steps 32
         ;;
     spec)  # speculative decoding: n-gram and the built-in draft, on and off, batch 1 and 8
         $PY benchmarks/speculative.py --device cuda --dtype bfloat16 --batches 1 8

@@ -34,6 +34,7 @@ FLAG_VALUES = {
     "kv_cache_tokens": ("512", 512),
     "memory_utilization": ("0.5", 0.5),
     "block_size": ("32", 32),
+    "kv_cache_dtype": ("int8", "int8"),
     "max_num_batched_tokens": ("99", 99),
     "max_num_seqs": ("3", 3),
     "tensor_parallel_size": ("2", 2),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from shardlm.attention.node import node_name
+from shardlm.cache.kv_quant import KV_CACHE_DTYPES
 from shardlm.config import ModelConfig
 from shardlm.demo import demo_checkpoint, demo_draft_checkpoint
 from shardlm.distributed.torchrun import torchrun_rank, under_torchrun
@@ -152,6 +153,12 @@ class CacheOptions:
     block_size: int = option(16, "tokens per KV block", check=int_in(1, 1024))
     enable_prefix_caching: bool = option(
         True, "reuse the KV of full blocks shared with earlier prompts"
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        "how K/V are stored: auto (the model's dtype); int8 (a float32 scale per token and "
+        "KV head, beside it); fp8 (float8_e4m3fn, a scale per layer, 1.0)",
+        choices=KV_CACHE_DTYPES,
     )
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
 """Attention for one sequence over a ContiguousKVCache, through torch's fused SDPA.
 
 This is the fast single-device path of the foundation; it is tested against
-``reference.partial_attention``.
+``reference.partial_attention``. It scores prompts (``prompt_logits``, perplexity): with a
+quantized KV cache (kv_cache_dtype) it attends over K/V as the paged pool would give them
+back (``kv_quant.fake_quant``), so scores measure what serving computes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.reference import sdpa_mask
 from shardlm.cache.contiguous import ContiguousKVCache
+from shardlm.cache.kv_quant import fake_quant
 from shardlm.step_inputs import StepInputs
 
 
@@ -19,9 +22,14 @@ class ContiguousAttention(AttentionBackend):
     """Per-step attention state: which cache rows the new tokens go to and what they see."""
 
     def __init__(
-        self, cache: ContiguousKVCache, scale: float, sliding_windows: tuple[int | None, ...]
+        self,
+        cache: ContiguousKVCache,
+        scale: float,
+        sliding_windows: tuple[int | None, ...],
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.cache = cache
+        self.kv_cache_dtype = kv_cache_dtype
         self.scale = scale
         self.sliding_windows = sliding_windows
         self.start = 0
@@ -47,8 +55,8 @@ class ContiguousAttention(AttentionBackend):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k, v [T, Hkv, D] into the cache; attend q [T, Hq, D]; → [T, Hq, D]."""
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[:, self.start : self.end] = k.transpose(0, 1)
-        v_cache[:, self.start : self.end] = v.transpose(0, 1)
+        k_cache[:, self.start : self.end] = fake_quant(k, self.kv_cache_dtype).transpose(0, 1)
+        v_cache[:, self.start : self.end] = fake_quant(v, self.kv_cache_dtype).transpose(0, 1)
         mask, causal = self._masks[self.sliding_windows[layer]]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),

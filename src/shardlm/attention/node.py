@@ -108,6 +108,7 @@ class AttentionNode:
         sliding_windows: tuple[int | None, ...],
         head_group: int = 0,
         name: str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.shard = shard
         self.head_group = head_group
@@ -121,15 +122,23 @@ class AttentionNode:
         # A sequence this node does not hold may start past 0 only where a cached prefix
         # ends, and a hit is always a whole number of prefix units (cache/rshard.py).
         self.prefix_unit = rshard.prefix_unit(block_size)
+        # kv_cache_dtype int8/fp8: K/V stored quantized (cache/kv_quant.py) and read back
+        # dequantized; the messages to and from the compute side stay in the model's dtype.
         self.cache = PagedKVCache(
-            num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device
+            num_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+            dtype,
+            device,
+            kv_cache_dtype,
         )
         # Decode batches pad sequences that hold no key here with slot 0; masked, but its V
         # still enters a 0-weighted sum, so it must never hold NaN from torch.empty. Block 0
-        # starts zeroed and afterwards only ever holds real K/V (of whichever sequence the
-        # driver gives it to): finite, and weighted 0.
-        self.cache.k[:, :block_size].zero_()
-        self.cache.v[:, :block_size].zero_()
+        # starts zeroed (rows and scales) and afterwards only ever holds real K/V (of
+        # whichever sequence the driver gives it to): finite, and weighted 0.
+        self.cache.zero_blocks(1)
         self.held: dict[int, _Held] = {}
         self._plans: list[_Plan] = []
         self.wait_us_last_step = 0  # set by the node's rank loop (executor/node_rank.py)
@@ -347,10 +356,10 @@ class AttentionNode:
         the rows this node owns (``owned_rows`` order). Returns (out [T, Hq, D], lse [T, Hq]
         float32)."""
         plan = self._plans[mb]
-        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        k_pool, v_pool = self.cache.keys(layer), self.cache.values(layer)
         if plan.write_slots is not None and plan.write_slots.numel():
-            k_pool.index_copy_(0, plan.write_slots, k_new)
-            v_pool.index_copy_(0, plan.write_slots, v_new)
+            k_pool.write(plan.write_slots, k_new)
+            v_pool.write(plan.write_slots, v_new)
         window = self.sliding_windows[layer]
         t, hq, _ = q.shape
         out = torch.zeros_like(q)
@@ -359,8 +368,8 @@ class AttentionNode:
         if plan.decode_slots is not None:
             out[:b], lse[:b] = batched_partial_attention(
                 q[:b],
-                k_pool[plan.decode_slots],
-                v_pool[plan.decode_slots],
+                k_pool.read(plan.decode_slots),
+                v_pool.read(plan.decode_slots),
                 self.scale,
                 plan.decode_masks[window],
             )
@@ -370,8 +379,8 @@ class AttentionNode:
             r0, r1 = chunk.rows
             out[r0:r1], lse[r0:r1] = partial_attention(
                 q[r0:r1],
-                k_pool[chunk.key_slots],
-                v_pool[chunk.key_slots],
+                k_pool.read(chunk.key_slots),
+                v_pool.read(chunk.key_slots),
                 self.scale,
                 chunk.masks[window],
             )

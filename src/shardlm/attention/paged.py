@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.reference import partial_attention, sdpa_mask, visibility_mask
+from shardlm.cache.kv_quant import KVPool
 from shardlm.cache.paged import PagedKVCache
 from shardlm.step_inputs import StepInputs
 
@@ -129,7 +130,12 @@ class PagedAttention(AttentionBackend):
     """The attention backend for a batch of sequences over the paged pool. ``decode_backend``
     "triton" runs the decodes through kernels/decode_attention.py (split-KV over the block
     tables) instead of SDPA over gathered keys, and RoPE + the K/V writes through one fused
-    kernel (``rope_attend``); prefill chunks always use SDPA."""
+    kernel (``rope_attend``); prefill chunks always use SDPA.
+
+    A quantized pool (kv_cache_dtype int8/fp8) is read dequantized: the gathered decode
+    blocks and prefill keys here, inside the kernel on the Triton path; a prefill chunk that
+    attends over its own k, v uses them as the pool would give them back (``fake_quant``),
+    so a prompt sees the same K/V whether or not its prefix came from the cache."""
 
     def __init__(
         self,
@@ -142,7 +148,8 @@ class PagedAttention(AttentionBackend):
         self.scale = scale
         self.sliding_windows = sliding_windows
         self.decode_kernel = None
-        self.fuses_rope = decode_backend == "triton"  # the model then calls rope_attend
+        # The model then calls rope_attend; the fused kernel quantizes as it writes.
+        self.fuses_rope = decode_backend == "triton"
         if decode_backend == "triton":
             from shardlm.kernels.decode_attention import paged_decode_attention
 
@@ -190,26 +197,25 @@ class PagedAttention(AttentionBackend):
             for chunk in step.prefills
         ]
 
-    def _decode_keys(self, pool: torch.Tensor) -> torch.Tensor:
+    def _decode_keys(self, pool: KVPool) -> torch.Tensor:
         """Every decode's keys (or values) out of one layer's pool, [B, Lmax, Hkv, D]: whole
         blocks of its table, then the slots past its length zeroed — the pool is
         torch.empty, so a never-written slot could hold NaN, which even a 0 attention weight
-        would carry into the sum (a masked score is −inf, but 0 · NaN is NaN)."""
+        would carry into the sum (a masked score is −inf, but 0 · NaN is NaN). Quantized
+        pools are dequantized first, so unwritten rows' garbage scales are zeroed too."""
         step = self.step
         if step.decode_blocks is None:  # a plan built with explicit slots
-            return pool[step.decode_slots]
+            return pool.read(step.decode_slots)
         bs = self.cache.block_size
-        blocks = pool[: self.cache.num_blocks * bs].view(-1, bs, *pool.shape[1:])
         b, w = step.decode_blocks.shape
-        out = blocks.index_select(0, step.decode_blocks.reshape(-1))
-        out = out.view(b * w * bs, *pool.shape[1:]).index_fill_(0, self._decode_unwritten, 0)
-        return out.view(b, w * bs, *pool.shape[1:])
+        out = pool.read_blocks(step.decode_blocks.reshape(-1), bs)
+        out = out.index_fill_(0, self._decode_unwritten, 0)
+        return out.view(b, w * bs, *out.shape[1:])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write the step's k, v [T, Hkv, D] into the pool, then attend q [T, Hq, D]."""
-        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool.index_copy_(0, self.step.slot_mapping, k)
-        v_pool.index_copy_(0, self.step.slot_mapping, v)
+        self.cache.keys(layer).write(self.step.slot_mapping, k)
+        self.cache.values(layer).write(self.step.slot_mapping, v)
         return self._attend_cached(layer, q, k, v)
 
     def rope_attend(
@@ -238,6 +244,8 @@ class PagedAttention(AttentionBackend):
             num_heads,
             num_kv_heads,
             qk_norm,
+            self.cache.keys(layer).scale,
+            self.cache.values(layer).scale,
         )
         return self._attend_cached(layer, q, None, None)
 
@@ -247,20 +255,22 @@ class PagedAttention(AttentionBackend):
         """Attention of q over the pool, the step's K/V already written; k, v (when given)
         spare a chunk with nothing cached before it the gather of its own keys."""
         step = self.step
-        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        k_pool, v_pool = self.cache.keys(layer), self.cache.values(layer)
         window = self.sliding_windows[layer]
         b = step.num_decodes
         decoded = None
         if b and self.decode_kernel is not None:
             decoded = self.decode_kernel(
                 q[:b],
-                k_pool,
-                v_pool,
+                k_pool.data,
+                v_pool.data,
                 step.decode_block_tables,
                 step.decode_context_lens,
                 self.cache.block_size,
                 self.scale,
                 window,
+                k_scale=k_pool.scale,
+                v_scale=v_pool.scale,
             )[0]
             if not step.prefills:
                 return decoded  # a decode-only step (every CUDA-graph step): no copy
@@ -281,10 +291,12 @@ class PagedAttention(AttentionBackend):
         for chunk, masks in zip(step.prefills, self._prefill_masks, strict=True):
             mask, causal = masks[window]
             if k is not None and chunk.context_len == chunk.end - chunk.start:
-                # Nothing cached before this chunk: its own k, v are all the keys there are.
-                keys, vals = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
+                # Nothing cached before this chunk: its own k, v are all the keys there are
+                # (as the pool holds them).
+                keys = k_pool.fake_quant(k[chunk.start : chunk.end])
+                vals = v_pool.fake_quant(v[chunk.start : chunk.end])
             else:
-                keys, vals = k_pool[chunk.slots], v_pool[chunk.slots]
+                keys, vals = k_pool.read(chunk.slots), v_pool.read(chunk.slots)
             out[chunk.start : chunk.end] = (
                 F.scaled_dot_product_attention(
                     q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0),

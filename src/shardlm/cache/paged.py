@@ -4,6 +4,11 @@ A token's K/V lives at slot ``block_table[pos // block_size] * block_size + pos 
 of its sequence. One more slot, past the blocks (``padding_slot``), takes the writes of the
 padding rows of a CUDA-graph batch (runtime/cuda_graphs.py); nothing reads it.
 
+With ``kv_cache_dtype`` int8 or fp8 the rows are stored in 8 bits and their scales beside
+them (cache/kv_quant.py): int8 one float32 per (slot, KV head) in ``k_scale`` / ``v_scale``
+[layers, slots, Hkv], fp8 one per layer [layers]. Readers go through ``keys(layer)`` /
+``values(layer)``, which dequantize.
+
 The pool is allocated with ``torch.empty``: pages are touched only as slots
 are written, and no read ever looks at a slot that was not written (see attention/paged.py).
 """
@@ -11,6 +16,8 @@ are written, and no read ever looks at a slot that was not written (see attentio
 from __future__ import annotations
 
 import torch
+
+from shardlm.cache.kv_quant import FP8_DEFAULT_SCALE, KVPool, kv_bytes_per_token, storage_dtype
 
 
 class PagedKVCache:
@@ -23,16 +30,54 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         shape = (num_layers, num_blocks * block_size + 1, num_kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        stored = storage_dtype(kv_cache_dtype, dtype)
+        self.k = torch.empty(shape, dtype=stored, device=device)
+        self.v = torch.empty(shape, dtype=stored, device=device)
+        self.k_scale = self.v_scale = None
+        if kv_cache_dtype == "int8":
+            self.k_scale = torch.empty(shape[:3], dtype=torch.float32, device=device)
+            self.v_scale = torch.empty(shape[:3], dtype=torch.float32, device=device)
+        elif kv_cache_dtype == "fp8":
+            self.k_scale = torch.full((num_layers,), FP8_DEFAULT_SCALE, device=device)
+            self.v_scale = torch.full((num_layers,), FP8_DEFAULT_SCALE, device=device)
+        self.dtype = dtype  # what readers get back
+        self.kv_cache_dtype = kv_cache_dtype
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.padding_slot = num_blocks * block_size
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def keys(self, layer: int) -> KVPool:
+        return KVPool(
+            self.k[layer], None if self.k_scale is None else self.k_scale[layer], self.dtype
+        )
+
+    def values(self, layer: int) -> KVPool:
+        return KVPool(
+            self.v[layer], None if self.v_scale is None else self.v_scale[layer], self.dtype
+        )
+
+    def zero_blocks(self, count: int) -> None:
+        """Zero the first ``count`` blocks, rows and scales (finite, reading back as 0)."""
+        n = count * self.block_size
+        self.k[:, :n].zero_()
+        self.v[:, :n].zero_()
+        if self.k_scale is not None and self.k_scale.dim() == 3:
+            self.k_scale[:, :n].zero_()
+            self.v_scale[:, :n].zero_()
+
     @staticmethod
     def bytes_per_token(
-        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        kv_cache_dtype: str = "auto",
     ) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+        return kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype, kv_cache_dtype)

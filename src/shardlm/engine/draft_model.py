@@ -107,6 +107,7 @@ class DraftModelProposer:
             device=str(device),
             max_model_len=max_len,
             block_size=block_size,
+            kv_cache_dtype=engine.cache.kv_cache_dtype,  # the draft's KV as the target's
             attention_backend="torch",
         ).resolve()
         self.runner = ModelRunner(config, draft, device)

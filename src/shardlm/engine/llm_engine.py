@@ -480,4 +480,5 @@ class LLMEngine:
             spec_accepted_tokens=self.spec_stats.accepted_tokens,
             spec_draft_tokens_per_position=tuple(self.spec_stats.draft_per_position),
             spec_accepted_tokens_per_position=tuple(self.spec_stats.accepted_per_position),
+            kv_cache_bytes_per_token=self.executor.runner.kv_bytes_per_token(),
         )

@@ -44,6 +44,9 @@ class EngineStats:
     spec_accepted_tokens: int = 0
     spec_draft_tokens_per_position: tuple[int, ...] = ()
     spec_accepted_tokens_per_position: tuple[int, ...] = ()
+    # Bytes one token takes in a KV pool (K and V of every layer, int8's scales included):
+    # one rank's pool, or with attention nodes one node's.
+    kv_cache_bytes_per_token: int = 0
 
     @property
     def spec_acceptance_rate(self) -> float:

@@ -45,7 +45,7 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
     device = device_for_rank(p.attention_device or config.model.device)
     block_size = config.cache.block_size
     per_token = PagedKVCache.bytes_per_token(
-        model.num_hidden_layers, layout.kv_heads, model.head_dim, dtype
+        model.num_hidden_layers, layout.kv_heads, model.head_dim, dtype, config.cache.kv_cache_dtype
     )
     num_blocks, _ = join_startup(
         tp, lambda: propose_pool(config, per_token, device, 1), 0, block_size, per_token
@@ -64,6 +64,7 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
         model.sliding_windows,
         head_group=head_group,
         name=p.role_of(tp.job_rank),
+        kv_cache_dtype=config.cache.kv_cache_dtype,
     )
     shapes = (layout.heads, layout.kv_heads, model.head_dim)
     # Where the exchanged tensors live: the node's GPU over NCCL, else host memory (gloo).

@@ -19,6 +19,11 @@ attention nodes use:
 so split-KV and R-sharding are one primitive. Query head h uses KV head h // (Hq / Hkv).
 Sliding windows mask keys at positions ≤ p − window (p = context_len − 1).
 
+A quantized pool (kv_cache_dtype, cache/kv_quant.py) is dequantized as it is read: int8
+keys k_j = q8_j · s_j with a scale per (slot, KV head), so q·k_j = (q·q8_j) · s_j scales
+the tile's scores, and s_j multiplies the softmax weight of v_j; fp8 with one scale per layer
+folds s_k into the softmax scale and s_v into the output. Scores and sums stay float32.
+
 Kernels are tested against the PyTorch reference on CPU through Triton's interpreter
 (TRITON_INTERPRET=1); this module imports triton only when called.
 """
@@ -42,8 +47,10 @@ def _kernels():
     @triton.jit(do_not_specialize=["window", "max_blocks", "num_splits", "min_split_blocks"])
     def split_kv_decode(
         q_ptr,  # [B, Hq, D]
-        k_ptr,  # [slots, Hkv, D]
+        k_ptr,  # [slots, Hkv, D] (model dtype, int8 or float8_e4m3fn)
         v_ptr,
+        k_scale_ptr,  # int8: [slots, Hkv] float32; fp8: [] float32; else unused
+        v_scale_ptr,
         block_tables_ptr,  # [B, max_blocks] int32 or int64
         context_lens_ptr,  # [B] int32 or int64; 0 = a padding row (sees nothing)
         out_ptr,  # [B, Hq, S, D] float32 (q's dtype when S = 1: then it is the output)
@@ -55,6 +62,8 @@ def _kernels():
         min_split_blocks,
         stride_kslot,
         stride_khead,
+        stride_sslot,  # int8 scales: this stride per slot
+        KV_QUANT: tl.constexpr,  # 0 plain, 1 int8 (per row), 2 fp8 (per layer)
         GROUP: tl.constexpr,  # Hq // Hkv: query heads sharing one KV head
         GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
         HEAD_DIM: tl.constexpr,
@@ -93,6 +102,11 @@ def _kernels():
         blk = first + s * per_split
         end = tl.minimum(blk + per_split, last)
 
+        k_scale = scale
+        v_scale = 1.0
+        if KV_QUANT == 2:  # one scale per layer: into the softmax scale and the output
+            k_scale = scale * tl.load(k_scale_ptr)
+            v_scale = tl.load(v_scale_ptr)
         m = tl.full((GROUP_P,), float("-inf"), tl.float32)  # running max, per query head
         l_sum = tl.zeros((GROUP_P,), tl.float32)  # running Σ exp(score − m)
         acc = tl.zeros((GROUP_P, BLOCK_D), tl.float32)  # running Σ exp(score − m) · v
@@ -105,14 +119,20 @@ def _kernels():
             offs = slot[:, None] * stride_kslot + kv_head * stride_khead + d[None, :]
             kv_mask = visible[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, N]
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * k_scale  # [G, N]
+            if KV_QUANT == 1:  # each key's own scale
+                srow = slot * stride_sslot + kv_head
+                scores = scores * tl.load(k_scale_ptr + srow, mask=visible, other=0.0)[None, :]
             scores = tl.where(visible[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet
             alpha = tl.exp(m - m_safe)  # rescales what was summed under the old max
             p = tl.exp(scores - m_safe[:, None])
             v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            pv = p
+            if KV_QUANT == 1:  # each value's own scale, on its weight
+                pv = p * tl.load(v_scale_ptr + srow, mask=visible, other=0.0)[None, :]
+            acc = acc * alpha[:, None] + tl.sum(pv[:, :, None] * v[None, :, :], axis=1)
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
             blk += 1
@@ -120,7 +140,7 @@ def _kernels():
         rows = (b * num_kv_heads * GROUP + heads) * num_splits + s
         seen = l_sum > 0
         safe_l = tl.where(seen, l_sum, 1.0)
-        out = tl.where(seen[:, None], acc / safe_l[:, None], 0.0)
+        out = tl.where(seen[:, None], acc * v_scale / safe_l[:, None], 0.0)
         lse = tl.where(seen, m + tl.log(safe_l), float("-inf"))
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
         tl.store(lse_ptr + rows, lse, mask=g_ok)
@@ -188,18 +208,27 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     min_split_blocks: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for B sequences: q [B, Hq, D]; k_pool / v_pool one layer's pool
     [slots, Hkv, D]; block_tables [B, max_blocks] and context_lens [B] (int32 or int64; a
     length counts the query's own key, already written; 0 marks a padding row, which gets
     out 0 and lse −inf). Returns out [B, Hq, D] in q's dtype and lse [B, Hq] float32, as
-    ``batched_partial_attention`` does. No host synchronisation: CUDA-graph capturable."""
+    ``batched_partial_attention`` does. No host synchronisation: CUDA-graph capturable.
+    A quantized pool (int8 / float8_e4m3fn) comes with its scales (cache/kv_quant.py): int8
+    [slots, Hkv] float32 each, fp8 the layer's [] float32."""
     b, hq, d = q.shape
     hkv = k_pool.shape[1]
     if block_size & (block_size - 1):
         raise ValueError(
             f"the Triton decode kernel needs a power-of-two block_size, got {block_size}"
         )
+    kv_quant = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(k_pool.dtype, 0)
+    if kv_quant and (k_scale is None or v_scale is None):
+        raise ValueError(f"a {k_pool.dtype} KV pool needs its k_scale and v_scale")
+    if not kv_quant:
+        k_scale = v_scale = k_pool  # never read
     max_blocks = block_tables.shape[1]
     if min_split_blocks is None:
         min_split_blocks = max(1, 64 // block_size)  # splits of at least 64 keys
@@ -215,6 +244,8 @@ def paged_decode_attention(
         q.contiguous(),
         k_pool,
         v_pool,
+        k_scale,
+        v_scale,
         block_tables.contiguous(),
         context_lens.contiguous(),
         out,
@@ -226,6 +257,8 @@ def paged_decode_attention(
         min_split_blocks,
         k_pool.stride(0),
         k_pool.stride(1),
+        k_scale.stride(0) if kv_quant == 1 else 0,
+        KV_QUANT=kv_quant,
         GROUP=hq // hkv,
         GROUP_P=next_power_of_two(hq // hkv),
         HEAD_DIM=d,

@@ -15,7 +15,9 @@ At batch 1 a decode step is ~10 kernels per layer once these replace their PyTor
   the split and the two cache writes of layers/rotary.py + PagedAttention in one kernel.
   With Qwen3's per-head q/k norms it normalises each head first, in the same kernel (a
   head's D channels are already in registers for the rotation; layers/norm.py's
-  qk_rms_norm is the reference).
+  qk_rms_norm is the reference). With a quantized pool (kv_cache_dtype int8/fp8) it
+  quantizes k and v as it writes them, as cache/kv_quant.py does (the reference): int8 with
+  each (token, head)'s scale, stored beside the row; fp8 with the layer's scale.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import functools
 import torch
 
 from shardlm.kernels import next_power_of_two
+
+# KV_QUANT of rope_and_store_kernel: how the pool stores K/V.
+KV_PLAIN, KV_INT8, KV_FP8 = 0, 1, 2
 
 
 @functools.cache
@@ -79,13 +84,18 @@ def _kernels():
         q_ptr,  # [T, Hq, D] out
         k_pool_ptr,  # [slots, Hkv, D]
         v_pool_ptr,
+        k_scale_ptr,  # int8: [slots, Hkv] float32 (written); fp8: [] (read); else unused
+        v_scale_ptr,
         q_norm_ptr,  # [D] per-head q norm weight (read only when HAS_QK_NORM)
         k_norm_ptr,
         qkv_stride,
         stride_kslot,
         stride_khead,
+        stride_sslot,  # int8 scales: [slots, Hkv], this stride per slot
         eps,
+        FP8_MAX,
         HAS_QK_NORM: tl.constexpr,
+        KV_QUANT: tl.constexpr,  # KV_PLAIN | KV_INT8 | KV_FP8
         NUM_Q: tl.constexpr,
         NUM_KV: tl.constexpr,
         HEADS_P: tl.constexpr,  # Hq + Hkv rounded up to a power of two
@@ -133,15 +143,55 @@ def _kernels():
         tl.store(q_dst + HALF, y2, mask=is_q)
         is_k = (h >= NUM_Q)[:, None] & ok
         k_dst = k_pool_ptr + slot * stride_kslot + (h[:, None] - NUM_Q) * stride_khead + j[None, :]
-        tl.store(k_dst, y1, mask=is_k)
-        tl.store(k_dst + HALF, y2, mask=is_k)
-        # v: copied as it is, in two halves like the rest.
+        # v: copied as it is (or quantized), in two halves like the rest.
         vh = tl.arange(0, KV_P)
         v_ok = (vh < NUM_KV)[:, None] & j_ok[None, :]
         v_src = qkv_ptr + t * qkv_stride + (NUM_Q + NUM_KV + vh[:, None]) * head_dim + j[None, :]
         v_dst = v_pool_ptr + slot * stride_kslot + vh[:, None] * stride_khead + j[None, :]
-        tl.store(v_dst, tl.load(v_src, mask=v_ok, other=0.0), mask=v_ok)
-        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_ok, other=0.0), mask=v_ok)
+        v1 = tl.load(v_src, mask=v_ok, other=0.0)
+        v2 = tl.load(v_src + HALF, mask=v_ok, other=0.0)
+        if KV_QUANT == 1:
+            # int8, as kv_quant.quantize_int8: per row s = max |x| / 127 (masked lanes are 0),
+            # q = round(x / s), ties to even: x + 1.5·2²³ − 1.5·2²³ rounds a float32 of
+            # magnitude < 2²² so (the interpreter has no rint).
+            k1, k2 = y1.to(tl.float32), y2.to(tl.float32)
+            ks = tl.max(tl.maximum(tl.abs(k1), tl.abs(k2)), axis=1) / 127.0
+            ks = tl.maximum(ks, 1.1754943508222875e-38)[:, None]
+            k1 = tl.minimum(tl.maximum((k1 / ks + 12582912.0) - 12582912.0, -127.0), 127.0)
+            k2 = tl.minimum(tl.maximum((k2 / ks + 12582912.0) - 12582912.0, -127.0), 127.0)
+            tl.store(k_dst, k1.to(tl.int8), mask=is_k)
+            tl.store(k_dst + HALF, k2.to(tl.int8), mask=is_k)
+            k_rows = slot * stride_sslot + h - NUM_Q
+            tl.store(
+                k_scale_ptr + k_rows, tl.max(ks, axis=1), mask=(h >= NUM_Q) & (h < NUM_Q + NUM_KV)
+            )
+            w1, w2 = v1.to(tl.float32), v2.to(tl.float32)
+            vs = tl.max(tl.maximum(tl.abs(w1), tl.abs(w2)), axis=1) / 127.0
+            vs = tl.maximum(vs, 1.1754943508222875e-38)[:, None]
+            w1 = tl.minimum(tl.maximum((w1 / vs + 12582912.0) - 12582912.0, -127.0), 127.0)
+            w2 = tl.minimum(tl.maximum((w2 / vs + 12582912.0) - 12582912.0, -127.0), 127.0)
+            tl.store(v_dst, w1.to(tl.int8), mask=v_ok)
+            tl.store(v_dst + HALF, w2.to(tl.int8), mask=v_ok)
+            v_rows = slot * stride_sslot + vh
+            tl.store(v_scale_ptr + v_rows, tl.max(vs, axis=1), mask=vh < NUM_KV)
+        elif KV_QUANT == 2:
+            # fp8 e4m3 of x / s, saturated at ±448 (kv_quant.quantize_fp8).
+            ks = tl.load(k_scale_ptr)
+            vs = tl.load(v_scale_ptr)
+            fp8 = k_pool_ptr.dtype.element_ty
+            k1 = tl.minimum(tl.maximum(y1.to(tl.float32) / ks, -FP8_MAX), FP8_MAX)
+            k2 = tl.minimum(tl.maximum(y2.to(tl.float32) / ks, -FP8_MAX), FP8_MAX)
+            tl.store(k_dst, k1.to(fp8), mask=is_k)
+            tl.store(k_dst + HALF, k2.to(fp8), mask=is_k)
+            w1 = tl.minimum(tl.maximum(v1.to(tl.float32) / vs, -FP8_MAX), FP8_MAX)
+            w2 = tl.minimum(tl.maximum(v2.to(tl.float32) / vs, -FP8_MAX), FP8_MAX)
+            tl.store(v_dst, w1.to(fp8), mask=v_ok)
+            tl.store(v_dst + HALF, w2.to(fp8), mask=v_ok)
+        else:
+            tl.store(k_dst, y1, mask=is_k)
+            tl.store(k_dst + HALF, y2, mask=is_k)
+            tl.store(v_dst, v1, mask=v_ok)
+            tl.store(v_dst + HALF, v2, mask=v_ok)
 
     return add_rms_norm_kernel, silu_and_mul_kernel, rope_and_store_kernel
 
@@ -201,11 +251,15 @@ def rope_and_store(
     num_heads: int,
     num_kv_heads: int,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotated q [T, Hq, D] from qkv [T, (Hq + 2·Hkv)·D]; rotated k and v are written into
     one layer's pools [slots, Hkv, D] at ``slot_mapping`` [T]. ``cos``/``sin``: RotaryEmbedding's
     tables [max_positions, D]. ``qk_norm``: (q weight [D], k weight [D], eps) of per-head
-    RMSNorms applied to q and k before the rotation (Qwen3), or None."""
+    RMSNorms applied to q and k before the rotation (Qwen3), or None. A quantized pool (int8
+    or float8_e4m3fn, cache/kv_quant.py) comes with its scales: int8 [slots, Hkv] float32,
+    written here; fp8 the layer's [] float32, read."""
     t = qkv.shape[0]
     d = cos.shape[1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
@@ -217,6 +271,11 @@ def rope_and_store(
     else:
         q_weight, k_weight, eps = qk_norm
         q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+    kv_quant = {torch.int8: KV_INT8, torch.float8_e4m3fn: KV_FP8}.get(k_pool.dtype, KV_PLAIN)
+    if kv_quant != KV_PLAIN and (k_scale is None or v_scale is None):
+        raise ValueError(f"a {k_pool.dtype} KV pool needs its k_scale and v_scale")
+    if kv_quant == KV_PLAIN:
+        k_scale = v_scale = k_pool  # never read
     kernel = _kernels()[2]
     kernel[(t,)](
         qkv,
@@ -227,13 +286,18 @@ def rope_and_store(
         q,
         k_pool,
         v_pool,
+        k_scale,
+        v_scale,
         q_weight,
         k_weight,
         qkv.stride(0),
         k_pool.stride(0),
         k_pool.stride(1),
+        k_scale.stride(0) if kv_quant == KV_INT8 else 0,
         float(eps),
+        float(torch.finfo(torch.float8_e4m3fn).max),
         HAS_QK_NORM=qk_norm is not None,
+        KV_QUANT=kv_quant,
         NUM_Q=num_heads,
         NUM_KV=num_kv_heads,
         HEADS_P=next_power_of_two(num_heads + num_kv_heads),

@@ -54,6 +54,7 @@ class ModelRunner:
         self.dtype = dtype = engine.torch_dtype
         self.device = device
         self.max_model_len = max_model_len = engine.model.max_model_len
+        self.kv_cache_dtype = engine.cache.kv_cache_dtype
         self.tp = tp or TPContext.single()
         # "auto" is resolved here, on this rank's device: each rank may fall back alone.
         self.attention_backend = resolve_attention_backend(
@@ -108,7 +109,11 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         c = self.config
         return PagedKVCache.bytes_per_token(
-            c.num_hidden_layers, self.model.shard.kv_heads, c.head_dim, self.dtype
+            c.num_hidden_layers,
+            self.model.shard.kv_heads,
+            c.head_dim,
+            self.dtype,
+            self.kv_cache_dtype,
         )
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -121,6 +126,7 @@ class ModelRunner:
             c.head_dim,
             self.dtype,
             self.device,
+            self.kv_cache_dtype,
         )
         self.attention = PagedAttention(
             self.kv_cache, self.scale, c.sliding_windows, self.attention_backend
@@ -273,6 +279,7 @@ class ModelRunner:
             self.scale,
             c.sliding_windows,
             head_group=self.tp.rank,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def release(self, seq_ids: list[int]) -> None:
@@ -309,7 +316,7 @@ class ModelRunner:
         cache = ContiguousKVCache(
             c.num_hidden_layers, self.model.shard.kv_heads, c.head_dim, n, self.dtype, self.device
         )
-        attn = ContiguousAttention(cache, self.scale, c.sliding_windows)
+        attn = ContiguousAttention(cache, self.scale, c.sliding_windows, self.kv_cache_dtype)
         attn.begin_step(StepInputs.prompt(n))
         hidden = self.model(ids.to(self.device), torch.arange(n, device=self.device), attn)
         return self.model.compute_logits(hidden)
