@@ -18,15 +18,13 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import textwrap
-import time
 from pathlib import Path
 from unittest import mock
 
 import torch
 
-from arm_quant import make_outlier_checkpoint
-from common import add_model_args
+from arm_quant import calibrate_and_reference, make_outlier_checkpoint
+from common import add_model_args, per_call_us
 
 CONFIGS: dict[str, tuple[dict, bool]] = {  # name → (engine kwargs, block-diagonal H)
     "int8 down": (dict(quantization="int8"), False),
@@ -44,15 +42,6 @@ def block_diagonal(n: int):
     return HadamardPlan(1, n & -n)
 
 
-def per_call_us(fn, calls: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--outliers", type=int, default=4, help="planted channels per layer")
@@ -64,24 +53,15 @@ def main() -> None:
     args = p.parse_args()
 
     from shardlm import LLM
-    from shardlm.calibration import CALIBRATION_FILE, save_calibration, token_windows
-    from shardlm.entrypoints.arm_tools import collect_absmax
     from shardlm.layers import arm
     from shardlm.layers.hadamard import hadamard_layout, hadamard_transform
-    from shardlm.quality import greedy_tokens, mlp_inputs, mlp_output_errors, token_agreement
+    from shardlm.quality import mlp_output_errors, token_agreement
 
     work = Path(tempfile.mkdtemp())
     try:
         make_outlier_checkpoint(work, args)
-        data = Path(argparse.__file__).read_text()
-        prompt_text = textwrap.dedent(Path(textwrap.__file__).read_text()[:400])
         with LLM(work, dtype="float32", enable_prefix_caching=False) as base:
-            windows = token_windows(base.tokenizer.encode(data), 512, 32)
-            tables, tokens = collect_absmax(base, windows)
-            save_calibration(work / CALIBRATION_FILE, tables, {"tokens": tokens})
-            prompt = base.encode_prompt(prompt_text)
-            target = greedy_tokens(base, prompt, args.positions)
-            inputs = mlp_inputs(base, prompt)
+            tokens, prompt, target, inputs = calibrate_and_reference(base, work, args.positions)
             rows = []
             for name, (kwargs, blocks) in CONFIGS.items():
                 plan = block_diagonal if blocks else hadamard_layout

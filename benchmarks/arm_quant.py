@@ -65,6 +65,22 @@ def decode_rate(llm, prompt_ids: list[int], new_tokens: int, repeats: int) -> fl
     return new_tokens / statistics.median(times)
 
 
+def calibrate_and_reference(base, work: Path, positions: int) -> tuple:
+    """Calibrate ``base`` (the float32 model of the checkpoint in ``work``) on a stdlib module
+    and save the statistics beside it; then the reference the configurations are compared
+    with: (calibration tokens, prompt ids, float32 greedy tokens, MLP inputs)."""
+    from shardlm.calibration import CALIBRATION_FILE, save_calibration, token_windows
+    from shardlm.entrypoints.arm_tools import collect_absmax
+    from shardlm.quality import greedy_tokens, mlp_inputs
+
+    data = Path(argparse.__file__).read_text()  # calibration text: a stdlib module
+    windows = token_windows(base.tokenizer.encode(data), 512, 32)
+    tables, tokens = collect_absmax(base, windows)
+    save_calibration(work / CALIBRATION_FILE, tables, {"tokens": tokens})
+    prompt = base.encode_prompt(textwrap.dedent(Path(textwrap.__file__).read_text()[:400]))
+    return tokens, prompt, greedy_tokens(base, prompt, positions), mlp_inputs(base, prompt)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--outliers", type=int, default=4, help="planted channels per layer")
@@ -77,22 +93,13 @@ def main() -> None:
     args = p.parse_args()
 
     from shardlm import LLM
-    from shardlm.calibration import CALIBRATION_FILE, save_calibration, token_windows
-    from shardlm.entrypoints.arm_tools import collect_absmax
-    from shardlm.quality import greedy_tokens, mlp_inputs, mlp_output_errors, token_agreement
+    from shardlm.quality import mlp_output_errors, token_agreement
 
     work = Path(tempfile.mkdtemp())
     try:
         make_outlier_checkpoint(work, args)
-        data = Path(argparse.__file__).read_text()  # calibration text: a stdlib module
-        prompt_text = textwrap.dedent(Path(textwrap.__file__).read_text()[:400])
         with LLM(work, dtype="float32", enable_prefix_caching=False) as base:
-            windows = token_windows(base.tokenizer.encode(data), 512, 32)
-            tables, tokens = collect_absmax(base, windows)
-            save_calibration(work / CALIBRATION_FILE, tables, {"tokens": tokens})
-            prompt = base.encode_prompt(prompt_text)
-            target = greedy_tokens(base, prompt, args.positions)
-            inputs = mlp_inputs(base, prompt)
+            tokens, prompt, target, inputs = calibrate_and_reference(base, work, args.positions)
             rows = []
             for name, kwargs in CONFIGS.items():
                 kwargs = {"dtype": "float32", **kwargs}

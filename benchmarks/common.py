@@ -4,6 +4,7 @@ transformers' save_pretrained (so both engines load the very same files)."""
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -77,3 +78,13 @@ def print_profile(fn, top: int = 8) -> None:
     for e in events[:top]:
         share = 100 * e.self_cpu_time_total / total
         print(f"  {e.key:<52}{share:>6.1f}%{e.count:>9} calls")
+
+
+def per_call_us(fn, calls: int = 300) -> float:
+    """Microseconds per call of ``fn`` after 10 warm-up calls."""
+    for _ in range(10):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6

@@ -7,20 +7,11 @@ dense matmul by H, per call, for one decode token and for a 64-token batch. Usag
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from common import per_call_us
 from shardlm.layers.hadamard import fwht, hadamard_matrix
-
-
-def per_call_us(fn, calls: int = 300) -> float:
-    for _ in range(10):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> None:
