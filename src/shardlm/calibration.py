@@ -1,10 +1,16 @@
-"""Calibration for ARM's smoothing: per-channel max |h| of every down-projection input.
+"""Calibration for ARM's smoothing and the fp8 KV cache's scales.
 
 ``shardlm calibrate`` runs text through the unmodified model, records for each layer n and
 intermediate channel j the largest |h_j| seen over all tokens, and saves the table as
 safetensors beside the checkpoint (``arm_calibration.safetensors``: one float32 tensor
 ``layers.{n}.mlp.down_proj.input_absmax`` of the full MLP width per layer). Tensor-parallel
 ranks later read their own slice of it.
+
+The same run records, per layer and KV head, the largest |k| (after RoPE, as k is written
+to the KV cache) and |v|: ``layers.{n}.self_attn.k_absmax`` / ``v_absmax``, float32
+[num_key_value_heads]. ``kv_cache_dtype="fp8"`` sizes its per-layer scales on them
+(cache/kv_quant.py ``Fp8Scales``). Files written before these were recorded have none and
+still load: ``load_kv_absmax`` returns None for them.
 
 Where that file lives: beside the checkpoint when its directory can be written, else (the
 built-in model, which is inside the installed package, or a read-only checkpoint) in a
@@ -26,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from shardlm.config import ModelConfig
 from shardlm.errors import CheckpointError
@@ -95,40 +101,83 @@ def tensor_name(layer: int) -> str:
     return f"layers.{layer}.mlp.down_proj.input_absmax"
 
 
-def save_calibration(path: str | Path, absmax: list[torch.Tensor], info: dict) -> None:
-    tensors = {tensor_name(n): a.float().contiguous().cpu() for n, a in enumerate(absmax)}
+def kv_tensor_name(layer: int, which: str) -> str:
+    """The name of max |k| (``which`` = "k") or max |v| ("v") of one layer, per KV head."""
+    return f"layers.{layer}.self_attn.{which}_absmax"
+
+
+KVAbsMax = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer: max |k|, max |v| [Hkv]
+
+
+def save_calibration(
+    path: str | Path, absmax: list[torch.Tensor], info: dict, kv_absmax: KVAbsMax | None = None
+) -> None:
+    # Own copies (clone is contiguous): safetensors refuses tensors that share memory.
+    tensors = {tensor_name(n): a.float().cpu().clone() for n, a in enumerate(absmax)}
+    if kv_absmax is not None:
+        for which, tables in zip("kv", kv_absmax, strict=True):
+            for n, a in enumerate(tables):
+                tensors[kv_tensor_name(n, which)] = a.float().cpu().clone()
     save_file(tensors, str(path), metadata={"shardlm": json.dumps(info)})
 
 
-def load_calibration(path: str | Path, config: ModelConfig) -> list[torch.Tensor]:
-    """The per-layer tables, checked against the model they are applied to."""
+def _read(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a calibration file (a few KiB per layer), as float32."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            tables = []
-            for n in range(config.num_hidden_layers):
-                if tensor_name(n) not in names:
-                    raise CheckpointError(
-                        f"calibration {path} has no {tensor_name(n)!r}: it was made for another "
-                        f"model (this one has {config.num_hidden_layers} layers); run "
-                        "`shardlm calibrate` for this checkpoint"
-                    )
-                tables.append(f.get_tensor(tensor_name(n)).float())
+        return {name: t.float() for name, t in load_file(str(path)).items()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(
             f"calibration {path} is not a readable safetensors file: {e}"
         ) from None
-    for n, t in enumerate(tables):
-        if tuple(t.shape) != (config.intermediate_size,):
+
+
+def _checked(path: str | Path, name: str, t: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """``t`` if it is [size], finite and non-negative, else a one-line error naming it."""
+    if tuple(t.shape) != (size,):
+        raise CheckpointError(
+            f"calibration {path}: {name} has shape {list(t.shape)}, expected [{size}] ({what}); "
+            "it was made for another model"
+        )
+    if not torch.isfinite(t).all() or (t < 0).any():
+        raise CheckpointError(f"calibration {path}: {name} has negative or non-finite values")
+    return t
+
+
+def load_calibration(path: str | Path, config: ModelConfig) -> list[torch.Tensor]:
+    """The per-layer tables, checked against the model they are applied to."""
+    tensors = _read(path)
+    tables = []
+    for n in range(config.num_hidden_layers):
+        name = tensor_name(n)
+        if name not in tensors:
             raise CheckpointError(
-                f"calibration {path}: {tensor_name(n)} has shape {list(t.shape)}, expected "
-                f"[{config.intermediate_size}] (intermediate_size); it was made for another model"
+                f"calibration {path} has no {name!r}: it was made for another model (this one "
+                f"has {config.num_hidden_layers} layers); run `shardlm calibrate` for this "
+                "checkpoint"
             )
-        if not torch.isfinite(t).all() or (t < 0).any():
-            raise CheckpointError(
-                f"calibration {path}: {tensor_name(n)} has negative or non-finite values"
-            )
+        size = config.intermediate_size
+        tables.append(_checked(path, name, tensors[name], size, "intermediate_size"))
     return tables
+
+
+def load_kv_absmax(path: str | Path, config: ModelConfig) -> KVAbsMax | None:
+    """Per layer, max |k| and max |v| of each KV head, checked against the model; None if
+    the file has no KV statistics (written before ``calibrate`` recorded them)."""
+    tensors = _read(path)
+    names = [kv_tensor_name(n, w) for w in "kv" for n in range(config.num_hidden_layers)]
+    present = [name in tensors for name in names]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = names[present.index(False)]
+        raise CheckpointError(
+            f"calibration {path} has KV statistics but no {missing!r}: it was made for another "
+            f"model (this one has {config.num_hidden_layers} layers); run `shardlm calibrate`"
+        )
+    heads = config.num_key_value_heads
+    tables = [_checked(path, name, tensors[name], heads, "num_key_value_heads") for name in names]
+    layers = config.num_hidden_layers
+    return tables[:layers], tables[layers:]
 
 
 @contextmanager
@@ -168,6 +217,52 @@ class AbsMaxRecorder:
         if any(a is None for a in self.absmax):
             raise RuntimeError("no tokens went through the model")
         return [a for a in self.absmax if a is not None]
+
+
+@contextmanager
+def attention_kv(
+    model: torch.nn.Module, sink: Callable[[int, torch.Tensor, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``sink(layer, k, v)`` with the k (after RoPE: what the KV cache stores) and v
+    [tokens, Hkv, D] of every attention the model runs while the context is open. A forward
+    pre-hook recomputes the layer's projection from its input, whichever attention backend
+    runs (the fused kernel never hands k back): one extra QKV product, offline."""
+
+    def hook(n: int) -> Callable:
+        def pre(module: torch.nn.Module, args: tuple) -> None:
+            x, positions, rotary = args[:3]
+            _, k, v = module.project(x, positions, rotary)
+            sink(n, k.detach(), v.detach())
+
+        return pre
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(hook(n)) for n, layer in enumerate(model.layers)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class KVAbsMaxRecorder:
+    """Running max |k| and max |v| per layer and KV head (the ``sink`` of ``attention_kv``)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for table, x in ((self.k, k), (self.v, v)):
+            m = x.float().abs().amax(dim=(0, 2)).cpu()  # over tokens and channels → [Hkv]
+            old = table[layer]
+            table[layer] = m if old is None else torch.maximum(old, m)
+
+    def tables(self) -> KVAbsMax:
+        if any(a is None for a in self.k + self.v):
+            raise RuntimeError("no tokens went through the model")
+        return [a for a in self.k if a is not None], [a for a in self.v if a is not None]
 
 
 def token_windows(ids: list[int], seq_len: int, samples: int) -> list[list[int]]:

@@ -157,7 +157,9 @@ class CacheOptions:
     kv_cache_dtype: str = option(
         "auto",
         "how K/V are stored: auto (the model's dtype); int8 (a float32 scale per token and "
-        "KV head, beside it); fp8 (float8_e4m3fn, a scale per layer, 1.0)",
+        "KV head, beside it); fp8 (float8_e4m3fn, a scale per layer for K and for V: "
+        "2·max|x|/448 from the model's calibration (shardlm calibrate) if it has KV "
+        "statistics, else 1.0)",
         choices=KV_CACHE_DTYPES,
     )
 

@@ -3,7 +3,8 @@
 This is the fast single-device path of the foundation; it is tested against
 ``reference.partial_attention``. It scores prompts (``prompt_logits``, perplexity): with a
 quantized KV cache (kv_cache_dtype) it attends over K/V as the paged pool would give them
-back (``kv_quant.fake_quant``), so scores measure what serving computes.
+back (``kv_quant.fake_quant``, fp8 at the pool's per-layer scales), so scores measure what
+serving computes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from shardlm.attention.backend import AttentionBackend
 from shardlm.attention.reference import sdpa_mask
 from shardlm.cache.contiguous import ContiguousKVCache
-from shardlm.cache.kv_quant import fake_quant
+from shardlm.cache.kv_quant import Fp8Scales, fake_quant
 from shardlm.step_inputs import StepInputs
 
 
@@ -27,9 +28,11 @@ class ContiguousAttention(AttentionBackend):
         scale: float,
         sliding_windows: tuple[int | None, ...],
         kv_cache_dtype: str = "auto",
+        fp8_scales: Fp8Scales | None = None,
     ) -> None:
         self.cache = cache
         self.kv_cache_dtype = kv_cache_dtype
+        self.fp8_scales = fp8_scales or Fp8Scales.unit(len(sliding_windows))  # one per layer
         self.scale = scale
         self.sliding_windows = sliding_windows
         self.start = 0
@@ -55,8 +58,9 @@ class ContiguousAttention(AttentionBackend):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k, v [T, Hkv, D] into the cache; attend q [T, Hq, D]; → [T, Hq, D]."""
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[:, self.start : self.end] = fake_quant(k, self.kv_cache_dtype).transpose(0, 1)
-        v_cache[:, self.start : self.end] = fake_quant(v, self.kv_cache_dtype).transpose(0, 1)
+        kind, scales = self.kv_cache_dtype, self.fp8_scales
+        k_cache[:, self.start : self.end] = fake_quant(k, kind, scales.k[layer]).transpose(0, 1)
+        v_cache[:, self.start : self.end] = fake_quant(v, kind, scales.v[layer]).transpose(0, 1)
         mask, causal = self._masks[self.sliding_windows[layer]]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),

@@ -31,6 +31,7 @@ from shardlm.attention.reference import (
     partial_attention,
     visibility_mask,
 )
+from shardlm.cache.kv_quant import Fp8Scales
 from shardlm.cache.paged import PagedKVCache
 from shardlm.cache.rshard import RShard
 from shardlm.errors import ShardlmError
@@ -109,6 +110,7 @@ class AttentionNode:
         head_group: int = 0,
         name: str | None = None,
         kv_cache_dtype: str = "auto",
+        fp8_scales: Fp8Scales | None = None,
     ) -> None:
         self.shard = shard
         self.head_group = head_group
@@ -124,6 +126,7 @@ class AttentionNode:
         self.prefix_unit = rshard.prefix_unit(block_size)
         # kv_cache_dtype int8/fp8: K/V stored quantized (cache/kv_quant.py) and read back
         # dequantized; the messages to and from the compute side stay in the model's dtype.
+        # fp8's per-layer scales are the compute side's (the same on every rank and node).
         self.cache = PagedKVCache(
             num_layers,
             num_blocks,
@@ -133,6 +136,7 @@ class AttentionNode:
             dtype,
             device,
             kv_cache_dtype,
+            fp8_scales,
         )
         # Decode batches pad sequences that hold no key here with slot 0; masked, but its V
         # still enters a 0-weighted sum, so it must never hold NaN from torch.empty. Block 0

@@ -7,9 +7,12 @@ model's dtype.
   row's error is at most s / 2 per channel, i.e. 1/254 of its own largest channel, whatever
   the other rows hold (an outlier token or head spoils only itself). The scales live in the
   pool beside the rows: [slots, Hkv] per layer, for K and for V.
-* ``fp8``: float8_e4m3fn with one scale per layer for K and one for V (1.0, as vLLM's
-  default): q = fp8(x / s), read as q · s. e4m3 keeps 3 mantissa bits, a relative error of
-  at most 2⁻⁴ per value, and saturates at ±448 (values beyond are clamped).
+* ``fp8``: float8_e4m3fn with one scale per layer for K and one for V (``Fp8Scales``):
+  q = fp8(x / s), read as q · s. e4m3 keeps 3 mantissa bits, a relative error of at most
+  2⁻⁴ per value whatever s is, and saturates at ±448 (values beyond are clamped); s only
+  decides which magnitudes fit. Calibrated (``shardlm calibrate`` measured max |x| of the
+  layer's K or V): s = margin · max |x| / 448, so the largest value seen lands at 448 / margin.
+  Otherwise 1.0, vLLM's default without calibration: right while |x| stays below 448.
 
 Quantizing computes in float32. ``fake_quant`` (quantize, then dequantize) gives exactly what
 a reader of the pool gets for a row; paths that attend over K/V they never read back from the
@@ -19,6 +22,7 @@ same values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +32,11 @@ INT8_MAX = 127.0
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 FP8_DEFAULT_SCALE = 1.0  # per layer, for K and V (vLLM's default without calibration)
+# Headroom of calibrated fp8 scales: text the calibration never saw may exceed its max |x|,
+# and is stored unclipped up to 2× that. The cost is only at the bottom of the range: e4m3's
+# relative precision holds down to 2⁻⁶ (its smallest normal), i.e. to max |x| · 2⁻¹⁴ at
+# this margin instead of · 2⁻¹⁵ — values that weigh nothing in q·k or in a weighted sum of v.
+FP8_SCALE_MARGIN = 2.0
 # A row of zeros gets this scale, so x / s stays 0 rather than 0 / 0.
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -69,6 +78,35 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) 
     if q.dtype == FP8_DTYPE:
         return (q.float() * scale).to(dtype)
     return q
+
+
+@dataclass(frozen=True)
+class Fp8Scales:
+    """An fp8 pool's scales: one per layer for K, one for V, and where they came from."""
+
+    k: tuple[float, ...]
+    v: tuple[float, ...]
+    source: str = "unit"  # "unit", or the calibration file they were computed from
+
+    @classmethod
+    def unit(cls, num_layers: int) -> Fp8Scales:
+        return cls((FP8_DEFAULT_SCALE,) * num_layers, (FP8_DEFAULT_SCALE,) * num_layers)
+
+    @classmethod
+    def calibrated(
+        cls, k_absmax: Sequence[float], v_absmax: Sequence[float], source: str
+    ) -> Fp8Scales:
+        """s = FP8_SCALE_MARGIN · max |x| / 448 per layer (a layer measured all zero keeps 1.0:
+        there is nothing to size the range on)."""
+
+        def scale(absmax: float) -> float:
+            return FP8_SCALE_MARGIN * absmax / FP8_MAX if absmax > 0 else FP8_DEFAULT_SCALE
+
+        return cls(tuple(map(scale, k_absmax)), tuple(map(scale, v_absmax)), source)
+
+    @property
+    def is_unit(self) -> bool:
+        return self.source == "unit"
 
 
 @dataclass(frozen=True)
@@ -124,11 +162,13 @@ class KVPool:
         return x
 
 
-def fake_quant(x: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
-    """``KVPool.fake_quant`` without a pool (the scoring cache; fp8 at its default scale)."""
+def fake_quant(
+    x: torch.Tensor, kv_cache_dtype: str, fp8_scale: float = FP8_DEFAULT_SCALE
+) -> torch.Tensor:
+    """``KVPool.fake_quant`` without a pool (the scoring cache; fp8 at the layer's scale)."""
     if kv_cache_dtype == "int8":
         return dequantize(*quantize_int8(x), x.dtype)
     if kv_cache_dtype == "fp8":
-        scale = torch.tensor(FP8_DEFAULT_SCALE, device=x.device)
+        scale = torch.tensor(fp8_scale, dtype=torch.float32, device=x.device)
         return dequantize(quantize_fp8(x, scale), scale, x.dtype)
     return x

@@ -6,7 +6,8 @@ padding rows of a CUDA-graph batch (runtime/cuda_graphs.py); nothing reads it.
 
 With ``kv_cache_dtype`` int8 or fp8 the rows are stored in 8 bits and their scales beside
 them (cache/kv_quant.py): int8 one float32 per (slot, KV head) in ``k_scale`` / ``v_scale``
-[layers, slots, Hkv], fp8 one per layer [layers]. Readers go through ``keys(layer)`` /
+[layers, slots, Hkv], fp8 one per layer [layers] (``fp8_scales``: calibrated, else 1.0; set
+once here, and the kernels read them from these tensors). Readers go through ``keys(layer)`` /
 ``values(layer)``, which dequantize.
 
 The pool is allocated with ``torch.empty``: pages are touched only as slots
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from shardlm.cache.kv_quant import FP8_DEFAULT_SCALE, KVPool, kv_bytes_per_token, storage_dtype
+from shardlm.cache.kv_quant import Fp8Scales, KVPool, kv_bytes_per_token, storage_dtype
 
 
 class PagedKVCache:
@@ -31,6 +32,7 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         kv_cache_dtype: str = "auto",
+        fp8_scales: Fp8Scales | None = None,
     ) -> None:
         shape = (num_layers, num_blocks * block_size + 1, num_kv_heads, head_dim)
         stored = storage_dtype(kv_cache_dtype, dtype)
@@ -41,8 +43,14 @@ class PagedKVCache:
             self.k_scale = torch.empty(shape[:3], dtype=torch.float32, device=device)
             self.v_scale = torch.empty(shape[:3], dtype=torch.float32, device=device)
         elif kv_cache_dtype == "fp8":
-            self.k_scale = torch.full((num_layers,), FP8_DEFAULT_SCALE, device=device)
-            self.v_scale = torch.full((num_layers,), FP8_DEFAULT_SCALE, device=device)
+            scales = fp8_scales or Fp8Scales.unit(num_layers)
+            if len(scales.k) != num_layers or len(scales.v) != num_layers:
+                raise ValueError(
+                    f"fp8_scales has {len(scales.k)} K and {len(scales.v)} V scales for "
+                    f"{num_layers} layers"
+                )
+            self.k_scale = torch.tensor(scales.k, dtype=torch.float32, device=device)
+            self.v_scale = torch.tensor(scales.v, dtype=torch.float32, device=device)
         self.dtype = dtype  # what readers get back
         self.kv_cache_dtype = kv_cache_dtype
         self.num_blocks = num_blocks

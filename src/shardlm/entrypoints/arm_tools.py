@@ -1,7 +1,9 @@
 """``shardlm calibrate`` and ``shardlm inspect``: the ARM's statistics and its figure.
 
 Both load the checkpoint unmodified (one process; float32, or calibrate's --dtype) and watch
-the down-projection inputs through forward hooks (calibration.down_proj_inputs). ``inspect``
+the down-projection inputs through forward hooks (calibration.down_proj_inputs); calibrate
+also watches each attention's k and v (calibration.attention_kv), for the fp8 KV cache's
+scales. ``inspect``
 computes the after-ARM activations by applying the layer's transform T = diag(s)·H to the
 captured ones: the same T the engine folds into the weights when ``arm`` is set.
 
@@ -14,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from shardlm.cache.kv_quant import FP8_MAX, FP8_SCALE_MARGIN
 from shardlm.calibration import (
     CALIBRATION_FILE,
     PACKAGE_DIR,
     AbsMaxRecorder,
     DistributionStats,
+    KVAbsMaxRecorder,
+    attention_kv,
     calibration_candidates,
     calibration_out_path,
     distribution_stats,
@@ -44,7 +50,8 @@ MODEL_HELP = "Hugging Face checkpoint directory (default: the built-in model, ti
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     cal = sub.add_parser(
         "calibrate",
-        help="record per-channel max |x| of each down-projection input (for arm=smooth|both)",
+        help="record per-channel max |x| of each down-projection input (for arm=smooth|both) "
+        "and max |k|, |v| of each layer (for kv_cache_dtype=fp8)",
     )
     cal.add_argument("--model", help=MODEL_HELP)
     cal.add_argument("--data", required=True, help="a UTF-8 text file to run through the model")
@@ -145,14 +152,19 @@ def _positive(name: str, value: int, limit: int = 2**31) -> None:
         raise ValueError(f"{name} must be in [1, {limit}], got {value}")
 
 
-def collect_absmax(llm, windows: list[list[int]]) -> tuple[list[torch.Tensor], int]:
+def collect_absmax(
+    llm, windows: list[list[int]], kv: KVAbsMaxRecorder | None = None
+) -> tuple[list[torch.Tensor], int]:
     """Run each window of token ids through ``llm`` (prefill only, one generated token) and
     return per layer the per-channel max |x| of the down-projection input, and the number of
-    tokens seen. ``llm`` must run in this process, without ARM, without prefix caching."""
+    tokens seen; ``kv`` (if given) records max |k| and |v| meanwhile. ``llm`` must run in
+    this process, without ARM, without prefix caching."""
     from shardlm.engine.sampling_params import SamplingParams
 
+    model = llm.runner.model
     recorder = AbsMaxRecorder(llm.config.num_hidden_layers)
-    with down_proj_inputs(llm.runner.model, recorder):
+    watch_kv = attention_kv(model, kv) if kv is not None else nullcontext()
+    with down_proj_inputs(model, recorder), watch_kv:
         llm.generate(windows, SamplingParams(max_tokens=1))
     return recorder.tables(), recorder.tokens
 
@@ -175,20 +187,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seq_len = min(args.seq_len, llm.engine.max_model_len - 1)
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
         windows = token_windows(ids, seq_len, args.samples)
-        tables, tokens = collect_absmax(llm, windows)
+        kv = KVAbsMaxRecorder(llm.config.num_hidden_layers)
+        tables, tokens = collect_absmax(llm, windows, kv)
     info = {"data": data.name, "windows": len(windows), "seq_len": seq_len, "tokens": tokens}
+    k_absmax, v_absmax = kv.tables()
     try:
-        save_calibration(out, tables, info)
+        save_calibration(out, tables, info, (k_absmax, v_absmax))
     except (OSError, SafetensorError) as e:
         raise ShardlmError(f"could not write --out {str(out)!r}: {e}") from None
     print(
         f"calibrated on {tokens} tokens ({len(windows)} windows of ≤{seq_len}) "
         f"from {data.name}; {_where_written(out, model)}"
     )
-    print("layer  max|x|  median max|x|  ratio (outlier channels stand out as a large ratio)")
+    print("layer  max|x|  median max|x|   ratio  max|k|  max|v|")
     for n, a in enumerate(tables):
         peak, median = float(a.max()), float(a.median())
-        print(f"{n:5d}  {peak:7.3g}  {median:14.3g}  {peak / max(median, 1e-30):6.1f}")
+        k, v = float(k_absmax[n].max()), float(v_absmax[n].max())
+        ratio = peak / max(median, 1e-30)
+        print(f"{n:5d}  {peak:7.3g}  {median:14.3g}  {ratio:6.1f}  {k:6.3g}  {v:6.3g}")
+    print(
+        "(x: the down-projection input, outlier channels stand out as a large ratio; k, v: "
+        f"kv_cache_dtype=fp8 stores them at scale {FP8_SCALE_MARGIN:g}·max/{FP8_MAX:g})"
+    )
     return 0
 
 

@@ -33,6 +33,7 @@ from shardlm.executor.startup import (
     rshard_of,
 )
 from shardlm.models.llama import ShardLayout
+from shardlm.runtime.kv_scales import fp8_kv_scales
 from shardlm.step_inputs import StepInputs
 
 
@@ -65,6 +66,7 @@ def serve_attention_node(tp: TPContext, config: EngineConfig) -> None:
         head_group=head_group,
         name=p.role_of(tp.job_rank),
         kv_cache_dtype=config.cache.kv_cache_dtype,
+        fp8_scales=fp8_kv_scales(config, model),  # the compute ranks' scales
     )
     shapes = (layout.heads, layout.kv_heads, model.head_dim)
     # Where the exchanged tensors live: the node's GPU over NCCL, else host memory (gloo).

@@ -33,6 +33,7 @@ from shardlm.models.registry import model_class
 from shardlm.models.transforms import apply_weight_transforms
 from shardlm.runtime.compute_nodes import ComputeCounters, ComputeNodes
 from shardlm.runtime.cuda_graphs import DecodeGraphs
+from shardlm.runtime.kv_scales import fp8_kv_scales
 from shardlm.runtime.micro_batches import forward_micro_batches
 from shardlm.step_inputs import StepInputs
 
@@ -55,6 +56,8 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len = engine.model.max_model_len
         self.kv_cache_dtype = engine.cache.kv_cache_dtype
+        # kv_cache_dtype fp8: every pool (local, attention nodes, scoring) gets these scales.
+        self.fp8_scales = fp8_kv_scales(engine, config)
         self.tp = tp or TPContext.single()
         # "auto" is resolved here, on this rank's device: each rank may fall back alone.
         self.attention_backend = resolve_attention_backend(
@@ -127,6 +130,7 @@ class ModelRunner:
             self.dtype,
             self.device,
             self.kv_cache_dtype,
+            self.fp8_scales,
         )
         self.attention = PagedAttention(
             self.kv_cache, self.scale, c.sliding_windows, self.attention_backend
@@ -280,6 +284,7 @@ class ModelRunner:
             c.sliding_windows,
             head_group=self.tp.rank,
             kv_cache_dtype=self.kv_cache_dtype,
+            fp8_scales=self.fp8_scales,
         )
 
     def release(self, seq_ids: list[int]) -> None:
@@ -316,7 +321,9 @@ class ModelRunner:
         cache = ContiguousKVCache(
             c.num_hidden_layers, self.model.shard.kv_heads, c.head_dim, n, self.dtype, self.device
         )
-        attn = ContiguousAttention(cache, self.scale, c.sliding_windows, self.kv_cache_dtype)
+        attn = ContiguousAttention(
+            cache, self.scale, c.sliding_windows, self.kv_cache_dtype, self.fp8_scales
+        )
         attn.begin_step(StepInputs.prompt(n))
         hidden = self.model(ids.to(self.device), torch.arange(n, device=self.device), attn)
         return self.model.compute_logits(hidden)
