@@ -119,24 +119,8 @@ def run_engine_core(engine_args: dict, commands: Queue, messages: Queue, parent_
         dtype=str(engine.dtype).removeprefix("torch."),
         device=str(engine.device),
     )
-    leave_a_core_to_the_server(engine)
     messages.put(("ready", info, engine.stats))
     EngineCore(engine, commands, messages, parent_pid).run()
-
-
-def leave_a_core_to_the_server(engine) -> None:
-    """On a CPU, one thread fewer than the cores torch would use: the HTTP process (and
-    on a benchmark host, its clients) needs a core, and an OpenMP team with a thread the OS
-    has descheduled waits for it at every parallel region — measured on 2 cores, a step
-    then takes ~10x as long. OMP_NUM_THREADS, when the user sets it, decides instead; with
-    several ranks the executor has already split the cores between them."""
-    import torch
-
-    if engine.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    if engine.engine_config.parallel.world_size > 1:
-        return
-    torch.set_num_threads(max(1, torch.get_num_threads() - 1))
 
 
 class EngineCore:
