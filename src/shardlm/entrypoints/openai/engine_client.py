@@ -103,6 +103,19 @@ class EngineClient:
     loaded the model; raises its start-up error (a ShardlmError for bad input) if it fails."""
 
     def __init__(self, engine_args: dict) -> None:
+        self.node_stats = NodeSnapshot()
+        self.pending_sequences = 0  # submitted, not yet accepted or refused
+        self.dead: BaseException | None = None
+        self._lock = threading.Lock()  # guards `dead` against registering (module doc)
+        self._pending: dict[str, _Pending] = {}
+        self._sinks: dict[str, _Sink] = {}
+        self._compiles: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._tokens = itertools.count()
+        self._reader: threading.Thread | None = None
+        # Only the watchdog waits on the process (two threads reaping one child race: the
+        # loser's waitpid fails and it takes a dead process for a live one); the others
+        # look at this event.
+        self._exited = threading.Event()
         context = multiprocessing.get_context("spawn")
         self._commands = context.Queue()
         self._messages = context.Queue()
@@ -115,6 +128,11 @@ class EngineClient:
             daemon=True,
         )
         self._process.start()
+        # A process killed in the middle of a message leaves the reader blocked inside it:
+        # the watchdog notices the exit whatever the reader is doing.
+        watchdog = threading.Thread(target=self._watch, name="shardlm-engine-watchdog")
+        watchdog.daemon = True
+        watchdog.start()
         try:
             self.info, self.stats = self._wait_until_ready()
             path = self.info.tokenizer_path
@@ -127,22 +145,9 @@ class EngineClient:
             raise
         self.max_model_len = self.info.max_model_len
         self.vocab_size = self.info.vocab_size
-        self.node_stats = NodeSnapshot()
-        self.pending_sequences = 0  # submitted, not yet accepted or refused
-        self.dead: BaseException | None = None
-        self._lock = threading.Lock()  # guards `dead` against registering (module doc)
-        self._pending: dict[str, _Pending] = {}
-        self._sinks: dict[str, _Sink] = {}
-        self._compiles: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._tokens = itertools.count()
         self._reader = threading.Thread(target=self._read, name="shardlm-engine-reader")
         self._reader.daemon = True
         self._reader.start()
-        # A process killed in the middle of a message leaves the reader blocked inside it:
-        # the watchdog notices the exit whatever the reader is doing.
-        watchdog = threading.Thread(target=self._watch, name="shardlm-engine-watchdog")
-        watchdog.daemon = True
-        watchdog.start()
 
     # -- the event-loop side --
     async def add(self, request_id: str, prompt: dict, params: SamplingParams) -> RequestStream:
@@ -208,7 +213,7 @@ class EngineClient:
             try:
                 message = self._messages.get(timeout=READ_TIMEOUT_S)
             except queue.Empty:
-                if not self._process.is_alive():
+                if self._exited.is_set():
                     raise ShardlmError(
                         f"the engine process exited with code {self._process.exitcode} "
                         "before it was ready (see the log above)"
@@ -222,14 +227,13 @@ class EngineClient:
 
     def _end_process(self, timeout: float) -> None:
         """Ask the engine process to stop; terminate it if it does not in ``timeout``."""
-        if self._process.is_alive():
+        if not self._exited.is_set():
             with contextlib.suppress(Exception):
                 self._commands.put(("stop",))
-            self._process.join(timeout)
-        if self._process.is_alive():  # it ignores SIGTERM (engine_core.py): kill it
+        if not self._exited.wait(timeout):  # it ignores SIGTERM (engine_core.py): kill it
             logger.warning("the engine process did not stop in %.0f s: killing it", timeout)
-            self._process.kill()
-            self._process.join()
+            self._process.kill()  # not reaped yet (the event is not set): still our child
+            self._exited.wait()
         # Anything still buffered for a process that is gone must not hold up our exit.
         self._commands.cancel_join_thread()
 
@@ -237,7 +241,9 @@ class EngineClient:
         """Wait for the engine process to exit; give the reader a moment to deliver what the
         engine said last (its own reason for dying), then fail whatever is left."""
         self._process.join()
-        self._reader.join(READ_TIMEOUT_S * 2)
+        self._exited.set()
+        if self._reader is not None:
+            self._reader.join(READ_TIMEOUT_S * 2)
         self._die(EngineDead(f"the engine process exited (code {self._process.exitcode})"))
 
     def _read(self) -> None:
@@ -246,9 +252,7 @@ class EngineClient:
             try:
                 message = self._messages.get(timeout=READ_TIMEOUT_S)
             except queue.Empty:
-                if not self._process.is_alive():
-                    code = self._process.exitcode
-                    self._die(EngineDead(f"the engine process exited (code {code})"))
+                if self._exited.is_set():  # the watchdog says why
                     return
                 continue
             except (EOFError, OSError) as e:
