@@ -6,8 +6,9 @@ it runs in the caller's thread and a bad spec raises ``ParamError("structured_ou
 before anything is queued. Compiling (the per-token mask tables, which grow with the
 vocabulary) runs in a small pool, off the engine's step loop; the request's sequences wait in
 the scheduler's queue until it is done (``GrammarState.ready``). Both are cached by the spec,
-so the same schema sent a thousand times is parsed and compiled once. Thread-safe: the server
-compiles from a worker thread before it hands a request to the engine thread.
+so the same schema sent a thousand times is parsed and compiled once. Thread-safe: the server's
+engine process compiles on a small thread pool, asked before a request is queued, while its
+step loop runs.
 """
 
 from __future__ import annotations

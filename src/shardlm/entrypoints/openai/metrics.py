@@ -2,7 +2,7 @@
 servers in one process never clash).
 
 Counters and histograms are updated by the request handlers; the engine gauges are read
-from the engine thread's last published snapshot when /metrics is scraped.
+from the engine process's last published snapshot when /metrics is scraped.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class ServerMetrics:
             registry=r,
         )
         # What the compute and attention nodes report of themselves (refreshed by the
-        # engine thread about once a second).
+        # engine process about once a second).
         node = ["compute_node"]
         self.compute_tokens = Gauge(
             "shardlm_compute_node_tokens", "Tokens a compute node has computed", node, registry=r

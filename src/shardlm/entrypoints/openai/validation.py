@@ -1,4 +1,4 @@
-"""Request validation as pure functions: no HTTP, no engine thread, so each rule is unit-tested
+"""Request validation as pure functions: no HTTP, no engine, so each rule is unit-tested
 on its own (tests/test_server_validation.py).
 
 Each check raises an APIError naming the offending field as this endpoint's client spelt it.
