@@ -127,8 +127,8 @@ def test_a_start_up_error_in_the_engine_process_is_one_line(tmp_path):
     argv = [sys.executable, "-m", "shardlm", "serve", "--model", str(tmp_path), "--port", "0"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("shardlm: error: ") and "GPT2LMHeadModel" in last, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("shardlm: error: ")]
+    assert len(errors) == 1 and "GPT2LMHeadModel" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
 
 
