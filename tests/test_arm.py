@@ -197,11 +197,11 @@ def test_the_fold_is_the_transpose_not_h_itself():
 @pytest.mark.parametrize("width", [1536, 11008, 156])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fold_is_exact_at_real_widths(width, dtype):
-    """The full-width H of a real MLP width (1536 = 12·128, 11008 = 344·32) and the fallback
-    blocks (156: 52 each) with smoothing: h·W unchanged up to rounding."""
+    """The full-width H of real MLP widths (1536 = 12·128, 11008 = 172·64) and of 156 (one
+    Goethals–Seidel block) with smoothing: h·W unchanged up to rounding."""
     torch.manual_seed(width)
     t = ArmTransform(torch.rand(width, dtype=dtype) * 10 + 0.1, hadamard_layout(width))
-    assert t.block == (52 if width == 156 else width)
+    assert t.block == width
     w = torch.randn(width, 24, dtype=dtype) / width**0.5
     h = torch.randn(5, width, dtype=dtype)
     want = h @ w
@@ -635,18 +635,18 @@ def test_tensor_parallel_ranks_use_the_plan_of_their_slice(plain_ckpt):
 
 
 def test_width_without_a_construction_gets_blocks_and_a_warning(tmp_path, caplog):
-    """MLP width 156 = 4·39: no Hadamard of order 156 here, so blocks of 52 (a Paley II
-    matrix over GF(25)), named in a warning; the float function is unchanged."""
-    path = tmp_path / "w156"
-    make_checkpoint(path, "llama", {"intermediate_size": 156})
+    """MLP width 940 = 4·5·47: no Hadamard of order 188 = 4·47 here, so blocks of 20 (Paley
+    I over GF(19)), named in a warning; the float function is unchanged."""
+    path = tmp_path / "w940"
+    make_checkpoint(path, "llama", {"intermediate_size": 940})
     hadamard_layout.cache_clear()  # the warning is once per width and process
     with LLM(path, dtype="float32") as llm:
         ref_logits = llm.prompt_logits(PROMPT)
     with caplog.at_level("WARNING"), LLM(path, dtype="float32", arm="hadamard") as llm:
-        assert llm.runner.model.layers[0].mlp.hadamard == HadamardPlan(52, 1)
+        assert llm.runner.model.layers[0].mlp.hadamard == HadamardPlan(20, 1)
         torch.testing.assert_close(llm.prompt_logits(PROMPT), ref_logits, rtol=0, atol=1e-4)
-    assert "Hadamard width 156" in caplog.text and "blocks of 52" in caplog.text
-    assert caplog.text.count("Hadamard width 156") == 1  # two layers, one warning
+    assert "Hadamard width 940" in caplog.text and "blocks of 20" in caplog.text
+    assert caplog.text.count("Hadamard width 940") == 1  # two layers, one warning
 
 
 def test_quantized_lm_head_with_tied_embeddings(checkpoints):

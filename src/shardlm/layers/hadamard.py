@@ -9,20 +9,26 @@ up to 64 (a small dense matmul), so b = 1024 is two stages of 32: more arithmeti
 but 5× fewer stages, which is what decides the run time on a CPU or for a PyTorch-level loop
 on a GPU (each stage is a kernel). With the radix bounded, the cost is still O(b log b).
 
-Other widths: n = K·2^m with K an order Paley's constructions reach (layers/paley.py: 12,
-20, 28, 44, 52, 76, 108, 140, 148, 344, …) gets the full-width H_n = H_K ⊗ H_(2^m), both
-factors normalized, so H_n is orthonormal: the vector viewed as [K, 2^m] goes through
-``fwht`` on the 2^m axis and one dense K×K product on the K axis (``hadamard_transform``).
-The smallest K that works is chosen (the dense part costs K multiply-adds per entry, the
-Sylvester part a few). H_K is *not* symmetric in general (Paley I is I + a skew matrix), so
-H⁻¹ = Hᵀ, not H: the transform computes x·H, and the weight fold (layers/arm.py) uses
-Hᵀ·W = H⁻¹·W.
+Other widths: n = K·2^m with K an order a dense construction reaches gets the full-width
+H_n = H_K ⊗ H_(2^m), both factors normalized, so H_n is orthonormal: the vector viewed as
+[K, 2^m] goes through ``fwht`` on the 2^m axis and one dense K×K product on the K axis
+(``hadamard_transform``). The dense H_K (``dense_matrix``) comes from
 
-Widths no construction covers within ``MAX_DENSE_ORDER`` (172 itself — 344 = 7³ + 1 is
-Paley I, so 172·2^m with m ≥ 1 is covered —, 156, odd widths…) fall back to a
-block-diagonal H whose blocks are the largest such orders dividing n (156 → three blocks
-of 52; 172 → blocks of 4), with a warning once per width. A block-diagonal H of orthonormal
-blocks is still orthonormal.
+* Paley's constructions (layers/paley.py: 12, 20, 28, 44, 52, 76, 108, 140, 148, 344, …),
+* else the Goethals–Seidel array of four stored circulants (layers/goethals_seidel.py: 92,
+  116, 156, 172 and the other orders 4n ≤ 1024 Paley misses that its search reached).
+
+The smallest K that works is chosen (the dense part costs K multiply-adds per entry, the
+Sylvester part a few): 11008 = 43·256 takes 172 × 64, not 344 × 32. H_K is *not* symmetric
+in general (Paley I is I + a skew matrix, Goethals–Seidel has no symmetry), so H⁻¹ = Hᵀ,
+not H: the transform computes x·H, and the weight fold (layers/arm.py) uses Hᵀ·W = H⁻¹·W.
+
+Widths no construction covers within ``MAX_DENSE_ORDER`` (odd widths; 4n·2^j with n among
+the odd parts layers/goethals_seidel.py lists as missing, such as 188 = 4·47 and 236 = 4·59;
+1036 = 4·259, whose only candidate is beyond the bound) fall back to a block-diagonal H whose
+blocks are the largest such orders dividing n (188 → blocks of 4, 940 = 20·47 → 20, 1036 →
+148), with a warning once per width. A block-diagonal H of orthonormal blocks is still
+orthonormal.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardlm.layers.goethals_seidel import goethals_seidel_matrix, has_goethals_seidel
 from shardlm.layers.paley import paley_construction, paley_matrix
 
 logger = logging.getLogger(__name__)
@@ -42,7 +49,7 @@ logger = logging.getLogger(__name__)
 MAX_RADIX = 64
 # Largest dense factor: K multiply-adds per entry, against the down projection's hidden-size
 # ones (≥ 2048 in the models this engine serves, so at most about half of it and usually a
-# few percent: 11008 = 344·32 against hidden 2048–4096). Covers every width listed in
+# few percent: 11008 = 172·64 against hidden 2048–4096). Covers every width listed in
 # docs/arm.md, and Qwen2.5-72B's 29568 = 924·32.
 MAX_DENSE_ORDER = 1024
 
@@ -64,9 +71,18 @@ class HadamardPlan:
         return str(self.pow2) if self.k == 1 else f"{self.k}×{self.pow2}"
 
 
+def dense_construction(k: int) -> str | None:
+    """Which construction builds the dense ±1 H_k: "Paley I", "Paley II",
+    "Goethals–Seidel", or None (also for k = 1, which needs none)."""
+    kind = paley_construction(k)
+    if kind is not None:
+        return f"Paley {kind}"
+    return "Goethals–Seidel" if has_goethals_seidel(k) else None
+
+
 def _constructible(k: int) -> bool:
     """An order the dense factor can take (1 is the trivial one)."""
-    return k == 1 or (k <= MAX_DENSE_ORDER and paley_construction(k) is not None)
+    return k == 1 or (k <= MAX_DENSE_ORDER and dense_construction(k) is not None)
 
 
 def _smallest_factor(odd: int, twos: int) -> int | None:
@@ -162,7 +178,7 @@ def hadamard_transform(
     y = fwht(x, pow2, max_radix) if pow2 > 1 else x
     if k == 1:
         return y if pow2 > 1 else x.clone()
-    h = _cached_factor("paley", k, y.dtype, y.device)
+    h = _cached_factor("dense", k, y.dtype, y.device)
     h = h.t() if inverse else h
     rows = x.numel() // (k * pow2)
     if pow2 == 1:  # the k axis is the innermost: a plain GEMM by H_k
@@ -174,10 +190,11 @@ _CACHE: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _cached_factor(kind: str, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A normalized factor on the transform's device, made once: Sylvester H_r or Paley H_r."""
+    """A normalized factor on the transform's device, made once: Sylvester H_r or the dense
+    H_r of a plan."""
     key = (kind, r, dtype, device)
     if key not in _CACHE:
-        dense = sylvester_matrix(r) if kind == "sylvester" else paley_factor(r)
+        dense = sylvester_matrix(r) if kind == "sylvester" else dense_factor(r)
         _CACHE[key] = dense.to(dtype=dtype, device=device)
     return _CACHE[key]
 
@@ -192,11 +209,20 @@ def sylvester_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor
     return h / math.sqrt(n)
 
 
-def paley_factor(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def dense_matrix(k: int) -> torch.Tensor:
+    """The ±1 H_k (float64, H·Hᵀ = k·I) of ``dense_construction``; raises when there is none.
+    Cached by the constructions: treat it as read-only."""
+    kind = dense_construction(k)
+    if kind is None:
+        raise ValueError(f"no dense Hadamard construction of order {k}")
+    return goethals_seidel_matrix(k) if kind == "Goethals–Seidel" else paley_matrix(k)
+
+
+def dense_factor(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The dense factor H_k of a plan, normalized (orthonormal, not symmetric in general)."""
     if k == 1:
         return torch.ones(1, 1, dtype=dtype)
-    return (paley_matrix(k) / math.sqrt(k)).to(dtype)
+    return (dense_matrix(k) / math.sqrt(k)).to(dtype)
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -207,4 +233,4 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     if plan is None:
         raise ValueError(f"no Hadamard construction covers width {n}")
     k, pow2 = plan
-    return torch.kron(paley_factor(k, dtype), sylvester_matrix(pow2, dtype))
+    return torch.kron(dense_factor(k, dtype), sylvester_matrix(pow2, dtype))
