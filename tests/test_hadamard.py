@@ -138,6 +138,7 @@ def test_stored_sequences_have_complementary_periodic_autocorrelations(n):
     """Σ_i Σ_t x_i[t]·x_i[t + s] = 0 for every s ≠ 0 (and 4n at s = 0), in integers."""
     x = sequences(n)
     assert x.shape == (4, n) and bool((x.abs() == 1).all())
+    assert all(int(h, 16) >> n == 0 for h in SEQUENCES[n]), "a set bit past the length"
     t = torch.arange(n)
     shifted = x[:, (t[None, :] + t[:, None]) % n]  # [4, s, t] = x_i[t + s]
     total = (x[:, None, :] * shifted).sum((0, 2))

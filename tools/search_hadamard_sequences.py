@@ -1,7 +1,7 @@
 """Search four ±1 sequences of length n whose periodic autocorrelations sum to zero.
 
 Such a quadruple gives four circulant matrices A, B, C, D with
-A·Aᵀ + B·Bᵀ + C·Cᵀ + D·Dᵀ = 4n·I, and the Goethals–Seidel array (Goethals & Seidel 1967;
+A·Aᵀ + B·Bᵀ + C·Cᵀ + D·Dᵀ = 4n·I, and the Goethals–Seidel array (Goethals & Seidel 1970;
 src/shardlm/layers/goethals_seidel.py) turns them into a Hadamard matrix of order 4n. The
 quadruples stored in that module, for the orders 4n ≤ 1024 that neither Paley construction
 nor a Kronecker product with Sylvester's reaches, come from this tool:
@@ -116,7 +116,9 @@ def multipliers(n: int, max_orbits: int) -> list[tuple[int, int]]:
     return sorted(c for c in counts if 4 <= c[0] <= max_orbits)
 
 
-def _orbit_candidates(n: int, m: int, chunk: int = 1 << 14):
+def _orbit_candidates(
+    n: int, m: int, chunk: int = 1 << 14
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every sequence constant on the orbits of m with a positive sum that passes the PSD
     filter: (x [N, n], sums [N], psd [N, n//2 + 1], PAF on one shift per class [N, c])."""
     orbs = orbits(n, m)
@@ -287,9 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t-hot", type=float, default=64.0)
     ap.add_argument("--t-cold", type=float, default=8.0)
     args = ap.parse_args(argv)
+    for name in ("max_seconds", "max_orbits", "max_pairs", "chains", "sweep", "t_hot", "t_cold"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     missing = []
     for n in args.order:
-        if n < 3 or not row_sum_quads(n):
+        if n < 3:
+            ap.error(f"--order: n must be at least 3, got {n}")
+        if not row_sum_quads(n):
             ap.error(f"4·{n} is not a sum of four squares of the right parity")
         t0 = time.monotonic()
         if args.method == "orbits":

@@ -15,7 +15,8 @@ of levels. ARM inserts an invertible T between h and the down projection:
 * H, a normalized Hadamard matrix (layers/hadamard.py), orthonormal: every output channel
   is a ±1/√b mix of b input channels, so an outlier's energy is spread evenly over them and
   the distribution becomes close to Gaussian. Over the full width when one can be built
-  (n = K·2^m, H = H_K ⊗ H_(2^m) with a Paley H_K), else block-diagonal. It runs online on h
+  (n = K·2^m, H = H_K ⊗ H_(2^m) with a dense H_K: Paley or Goethals–Seidel), else
+  block-diagonal. It runs online on h
   (a fast Walsh–Hadamard transform plus one small dense product, per token). H_K is not
   symmetric, so H⁻¹ = Hᵀ and the fold is W ← Hᵀ·diag(1/s)·W. Under tensor parallelism each
   rank transforms only its own slice of the intermediate features, with the plan of its

@@ -8,7 +8,7 @@ condition is A·Aᵀ + B·Bᵀ + C·Cᵀ + D·Dᵀ = 4n·I (Williamson 1944 aske
 symmetric circulants). With R the back-diagonal permutation (R[i, n−1−i] = 1), X·R is
 symmetric for a circulant X and (X·R)·Yᵀ = Y·(X·R)ᵀ for circulants X, Y, which is what
 makes the off-diagonal blocks of H·Hᵀ cancel in the Goethals–Seidel array (Goethals &
-Seidel, "A skew Hadamard matrix of order 36", 1970):
+Seidel, "A skew Hadamard matrix of order 36", J. Austral. Math. Soc. 11, 1970):
 
     H = [[ A,    B·R,    C·R,    D·R ],
          [−B·R,  A,      Dᵀ·R,  −Cᵀ·R],
@@ -29,11 +29,12 @@ one CPU core, with
 which prints the ``SEQUENCES`` entries below. Each sequence is a hex integer whose bit t is
 set iff x_t = +1.
 
-Still missing (no Paley construction for 4n·2^j ≤ 1024 either, so widths of these odd parts
-fall back to blocks in layers/hadamard.py): n = 47, 59, 81, 89, 103, 107, 109, 149, 151,
-167, 179, 189, 191, 193, 219, 223, 233, 235, 239, 245, 247, 249, 251, 253 (orders 4n; the
-multiplier search with up to 2^24 candidates per sequence found none, e.g. for primes p
-with p − 1 = 2·prime the only subgroups are ±1 and the squares).
+Still missing, so order 4n falls back to blocks in layers/hadamard.py (some of their
+multiples are Paley I: 752 = 4·47·4, 648 = 4·81·2, 824 = 4·103·2): n = 47, 59, 81, 89, 103,
+107, 109, 149, 151, 167, 179, 189, 191, 193, 219, 223, 233, 235, 239, 245, 247, 249, 251,
+253. The multiplier search found no quadruple for them within 90 s per n, with thinned
+joins — which does not mean none exists (for primes p with p − 1 = 2·prime the only
+multiplier subgroups are ±1 and the squares, which leaves it little to work with).
 """
 
 from __future__ import annotations
@@ -146,12 +147,6 @@ def sequences(n: int) -> torch.Tensor:
     rows = [int(h, 16) for h in SEQUENCES[n]]
     bits = torch.tensor([[(v >> t) & 1 for t in range(n)] for v in rows], dtype=torch.int64)
     return 2 * bits - 1
-
-
-def periodic_autocorrelation(x: torch.Tensor) -> torch.Tensor:
-    """out[..., s] = Σ_t x[..., t]·x[..., (t + s) mod n], exact for integer x."""
-    n = x.shape[-1]
-    return torch.stack([(x * torch.roll(x, -s, dims=-1)).sum(-1) for s in range(n)], dim=-1)
 
 
 def circulant(row: torch.Tensor) -> torch.Tensor:

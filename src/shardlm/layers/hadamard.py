@@ -215,7 +215,7 @@ def dense_matrix(k: int) -> torch.Tensor:
     kind = dense_construction(k)
     if kind is None:
         raise ValueError(f"no dense Hadamard construction of order {k}")
-    return goethals_seidel_matrix(k) if kind == "Goethals–Seidel" else paley_matrix(k)
+    return goethals_seidel_matrix(k) if has_goethals_seidel(k) else paley_matrix(k)
 
 
 def dense_factor(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
