@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -65,10 +66,14 @@ def decode_rate(llm, prompt_ids: list[int], new_tokens: int, repeats: int) -> fl
     return new_tokens / statistics.median(times)
 
 
-def calibrate_and_reference(base, work: Path, positions: int) -> tuple:
+def calibrate_and_reference(
+    base, work: Path, positions: int, prompt_texts: Sequence[str] | None = None
+) -> tuple:
     """Calibrate ``base`` (the float32 model of the checkpoint in ``work``) on a stdlib module
     and save the statistics beside it; then the reference the configurations are compared
-    with: (calibration tokens, prompt ids, float32 greedy tokens, MLP inputs)."""
+    with: (calibration tokens, prompt ids, float32 greedy tokens, MLP inputs) — prompt ids and
+    greedy tokens as lists (one per text of ``prompt_texts``, default: textwrap.py's first 400
+    characters), the MLP inputs those of the first prompt."""
     from shardlm.calibration import CALIBRATION_FILE, save_calibration, token_windows
     from shardlm.entrypoints.arm_tools import collect_absmax
     from shardlm.quality import greedy_tokens, mlp_inputs
@@ -77,8 +82,11 @@ def calibrate_and_reference(base, work: Path, positions: int) -> tuple:
     windows = token_windows(base.tokenizer.encode(data), 512, 32)
     tables, tokens = collect_absmax(base, windows)
     save_calibration(work / CALIBRATION_FILE, tables, {"tokens": tokens})
-    prompt = base.encode_prompt(textwrap.dedent(Path(textwrap.__file__).read_text()[:400]))
-    return tokens, prompt, greedy_tokens(base, prompt, positions), mlp_inputs(base, prompt)
+    if prompt_texts is None:
+        prompt_texts = [textwrap.dedent(Path(textwrap.__file__).read_text()[:400])]
+    prompts = [base.encode_prompt(text) for text in prompt_texts]
+    targets = [greedy_tokens(base, prompt, positions) for prompt in prompts]
+    return tokens, prompts, targets, mlp_inputs(base, prompts[0])
 
 
 def main() -> None:
@@ -99,7 +107,8 @@ def main() -> None:
     try:
         make_outlier_checkpoint(work, args)
         with LLM(work, dtype="float32", enable_prefix_caching=False) as base:
-            tokens, prompt, target, inputs = calibrate_and_reference(base, work, args.positions)
+            tokens, prompts, targets, inputs = calibrate_and_reference(base, work, args.positions)
+            prompt, target = prompts[0], targets[0]
             rows = []
             for name, kwargs in CONFIGS.items():
                 kwargs = {"dtype": "float32", **kwargs}
