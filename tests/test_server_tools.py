@@ -547,6 +547,40 @@ def test_app_streams_reasoning_and_calls_as_its_answer_reads_them(monkeypatch):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
+def test_a_parser_marker_that_is_a_special_token_survives_decoding(tmp_path, monkeypatch):
+    """Mistral's [TOOL_CALLS] is a special token of its tokenizer: decoded with
+    skip_special_tokens (the API's default) it vanishes and every call would come back as
+    content. The server decodes requests that parser reads with special tokens kept (as vLLM
+    does), and only those."""
+    monkeypatch.delenv("SHARDLM_API_KEY", raising=False)
+    build_byte_level_tokenizer(tmp_path, chat_template=TEMPLATE)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "additional_special_tokens": ["[TOOL_CALLS]"]}))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    ids = tok.encode('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]', False)
+    parser = TOOL_PARSERS["mistral"](TOOLS)
+    assert parser.parse(tok.decode(ids)).tool_calls == []  # the marker is gone
+    kept = parser.parse(tok.decode(ids, skip_special_tokens=False)).tool_calls
+    assert [(c.name, json.loads(c.arguments)) for c in kept] == [("get_weather", {"city": "Oslo"})]
+    cases = [  # (parser, tool_choice, reasoning parser, skip_special_tokens sent to the engine)
+        ("mistral", "auto", None, False),
+        ("mistral", "none", None, True),  # nothing parses calls
+        ("hermes", "auto", None, True),  # <tool_call> is plain text in this tokenizer
+        ("hermes", "auto", "qwen3", True),  # so are <think> and </think>
+    ]
+    for name, choice, reasoning, skip in cases:
+        engine = FakeEngine()
+        engine.tokenizer, engine.max_model_len = tok, 4096  # the tools render long
+        served = ServerConfig(
+            enable_auto_tool_choice=True, tool_call_parser=name, reasoning_parser=reasoning
+        )
+        body = {"messages": CONVERSATION, "tools": TOOLS, "tool_choice": choice}
+        r = post(build_app(engine, served, "fake"), body)
+        assert r.status_code == 200, r.text
+        assert engine.added[-1][2].skip_special_tokens is skip, (name, choice, reasoning)
+
+
 # -- the built-in model, sampled, under a forced choice --
 @pytest.fixture(scope="module")
 def builtin():

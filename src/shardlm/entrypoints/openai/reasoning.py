@@ -45,6 +45,7 @@ class ReasoningParser:
 
     name: ClassVar[str] = ""
     opening_required: ClassVar[bool] = False  # without <think> first, all content
+    markers: ClassVar[tuple[str, ...]] = (OPEN, CLOSE)  # as ToolParser.markers
 
     def split(self, text: str) -> tuple[str | None, str | None]:
         rest = text.lstrip()

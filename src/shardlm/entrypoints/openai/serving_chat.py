@@ -15,11 +15,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from shardlm.engine.sampling_params import SamplingParams
 from shardlm.entrypoints.openai.chat_output import ChatOutput
 from shardlm.entrypoints.openai.protocol import ChatCompletionRequest
+from shardlm.entrypoints.openai.reasoning import REASONING_PARSERS
 from shardlm.entrypoints.openai.responses import envelope, vllm_prompt_logprobs
 from shardlm.entrypoints.openai.run import Prompt, Run, stream_events
 from shardlm.entrypoints.openai.server_config import ServerConfig
 from shardlm.entrypoints.openai.serving import OpenAIServing, read_body
 from shardlm.entrypoints.openai.structured import forced_call_spec
+from shardlm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from shardlm.entrypoints.openai.validation import (
     chat_fields,
     check_context,
@@ -28,6 +30,7 @@ from shardlm.entrypoints.openai.validation import (
     sampling_params,
     tool_mode,
 )
+from shardlm.tokenizer import Tokenizer
 
 
 def chat_logprobs_json(content: list | None) -> dict:
@@ -35,12 +38,27 @@ def chat_logprobs_json(content: list | None) -> dict:
     return {"content": content, "refusal": None}
 
 
+def dropped_by_decoding(tokenizer: Tokenizer, markers: tuple[str, ...]) -> bool:
+    """Whether decoding with skip_special_tokens (the API's default) would drop one of
+    ``markers``: true where the tokenizer has it as a special token, as Mistral's
+    [TOOL_CALLS] is."""
+    return any(
+        marker not in tokenizer.decode(tokenizer.encode(marker, add_special_tokens=False))
+        for marker in markers
+    )
+
+
 def chat_params(
-    body: ChatCompletionRequest, config: ServerConfig
+    body: ChatCompletionRequest,
+    config: ServerConfig,
+    keep_specials_for: tuple[bool, bool] = (False, False),
 ) -> tuple[SamplingParams, ChatOutput]:
     """The request's SamplingParams (a forced tool call's grammar included) and how its
     choices are read; the offline tests build them here too, so they sample as the server
-    does."""
+    does. ``keep_specials_for``: (tool parser, reasoning parser) whose markers are special
+    tokens of the served tokenizer; a request those parsers read is then decoded with
+    special tokens kept, whatever its skip_special_tokens says (as vLLM does for Mistral's
+    parser), or its calls / reasoning would come back as plain content."""
     mode = tool_mode(body, config.enable_auto_tool_choice, config.tool_call_parser)
     forced = None
     if mode in ("required", "named"):
@@ -60,6 +78,9 @@ def chat_params(
         tool_parser=config.tool_call_parser,
         reasoning_parser=config.reasoning_parser,
     )
+    for_tools, for_reasoning = keep_specials_for
+    if (for_tools and mode == "auto") or (for_reasoning and config.reasoning_parser):
+        params.skip_special_tokens = False
     return params, output
 
 
@@ -68,6 +89,12 @@ class ChatServing(OpenAIServing):
         super().__init__(*args, **kwargs)
         self.config = config or ServerConfig()
         self.chat_template = self.config.chat_template_text()
+        tools = TOOL_PARSERS.get(self.config.tool_call_parser or "")
+        reasoning = REASONING_PARSERS.get(self.config.reasoning_parser or "")
+        self.keep_specials_for = (
+            tools is not None and dropped_by_decoding(self.tokenizer, tools.markers),
+            reasoning is not None and dropped_by_decoding(self.tokenizer, reasoning.markers),
+        )
 
     async def create(self, request: Request) -> Response:
         arrival = time.perf_counter()
@@ -116,7 +143,7 @@ class ChatServing(OpenAIServing):
         and how its choices' text is read."""
         check_model(body.model, self.model_name)
         body.refuse_unsupported()
-        params, output = chat_params(body, self.config)
+        params, output = chat_params(body, self.config, self.keep_specials_for)
         text = render_chat(self.tokenizer, body, self.chat_template)
         fields = chat_fields(body.max_tokens_field)
         ids = await self.encode(text, fields, add_special_tokens=False)

@@ -173,6 +173,9 @@ class ToolParser:
 
     name: ClassVar[str] = ""
     new_id_default: ClassVar[IdFactory] = staticmethod(random_call_id)
+    # The literal strings the format reads: where a tokenizer makes one a special token,
+    # decoding must keep special tokens or the parser never sees it (serving_chat.py).
+    markers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, tools: list[dict] | None, new_id: IdFactory | None = None) -> None:
         self.tools = list(tools or [])
@@ -252,6 +255,7 @@ class HermesToolParser(_MarkerParser):
     name = "hermes"
     marker = "<tool_call>"
     end = "</tool_call>"
+    markers = (marker, end)
 
     def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
         calls, i = [], 0
@@ -274,6 +278,7 @@ class Llama3JsonToolParser(_LeadingParser):
     name = "llama3_json"
     tag = "<|python_tag|>"
     openers = (tag, "{")
+    markers = (tag,)
 
     def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
         i = len(self.tag) if section.startswith(self.tag) else 0
@@ -299,6 +304,7 @@ class MistralToolParser(_MarkerParser):
 
     name = "mistral"
     marker = "[TOOL_CALLS]"
+    markers = (marker,)
     new_id_default = staticmethod(random_mistral_id)
 
     def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
