@@ -114,6 +114,38 @@ MISTRAL = [
     ("[TOOL_CALLS] []", ..., None),
     (f"[TOOL_CALLS] [{CALL_PARIS}", ..., None),
     ("A [TOOL list", ..., None),
+    # v11+ tokenizers: [TOOL_CALLS]name[ARGS]{...}, optionally [CALL_ID]id, or no [ARGS]
+    (f"[TOOL_CALLS]get_weather[ARGS]{PARIS}", None, [("get_weather", PARIS)]),
+    (
+        f"[TOOL_CALLS]get_weather[ARGS]{PARIS}[TOOL_CALLS]get_time[ARGS]{{}}",
+        None,
+        [("get_weather", PARIS), ("get_time", "{}")],
+    ),
+    (
+        f"[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{PARIS}\n"
+        "[TOOL_CALLS]f[CALL_ID]Z9y8X7w6V[ARGS]{}",
+        None,
+        [("get_weather", PARIS), ("f", "{}")],
+    ),
+    (
+        'Let me look.\n[TOOL_CALLS]get_weather{"city":"Zürich"}[TOOL_CALLS]get_time{}\n',
+        "Let me look.",
+        [("get_weather", '{"city": "Zürich"}'), ("get_time", "{}")],
+    ),
+    (f"[TOOL_CALLS]nope[ARGS]{PARIS}", ..., None),
+    (f"[TOOL_CALLS]get_weather[ARGS]{PARIS}[TOOL_CALLS]nope[ARGS]{{}}", ..., None),
+    ("[TOOL_CALLS]get_weather[ARGS]", ..., None),
+    ("[TOOL_CALLS]get_weather", ..., None),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Par', ..., None),
+    ('[TOOL_CALLS]get_weather[ARGS]"Paris"', ..., None),
+    ('[TOOL_CALLS]get_weather[ARGS]["Paris"]', ..., None),
+    (f"[TOOL_CALLS][ARGS]{PARIS}", ..., None),
+    (f"[TOOL_CALLS]get_weather[CALL_ID]abc[ARGS]{PARIS}", ..., None),
+    (f"[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e5[ARGS]{PARIS}", ..., None),
+    (f"[TOOL_CALLS]get_weather[CALL_ID]a1B2c3-4e[ARGS]{PARIS}", ..., None),
+    (f"[TOOL_CALLS]get_weather[ARGS]{PARIS} Done.", ..., None),
+    (f"[TOOL_CALLS]get_weather[ARGS]{PARIS}[TOOL_CALLS]", ..., None),
+    (f"[TOOL_CALLS]get_weather[ARGS]{PARIS}[TOOL_CALLS][{CALL_PARIS}]", ..., None),
 ]
 
 PYTHONIC = [
@@ -265,6 +297,20 @@ def test_ids():
     assert re.fullmatch(r"[A-Za-z0-9]{9}", call.id)  # Mistral's templates take nothing else
     (call,) = TOOL_PARSERS["mistral"](TOOLS, seeded_call_ids(3)).parse(text).tool_calls
     assert call.id == seeded_call_ids(3)()
+
+
+def test_mistral_call_ids_come_from_the_text():
+    text = f"[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{PARIS}[TOOL_CALLS]get_time[ARGS]{{}}"
+    first, second = TOOL_PARSERS["mistral"](TOOLS, seeded_call_ids(3)).parse(text).tool_calls
+    assert first.id == "a1B2c3D4e"
+    assert second.id == seeded_call_ids(3)()  # no [CALL_ID]: a new one
+    s = TOOL_PARSERS["mistral"](TOOLS, seeded_call_ids(3)).streamer()
+    deltas = [d for c in text for d in s.feed(c)] + s.finish()
+    assert [d.id for d in deltas if isinstance(d, ToolCallDelta) and d.id] == [
+        first.id,
+        second.id,
+    ]
+    assert TOOL_PARSERS["mistral"].markers == ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
 
 
 def test_registry_names():

@@ -31,7 +31,7 @@ import secrets
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, NamedTuple, Union
 
 from shardlm.entrypoints.openai.tool_definitions import (
     ToolError,
@@ -142,14 +142,34 @@ def dump_arguments(arguments: dict[str, Any]) -> str:
     return text
 
 
-def _call_object(obj: Any, keys: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    """(name, arguments) of {"name": ..., <one of keys>: {...}}; missing arguments are {}."""
+class _Found(NamedTuple):
+    """A call as read from the text; ``id`` only where the format writes one."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str | None = None
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    """``value`` when it can be a call's arguments: a JSON object."""
+    if not isinstance(value, dict):
+        raise _Malformed("arguments must be an object")
+    return value
+
+
+def _call_object(obj: Any, keys: tuple[str, ...]) -> _Found:
+    """The call {"name": ..., <one of keys>: {...}}; missing arguments are {}."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise _Malformed("a call is an object with a string name")
-    arguments = next((obj[k] for k in keys if k in obj), {})
-    if not isinstance(arguments, dict):
-        raise _Malformed("arguments must be an object")
-    return obj["name"], arguments
+    return _Found(obj["name"], _arguments(next((obj[k] for k in keys if k in obj), {})))
+
+
+def _raw_decode(text: str, i: int) -> tuple[Any, int]:
+    """The JSON value at ``text[i:]`` (after whitespace) and where it ends."""
+    try:
+        return _DECODER.raw_decode(text, _skip_space(text, i))
+    except (ValueError, RecursionError) as e:
+        raise _Malformed(str(e)) from None
 
 
 def _skip_space(text: str, i: int) -> int:
@@ -192,10 +212,11 @@ class ToolParser:
             if not found:
                 raise _Malformed("no call")
             calls = []
-            for name, arguments in found:
+            for name, arguments, given_id in found:
                 if name not in self.names:
                     raise _Malformed(f"unknown function {name!r}")
-                calls.append(ToolCall(self.new_id(), name, dump_arguments(arguments)))
+                call_id = given_id or self.new_id()
+                calls.append(ToolCall(call_id, name, dump_arguments(arguments)))
         except _Malformed:
             return ParsedOutput(text, [])
         return ParsedOutput(text[:start].rstrip() or None, calls)
@@ -212,8 +233,8 @@ class ToolParser:
         """How much of ``text`` (no section begun) stays content whatever follows."""
         raise NotImplementedError
 
-    def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
-        """(name, arguments) of each call in the section; _Malformed if it is not one."""
+    def _read_calls(self, section: str) -> list[_Found]:
+        """Each call in the section, in order; _Malformed if it is not one."""
         raise NotImplementedError
 
 
@@ -257,7 +278,7 @@ class HermesToolParser(_MarkerParser):
     end = "</tool_call>"
     markers = (marker, end)
 
-    def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
+    def _read_calls(self, section: str) -> list[_Found]:
         calls, i = [], 0
         while (i := _skip_space(section, i)) < len(section):
             if not section.startswith(self.marker, i):
@@ -280,15 +301,11 @@ class Llama3JsonToolParser(_LeadingParser):
     openers = (tag, "{")
     markers = (tag,)
 
-    def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
+    def _read_calls(self, section: str) -> list[_Found]:
         i = len(self.tag) if section.startswith(self.tag) else 0
         calls = []
         while True:
-            i = _skip_space(section, i)
-            try:
-                obj, i = _DECODER.raw_decode(section, i)
-            except (ValueError, RecursionError) as e:
-                raise _Malformed(str(e)) from None
+            obj, i = _raw_decode(section, i)
             calls.append(_call_object(obj, ("parameters", "arguments")))
             i = _skip_space(section, i)
             if i == len(section):
@@ -299,19 +316,55 @@ class Llama3JsonToolParser(_LeadingParser):
 
 
 class MistralToolParser(_MarkerParser):
-    """Mistral: ``[TOOL_CALLS]`` and a JSON list of {"name", "arguments"}. Ids are 9
-    alphanumerics, the only ones Mistral's chat templates take back."""
+    """Mistral, both generations of its format. Tokenizers before v11 (Mistral-7B-Instruct
+    v0.3): ``[TOOL_CALLS]`` and a JSON list of {"name", "arguments"}. v11 and later
+    (Mistral-Small-3.1+, Ministral, Devstral, Magistral): one ``[TOOL_CALLS]name[ARGS]{...}``
+    per call, where some versions write ``[CALL_ID]`` and the call's id before ``[ARGS]`` and
+    some leave ``[ARGS]`` out. A ``[`` after the first marker means the list.
+
+    Ids are 9 alphanumerics, the only ones Mistral's chat templates take back; a ``[CALL_ID]``
+    in the text is the call's id, so the history sent back matches what the model wrote."""
 
     name = "mistral"
     marker = "[TOOL_CALLS]"
-    markers = (marker,)
+    args, call_id = "[ARGS]", "[CALL_ID]"
+    markers = (marker, args, call_id)
     new_id_default = staticmethod(random_mistral_id)
 
-    def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
-        calls = _loads(section[len(self.marker) :])
-        if not isinstance(calls, list):
-            raise _Malformed("[TOOL_CALLS] is followed by a list")
-        return [_call_object(c, ("arguments",)) for c in calls]
+    def _read_calls(self, section: str) -> list[_Found]:
+        i = _skip_space(section, len(self.marker))
+        if section.startswith("[", i):
+            calls = _loads(section[i:])
+            if not isinstance(calls, list):
+                raise _Malformed("a [ after [TOOL_CALLS] begins a JSON list")
+            return [_call_object(c, ("arguments",)) for c in calls]
+        calls, i = [], 0
+        while (i := _skip_space(section, i)) < len(section):
+            if not section.startswith(self.marker, i):
+                raise _Malformed("text after a call")
+            call, i = self._read_call(section, i + len(self.marker))
+            calls.append(call)
+        return calls
+
+    def _read_call(self, section: str, i: int) -> tuple[_Found, int]:
+        """``name([CALL_ID]id)?([ARGS])?{...}`` at ``section[i:]``, and where it ends."""
+        start = i
+        while i < len(section) and section[i] not in "[{":  # tool names hold neither
+            i += 1
+        name = section[start:i].strip()
+        if not name:
+            raise _Malformed("a call begins with its function's name")
+        given_id = None
+        if section.startswith(self.call_id, i):
+            i += len(self.call_id)
+            given_id = section[i : i + 9]
+            if not (len(given_id) == 9 and given_id.isascii() and given_id.isalnum()):
+                raise _Malformed("a call id is 9 letters or digits")
+            i += 9
+        if section.startswith(self.args, i):
+            i += len(self.args)
+        arguments, i = _raw_decode(section, i)
+        return _Found(name, _arguments(arguments), given_id), i
 
 
 _JSON_NAMES = {"true": True, "false": False, "null": None}
@@ -353,7 +406,7 @@ class PythonicToolParser(_LeadingParser):
     start_tag, end_tag = "<|python_start|>", "<|python_end|>"
     openers = (start_tag, "[")
 
-    def _read_calls(self, section: str) -> list[tuple[str, dict[str, Any]]]:
+    def _read_calls(self, section: str) -> list[_Found]:
         source = section.rstrip()
         if source.startswith(self.start_tag):
             source = source[len(self.start_tag) :].removesuffix(self.end_tag)
@@ -366,7 +419,7 @@ class PythonicToolParser(_LeadingParser):
         return [self._call(c) for c in tree.body.elts]
 
     @staticmethod
-    def _call(node: ast.expr) -> tuple[str, dict[str, Any]]:
+    def _call(node: ast.expr) -> _Found:
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args:
             raise _Malformed("a call by name with keyword arguments only")
         arguments: dict[str, Any] = {}
@@ -377,7 +430,7 @@ class PythonicToolParser(_LeadingParser):
                 arguments[kw.arg] = _literal(kw.value)
             except RecursionError:
                 raise _Malformed("too deep") from None
-        return node.func.id, arguments
+        return _Found(node.func.id, arguments)
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
@@ -453,7 +506,7 @@ def parse_forced(
         known = {t["function"]["name"] for t in tools}
         calls = []
         for obj in value:
-            name, arguments = _call_object(obj, ("parameters",))
+            name, arguments, _ = _call_object(obj, ("parameters",))
             if name not in known:
                 raise _Malformed(f"unknown function {name!r}")
             calls.append(ToolCall(new_id(), name, dump_arguments(arguments)))
