@@ -14,7 +14,7 @@ output error against float32 (mean over layers, all MLPs fed the same inputs), t
 float32's greedy tokens predicted teacher-forced, pooled over ``--prompts`` prompts of
 ``--positions`` tokens, with a 95% Wilson interval (positions of one prompt are not
 independent, so read it as a lower bound on the noise), and the share generated free-running.
-A bfloat16 row (no int8) shows how far a rounding-level change alone moves the checkpoint's
+A bfloat16 row (no int8) shows how far rounding every layer alone moves the checkpoint's
 tokens. Then, for both plans, the MLP error with only the rotated activation or only the
 rotated weight in int8 (which side the remaining error comes from), and µs per call of both
 transforms at ``--time-widths``. Usage:
@@ -43,8 +43,8 @@ from common import add_model_args, per_call_us
 from kv_quant import ACCURACY_PROMPTS
 
 CONFIGS: dict[str, tuple[dict, bool]] = {  # name → (engine kwargs, block-diagonal H)
-    # Not int8 at all: how far a rounding-level change moves this checkpoint's greedy tokens
-    # (a random model's top logits are close, so this is the floor of the agreement column).
+    # Not int8 at all: how far rounding every layer to bfloat16 moves this checkpoint's greedy
+    # tokens (a random model's top logits are close): a reference for the agreement column.
     "bfloat16, no int8": (dict(dtype="bfloat16"), False),
     "int8 down": (dict(quantization="int8"), False),
     "int8 + hadamard, block-diagonal": (dict(quantization="int8", arm="hadamard"), True),
