@@ -248,8 +248,10 @@ BAD = [
         },
         "messages.0.tool_calls.0.type",
     ),
-    ({"functions": [{"name": "f"}]}, "functions"),
-    ({"function_call": "auto"}, "function_call"),
+    # The legacy functions API is served as tools (tests/test_server_legacy_functions.py).
+    ({"functions": [{"name": "bad name"}]}, "functions.0.name"),
+    ({"functions": [{"name": "f"}]}, "function_call"),  # auto, without the flags
+    ({"function_call": "auto"}, "function_call"),  # without functions
     ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"tools": []}, "tools"),
@@ -289,8 +291,6 @@ def test_refusals_are_400s_naming_the_field(tokenizer_dir, fields, param):
         render_chat(tok, body)
     assert info.value.status == 400 and info.value.param == param, info.value.message
     assert info.value.message.startswith(param) or param in (
-        "functions",
-        "function_call",
         "audio",
         "modalities",
         "tool_choice",
@@ -558,20 +558,38 @@ def test_a_parser_marker_that_is_a_special_token_survives_decoding(tmp_path, mon
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "additional_special_tokens": ["[TOOL_CALLS]"]}))
     tok = Tokenizer.from_pretrained(tmp_path)
+    think_dir = tmp_path / "think"  # a tokenizer with <think> and </think> special instead
+    build_byte_level_tokenizer(think_dir, chat_template=TEMPLATE)
+    config_file = think_dir / "tokenizer_config.json"
+    specials = {"additional_special_tokens": ["<think>", "</think>"]}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **specials}))
+    think_tok = Tokenizer.from_pretrained(think_dir)
     ids = tok.encode('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]', False)
     parser = TOOL_PARSERS["mistral"](TOOLS)
     assert parser.parse(tok.decode(ids)).tool_calls == []  # the marker is gone
     kept = parser.parse(tok.decode(ids, skip_special_tokens=False)).tool_calls
     assert [(c.name, json.loads(c.arguments)) for c in kept] == [("get_weather", {"city": "Oslo"})]
-    cases = [  # (parser, tool_choice, reasoning parser, skip_special_tokens sent to the engine)
-        ("mistral", "auto", None, False),
-        ("mistral", "none", None, True),  # nothing parses calls
-        ("hermes", "auto", None, True),  # <tool_call> is plain text in this tokenizer
-        ("hermes", "auto", "qwen3", True),  # so are <think> and </think>
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    cases = [  # (tokenizer, parser, tool_choice, reasoning parser, skip_special_tokens sent)
+        (tok, "mistral", "auto", None, False),
+        (tok, "mistral", "none", None, True),  # nothing parses calls
+        (tok, "mistral", "required", None, True),  # the grammar's JSON, not the parser's
+        (tok, "mistral", named, None, True),
+        (tok, "hermes", "auto", None, True),  # <tool_call> is plain text in this tokenizer
+        (tok, "hermes", "auto", "qwen3", True),  # so are <think> and </think>
+        (think_tok, "hermes", "auto", "qwen3", False),  # not in this one
+        (think_tok, "hermes", "none", "qwen3", False),  # reasoning is read without tools too
+        (think_tok, "hermes", "required", "qwen3", True),  # a forced call has no reasoning
+        (think_tok, "hermes", "auto", None, True),
     ]
-    for name, choice, reasoning, skip in cases:
+
+    async def compiled(spec) -> None:  # FakeEngine has no grammar compiler; none is needed
+        return None
+
+    for tokenizer, name, choice, reasoning, skip in cases:
         engine = FakeEngine()
-        engine.tokenizer, engine.max_model_len = tok, 4096  # the tools render long
+        engine.tokenizer, engine.max_model_len = tokenizer, 4096  # the tools render long
+        engine.compile = compiled
         served = ServerConfig(
             enable_auto_tool_choice=True, tool_call_parser=name, reasoning_parser=reasoning
         )
@@ -579,6 +597,12 @@ def test_a_parser_marker_that_is_a_special_token_survives_decoding(tmp_path, mon
         r = post(build_app(engine, served, "fake"), body)
         assert r.status_code == 200, r.text
         assert engine.added[-1][2].skip_special_tokens is skip, (name, choice, reasoning)
+    # Without a tokenizer (skip_tokenizer_init) the app still starts; chat is a 400 then.
+    engine = FakeEngine()
+    engine.tokenizer = None
+    served = ServerConfig(enable_auto_tool_choice=True, tool_call_parser="mistral")
+    r = post(build_app(engine, served, "fake"), {"messages": CONVERSATION})
+    assert r.status_code == 400, r.text
 
 
 # -- the built-in model, sampled, under a forced choice --

@@ -6,6 +6,8 @@ from the output the structured-output grammar forced (required, or a named funct
 whose deltas, joined, are that message (tests/test_server_tools.py checks it): content and
 reasoning_content as they come, a call's id and name in one delta and its arguments in the
 next, as OpenAI streams them. A choice that made calls ends with finish_reason "tool_calls".
+A request in the legacy functions API (``legacy``) is answered in it: its one call as the
+message's ``function_call`` (streamed: name, then arguments), finish_reason "function_call".
 """
 
 from __future__ import annotations
@@ -51,15 +53,25 @@ def call_delta_json(delta: ToolCallDelta) -> dict:
     }
 
 
-def finish_reason(reason: str | None, has_calls: bool) -> str | None:
-    """A choice that called tools and stopped on its own says so."""
-    return "tool_calls" if has_calls and reason == "stop" else reason
+def function_call_delta_json(delta: ToolCallDelta) -> dict:
+    """The legacy API's streamed call: name first (arguments ""), then arguments."""
+    if delta.name is None:
+        return {"arguments": delta.arguments}
+    return {"name": delta.name, "arguments": delta.arguments}
+
+
+def finish_reason(reason: str | None, has_calls: bool, legacy: bool = False) -> str | None:
+    """A choice that called tools (legacy: a function) and stopped on its own says so."""
+    if has_calls and reason == "stop":
+        return "function_call" if legacy else "tool_calls"
+    return reason
 
 
 @dataclass(frozen=True)
 class ChatOutput:
     """How every choice of one request is read: the tool mode, the request's tools and
-    tool_choice, and the server's parsers (None: not configured)."""
+    tool_choice, and the server's parsers (None: not configured). ``legacy``: the request
+    came in the functions API (at most one call, answered as ``function_call``)."""
 
     mode: ToolMode = "none"
     tools: tuple[dict, ...] = ()
@@ -67,6 +79,7 @@ class ChatOutput:
     tool_parser: str | None = None
     reasoning_parser: str | None = None
     new_id: IdFactory = random_call_id
+    legacy: bool = False
 
     def _reasoning(self) -> ReasoningParser | None:
         # A forced call is all JSON (the grammar leaves no room for <think>).
@@ -102,11 +115,13 @@ class ChatOutput:
             "content": content if content is not None or calls else "",
             "refusal": None,
         }
-        if calls:
+        if calls and self.legacy:  # its one call: the first, should a parser read more
+            message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+        elif calls:
             message["tool_calls"] = [call_json(c) for c in calls]
         if self.reasoning_parser is not None:
             message["reasoning_content"] = reasoning
-        return message, finish_reason(reason, bool(calls) and complete)
+        return message, finish_reason(reason, bool(calls) and complete, self.legacy)
 
     def _forced(self, text: str) -> tuple[str | None, list[ToolCall], bool]:
         """(content, calls, complete) of an output the grammar forced. One cut short
@@ -126,7 +141,8 @@ class ChatOutput:
 
 
 class ChoiceStream:
-    """One choice's streamed deltas ({"content"}, {"reasoning_content"}, {"tool_calls"})."""
+    """One choice's streamed deltas ({"content"}, {"reasoning_content"}, {"tool_calls"} or,
+    legacy, {"function_call"})."""
 
     def __init__(self, output: ChatOutput) -> None:
         self.output = output
@@ -145,7 +161,7 @@ class ChoiceStream:
             return []
         self.named_id = self.output.new_id()
         self.has_calls = True
-        return [{"tool_calls": [call_delta_json(ToolCallDelta(0, self.named_id, name, ""))]}]
+        return self._call(ToolCallDelta(0, self.named_id, name, ""))
 
     def feed(self, text: str) -> list[dict]:
         if not text:
@@ -169,21 +185,20 @@ class ChoiceStream:
                 out = self._reasoning(reasoning) + self._content(content)
             if self.tools is not None:
                 out += self._tool_deltas(self.tools.finish())
-        return out, finish_reason(reason, self.has_calls)
+        return out, finish_reason(reason, self.has_calls, self.output.legacy)
 
     def _finish_forced(self) -> list[dict]:
         content, calls, complete = self.output._forced(self.forced_text)
         self.has_calls = complete
         if self.named_id is not None:  # the call went out at the start: its arguments now
-            delta = ToolCallDelta(0, None, None, calls[0].arguments)
-            return [{"tool_calls": [call_delta_json(delta)]}]
+            return self._call(ToolCallDelta(0, None, None, calls[0].arguments))
         if not calls:
             return [{"content": content}] if content else []
         deltas = []
         for i, call in enumerate(calls):
             deltas.append(ToolCallDelta(i, call.id, call.name, ""))
             deltas.append(ToolCallDelta(i, None, None, call.arguments))
-        return [{"tool_calls": [call_delta_json(d)]} for d in deltas]
+        return [piece for d in deltas for piece in self._call(d)]
 
     def _reasoning(self, text: str | None) -> list[dict]:
         return [{"reasoning_content": text}] if text else []
@@ -202,5 +217,12 @@ class ChoiceStream:
                 out.append({"content": d.text})
             else:
                 self.has_calls = True
-                out.append({"tool_calls": [call_delta_json(d)]})
+                out += self._call(d)
         return out
+
+    def _call(self, delta: ToolCallDelta) -> list[dict]:
+        """A call's piece as a delta; legacy: as function_call, the first call only (as
+        ``ChatOutput.message`` answers)."""
+        if not self.output.legacy:
+            return [{"tool_calls": [call_delta_json(delta)]}]
+        return [{"function_call": function_call_delta_json(delta)}] if delta.index == 0 else []

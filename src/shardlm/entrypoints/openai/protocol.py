@@ -3,8 +3,9 @@
 pydantic checks types and names the field of a wrong one; ranges are checked by
 SamplingParams, whose messages also name the field. Unknown fields are ignored, as OpenAI
 does. Known OpenAI features shardlm does not implement (suffix, audio output, non-text
-content parts, the legacy functions API, ...) are refused with a 400 naming the field rather
-than silently ignored, since ignoring them would change the output the client asked for.
+content parts, ...) are refused with a 400 naming the field rather than silently ignored,
+since ignoring them would change the output the client asked for. The legacy functions API
+is served as the tools it stands for (legacy_functions.py).
 Integers may be written as integral floats (``"n": 2.0``): JSON Schema, and so OpenAI's
 published spec, counts 2.0 as an integer.
 """
@@ -22,10 +23,13 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    model_validator,
 )
 
 from shardlm.engine.sampling_params import SamplingParams
+from shardlm.entrypoints.openai.legacy_functions import as_tools
 from shardlm.entrypoints.openai.structured import structured_param, structured_spec
+from shardlm.entrypoints.openai.tool_definitions import ToolError
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -379,22 +383,37 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: StrictBool | None = None
     # vLLM's: extra variables for the chat template (enable_thinking, ...).
     chat_template_kwargs: dict[str, Any] | None = None
-    # Refused by name: the legacy functions API and audio output.
-    functions: list[Any] | None = None
+    # The legacy functions API: served as tools (legacy_functions.py).
+    functions: list[dict[str, Any]] | None = None
     function_call: Any = None
+    # Refused by name: audio output.
     audio: Any = None
     modalities: list[Any] | None = None
 
+    @model_validator(mode="after")
+    def _functions_as_tools(self) -> ChatCompletionRequest:
+        """functions / function_call as the tools / tool_choice they stand for, so that
+        everything reading the tools (the template, tool_mode, the forcing grammar) serves
+        them as tools; at most one call (the legacy answer has room for one). A malformed
+        or conflicting legacy field is a 400 naming it (``functions.0.name``)."""
+        if self.functions is None and self.function_call is None:
+            return self
+        try:
+            self.tools, self.tool_choice = as_tools(
+                self.functions, self.function_call, self.tools, self.tool_choice
+            )
+        except ToolError as e:
+            raise APIError(400, str(e), e.param) from None
+        self.parallel_tool_calls = False
+        return self
+
+    @property
+    def legacy_functions(self) -> bool:
+        """Whether the request came in the legacy functions API (and is answered in it)."""
+        return self.functions is not None
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.functions is not None or self.function_call is not None:
-            field = "functions" if self.functions is not None else "function_call"
-            raise APIError(
-                400,
-                f"{field}: the legacy functions API is not supported by shardlm; use tools "
-                "and tool_choice",
-                field,
-            )
         if self.audio is not None or any(m != "text" for m in self.modalities or []):
             field = "audio" if self.audio is not None else "modalities"
             raise APIError(

@@ -77,9 +77,11 @@ def chat_params(
         tool_choice=body.tool_choice,
         tool_parser=config.tool_call_parser,
         reasoning_parser=config.reasoning_parser,
+        legacy=body.legacy_functions,
     )
     for_tools, for_reasoning = keep_specials_for
-    if (for_tools and mode == "auto") or (for_reasoning and config.reasoning_parser):
+    forced = mode in ("required", "named")  # a grammar's JSON: no parser reads the text
+    if (for_tools and mode == "auto") or (for_reasoning and not forced):
         params.skip_special_tokens = False
     return params, output
 
@@ -91,9 +93,12 @@ class ChatServing(OpenAIServing):
         self.chat_template = self.config.chat_template_text()
         tools = TOOL_PARSERS.get(self.config.tool_call_parser or "")
         reasoning = REASONING_PARSERS.get(self.config.reasoning_parser or "")
+        tok = self.tokenizer  # None with skip_tokenizer_init: chat is then a 400 anyway
         self.keep_specials_for = (
-            tools is not None and dropped_by_decoding(self.tokenizer, tools.markers),
-            reasoning is not None and dropped_by_decoding(self.tokenizer, reasoning.markers),
+            tok is not None and tools is not None and dropped_by_decoding(tok, tools.markers),
+            tok is not None
+            and reasoning is not None
+            and dropped_by_decoding(tok, reasoning.markers),
         )
 
     async def create(self, request: Request) -> Response:
@@ -148,8 +153,11 @@ class ChatServing(OpenAIServing):
         fields = chat_fields(body.max_tokens_field)
         ids = await self.encode(text, fields, add_special_tokens=False)
         check_context(len(ids), body.requested_max_tokens, self.max_model_len, fields)
-        forced = output.mode in ("required", "named")
-        await self.compile_grammar(params, "tools" if forced else body.structured_param)
+        if output.mode in ("required", "named"):
+            param = "functions" if body.legacy_functions else "tools"
+        else:
+            param = body.structured_param
+        await self.compile_grammar(params, param)
         return (text, ids), params, output
 
     @staticmethod

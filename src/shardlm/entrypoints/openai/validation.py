@@ -235,28 +235,33 @@ def tool_mode(body: ChatCompletionRequest, auto_enabled: bool, tool_parser: str 
     """How the request's tools shape its output; malformed tools (``check_tools``) and
     choices the server is not set up for are 400s naming the field. Without tool_choice,
     tools mean "auto" (OpenAI's default), which, as in vLLM, needs --enable-auto-tool-choice
-    and --tool-call-parser."""
+    and --tool-call-parser. A legacy functions request (served as tools) has its errors
+    name function_call."""
     check_tools(body)
     choice = body.tool_choice
     if not body.tools or choice == "none":
         return "none"
+    if body.legacy_functions:
+        field, given, instead = "function_call", "functions", '"none" or {"name": ...}'
+    else:
+        field, given, instead = "tool_choice", "tools", '"none", "required" or a named function'
     if choice in (None, "auto"):
         if not (auto_enabled and tool_parser):
             raise APIError(
                 400,
-                'tool_choice "auto" (the default when tools are given) needs the server '
+                f'{field} "auto" (the default when {given} are given) needs the server '
                 "started with --enable-auto-tool-choice and --tool-call-parser NAME; "
-                'send tool_choice "none", "required" or a named function otherwise',
-                "tool_choice",
+                f"send {field} {instead} otherwise",
+                field,
             )
         return "auto"
     if body.response_format is not None or body.structured_outputs is not None:
-        field = "response_format" if body.response_format is not None else "structured_outputs"
+        spec = "response_format" if body.response_format is not None else "structured_outputs"
         raise APIError(
             400,
-            f"tool_choice {'required' if choice == 'required' else 'naming a function'} "
-            f"constrains the output to a call; it cannot be combined with {field}",
-            "tool_choice",
+            f"{field} {'required' if choice == 'required' else 'naming a function'} "
+            f"constrains the output to a call; it cannot be combined with {spec}",
+            field,
         )
     return "required" if choice == "required" else "named"
 
