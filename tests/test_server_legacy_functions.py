@@ -28,11 +28,20 @@ from shardlm.entrypoints.openai.protocol import APIError
 from shardlm.entrypoints.openai.server import build_app
 from shardlm.entrypoints.openai.server_config import ServerConfig
 from shardlm.entrypoints.openai.serving_chat import chat_params
-from shardlm.entrypoints.openai.tool_parsers import seeded_call_ids
 from shardlm.entrypoints.openai.validation import render_chat
 from shardlm.tokenizer import Tokenizer
 from tests import test_server_tools as tools_tests
-from tests.test_server_tools import AUTO, OUTPUTS, SCHEMAS, TOOLS, ScriptedEngine, chat, join, post
+from tests.test_server_tools import (
+    AUTO,
+    OUTPUTS,
+    SCHEMAS,
+    TOOLS,
+    ScriptedEngine,
+    chat,
+    join,
+    post,
+    seeded_output,
+)
 
 # The fixtures of the tools tests, shared (module-scoped: one each for this module).
 builtin = tools_tests.builtin
@@ -102,6 +111,7 @@ BAD = [
     ({"functions": FUNCTIONS, "function_call": {"nam": "lookup"}}, "function_call"),
     ({"functions": FUNCTIONS}, "function_call"),  # auto, without --enable-auto-tool-choice
     ({"functions": FUNCTIONS, "function_call": "auto"}, "function_call"),
+    ({"functions": FUNCTIONS, "parallel_tool_calls": True}, "parallel_tool_calls"),
     (
         {
             "functions": FUNCTIONS,
@@ -122,6 +132,19 @@ def test_refusals_are_400s_naming_the_legacy_field(monkeypatch, fields, param):
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(param), error
     assert "tools." not in error["message"] and "tool_choice." not in error["message"]
+
+
+def test_refusals_quote_the_clients_names_as_written(monkeypatch):
+    """The messages say "functions" where the tools' say "tools", without rewriting a
+    function's own name that contains the word."""
+    monkeypatch.delenv("SHARDLM_API_KEY", raising=False)
+    app = build_app(ScriptedEngine(["x"]), ServerConfig(), "fake")
+    twice = [{"name": "tools_x"}, {"name": "tools_x"}]
+    error = post(app, {"messages": USER, "functions": twice}).json()["error"]
+    assert error["message"] == "functions.1.name 'tools_x' is defined twice"
+    fields = {"functions": [{"name": "f"}], "function_call": {"name": "tools"}}
+    error = post(app, {"messages": USER, **fields}).json()["error"]
+    assert error["message"] == "function_call.name 'tools' is not one of the functions"
 
 
 def test_the_auto_refusal_names_the_flags_and_function_call():
@@ -166,15 +189,7 @@ LEGACY_OUTPUTS = [  # (server, mode, tool_choice, text, engine's reason, first c
 @pytest.mark.parametrize("config,mode,choice,text,reason,name", LEGACY_OUTPUTS)
 def test_streamed_deltas_join_to_the_legacy_message(config, mode, choice, text, reason, name):
     def output() -> ChatOutput:
-        return ChatOutput(
-            mode=mode,
-            tools=tuple(TOOLS),
-            tool_choice=choice,
-            tool_parser=config.tool_call_parser,
-            reasoning_parser=config.reasoning_parser,
-            new_id=seeded_call_ids(7),
-            legacy=True,
-        )
+        return seeded_output(config, mode, choice, legacy=True)
 
     message, final = output().message(text, reason)
     assert "tool_calls" not in message and message["refusal"] is None

@@ -422,17 +422,23 @@ def complete_json(text: str) -> bool:
     return True
 
 
+def seeded_output(config: ServerConfig, mode, choice, legacy: bool = False) -> ChatOutput:
+    """How a choice of that mode is read, with ids seeded so two readings agree."""
+    return ChatOutput(
+        mode=mode,
+        tools=tuple(TOOLS),
+        tool_choice=choice,
+        tool_parser=config.tool_call_parser,
+        reasoning_parser=config.reasoning_parser,
+        new_id=seeded_call_ids(7),
+        legacy=legacy,
+    )
+
+
 @pytest.mark.parametrize("config,mode,choice,text,reason", OUTPUTS)
 def test_streamed_deltas_join_to_the_message(config, mode, choice, text, reason):
     def output() -> ChatOutput:
-        return ChatOutput(
-            mode=mode,
-            tools=tuple(TOOLS),
-            tool_choice=choice,
-            tool_parser=config.tool_call_parser,
-            reasoning_parser=config.reasoning_parser,
-            new_id=seeded_call_ids(7),
-        )
+        return seeded_output(config, mode, choice)
 
     message, final = output().message(text, reason)
     assert message["refusal"] is None and message["role"] == "assistant"

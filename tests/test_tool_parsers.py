@@ -311,6 +311,10 @@ def test_mistral_call_ids_come_from_the_text():
         second.id,
     ]
     assert TOOL_PARSERS["mistral"].markers == ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+    # The same id twice: the repeat gets a fresh one, so results can be told apart.
+    twice = f"[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{PARIS}" * 2
+    first, second = TOOL_PARSERS["mistral"](TOOLS, seeded_call_ids(3)).parse(twice).tool_calls
+    assert (first.id, second.id) == ("a1B2c3D4e", seeded_call_ids(3)())
 
 
 def test_registry_names():

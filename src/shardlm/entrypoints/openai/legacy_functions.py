@@ -63,8 +63,7 @@ def as_tools(
     mapped = [{"type": "function", "function": f} for f in functions]
     choice = _tool_choice(function_call)
     try:
-        validate_tools(mapped, choice, False)
+        validate_tools(mapped, choice, False, noun="functions")
     except ToolError as e:
-        problem = str(e)[len(e.param) + 1 :].replace("tools", "functions")
-        raise ToolError(legacy_path(e.param), problem) from None
+        raise ToolError(legacy_path(e.param), str(e)[len(e.param) + 1 :]) from None
     return mapped, choice

@@ -398,6 +398,13 @@ class ChatCompletionRequest(SamplingFields):
         or conflicting legacy field is a 400 naming it (``functions.0.name``)."""
         if self.functions is None and self.function_call is None:
             return self
+        if self.parallel_tool_calls:
+            raise APIError(
+                400,
+                "parallel_tool_calls: the legacy functions API answers one call; send tools "
+                "for parallel calls",
+                "parallel_tool_calls",
+            )
         try:
             self.tools, self.tool_choice = as_tools(
                 self.functions, self.function_call, self.tools, self.tool_choice

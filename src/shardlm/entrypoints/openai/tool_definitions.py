@@ -55,11 +55,14 @@ def _check_tool(i: int, tool: Any) -> str:
     return name
 
 
-def validate_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> None:
-    """Refuse malformed tools / tool_choice / parallel_tool_calls with a ToolError."""
+def validate_tools(
+    tools: Any, tool_choice: Any, parallel_tool_calls: Any, noun: str = "tools"
+) -> None:
+    """Refuse malformed tools / tool_choice / parallel_tool_calls with a ToolError. ``noun``:
+    what the messages call the tools (the legacy API's "functions")."""
     if tools is not None:
         if not isinstance(tools, list) or not tools:
-            raise ToolError("tools", "must be a non-empty list of tools")
+            raise ToolError("tools", f"must be a non-empty list of {noun}")
         seen: set[str] = set()
         for i, tool in enumerate(tools):
             name = _check_tool(i, tool)
@@ -85,9 +88,9 @@ def validate_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> No
             'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
         )
     if not tools:
-        raise ToolError("tool_choice", f"{tool_choice!r} needs tools")
+        raise ToolError("tool_choice", f"{tool_choice!r} needs {noun}")
     if named is not None and named not in {t["function"]["name"] for t in tools}:
-        raise ToolError("tool_choice.function.name", f"{named!r} is not one of the tools")
+        raise ToolError("tool_choice.function.name", f"{named!r} is not one of the {noun}")
 
 
 # -- forced calls --

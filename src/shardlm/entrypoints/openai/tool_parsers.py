@@ -211,11 +211,14 @@ class ToolParser:
             found = self._read_calls(text[start:])
             if not found:
                 raise _Malformed("no call")
-            calls = []
+            calls, used = [], set()
             for name, arguments, given_id in found:
                 if name not in self.names:
                     raise _Malformed(f"unknown function {name!r}")
-                call_id = given_id or self.new_id()
+                # An id the text gives twice would leave the client two calls it cannot tell
+                # apart by tool_call_id: the repeat gets a fresh one.
+                call_id = given_id if given_id and given_id not in used else self.new_id()
+                used.add(call_id)
                 calls.append(ToolCall(call_id, name, dump_arguments(arguments)))
         except _Malformed:
             return ParsedOutput(text, [])
