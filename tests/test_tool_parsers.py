@@ -311,6 +311,13 @@ def test_mistral_call_ids_come_from_the_text():
         second.id,
     ]
     assert TOOL_PARSERS["mistral"].markers == ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+    # v0.3's list form carries ids as its template writes them; other "id"s are ignored.
+    listed = (
+        f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {PARIS}, "id": "Qw3rTy9Z0"}}, '
+        '{"name": "get_time", "arguments": {}, "id": "too-long-an-id"}]'
+    )
+    first, second = TOOL_PARSERS["mistral"](TOOLS, seeded_call_ids(3)).parse(listed).tool_calls
+    assert (first.id, second.id) == ("Qw3rTy9Z0", seeded_call_ids(3)())
     # The same id twice: the repeat gets a fresh one, so results can be told apart.
     twice = f"[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{PARIS}" * 2
     first, second = TOOL_PARSERS["mistral"](TOOLS, seeded_call_ids(3)).parse(twice).tool_calls

@@ -318,6 +318,11 @@ class Llama3JsonToolParser(_LeadingParser):
             i += 1
 
 
+def _is_mistral_id(value: Any) -> bool:
+    """A call id as Mistral writes one: 9 ASCII letters or digits."""
+    return isinstance(value, str) and len(value) == 9 and value.isascii() and value.isalnum()
+
+
 class MistralToolParser(_MarkerParser):
     """Mistral, both generations of its format. Tokenizers before v11 (Mistral-7B-Instruct
     v0.3): ``[TOOL_CALLS]`` and a JSON list of {"name", "arguments"}. v11 and later
@@ -340,7 +345,11 @@ class MistralToolParser(_MarkerParser):
             calls = _loads(section[i:])
             if not isinstance(calls, list):
                 raise _Malformed("a [ after [TOOL_CALLS] begins a JSON list")
-            return [_call_object(c, ("arguments",)) for c in calls]
+            # v0.3's template writes each call's "id" into the history; one the model writes
+            # in that form is kept, as a [CALL_ID] is (any other "id" is not a call id).
+            found = [_call_object(c, ("arguments",)) for c in calls]
+            ids = [c.get("id") if _is_mistral_id(c.get("id")) else None for c in calls]
+            return [f._replace(id=i) for f, i in zip(found, ids, strict=True)]
         calls, i = [], 0
         while (i := _skip_space(section, i)) < len(section):
             if not section.startswith(self.marker, i):
@@ -361,7 +370,7 @@ class MistralToolParser(_MarkerParser):
         if section.startswith(self.call_id, i):
             i += len(self.call_id)
             given_id = section[i : i + 9]
-            if not (len(given_id) == 9 and given_id.isascii() and given_id.isalnum()):
+            if not _is_mistral_id(given_id):
                 raise _Malformed("a call id is 9 letters or digits")
             i += 9
         if section.startswith(self.args, i):
