@@ -52,6 +52,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
             }
         },
     ),
+    # YaRN as Qwen2.5 / Qwen3 checkpoints switch it on for long contexts.
+    "qwen2-rope-yarn": (
+        "qwen2",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
     "mistral-sliding": ("mistral", {"sliding_window": 16, "head_dim": 16}),
     "qwen2-bias": ("qwen2", {}),
     "qwen2-sliding": (

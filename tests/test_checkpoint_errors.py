@@ -80,7 +80,18 @@ def test_index_listing_a_missing_shard(ckpt_copy):
             "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
         ),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type 'yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+            "rope type 'longrope' is not supported; supported: default, linear, llama3, yarn",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": -2}},
+            "rope scaling factor must be > 0, got -2",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4, "beta_fast": "fast"}},
+            "rope beta_fast must be a number ≥ 0, got 'fast'",
+        ),
         ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
     ],
 )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardlm.config import RopeConfig
+from shardlm.config import RopeConfig, _parse_rope
 from shardlm.layers.linear import Linear, choose_splits, split_k_matmul
 from shardlm.layers.norm import rms_norm
-from shardlm.layers.rotary import RotaryEmbedding, rope_inv_freq
+from shardlm.layers.rotary import RotaryEmbedding, rope_attention_scale, rope_inv_freq
 
 
 @pytest.mark.parametrize(
@@ -23,6 +23,23 @@ from shardlm.layers.rotary import RotaryEmbedding, rope_inv_freq
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32768,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+            "truncate": False,
+            "original_max_position_embeddings": 4096,
         },
     ],
 )
@@ -39,17 +56,12 @@ def test_inv_freq_matches_transformers(params):
 
         ref = LlamaRotaryEmbedding.compute_default_rope_parameters(config)[0]
     else:
-        ref = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")[0]
-    rope = RopeConfig(
-        theta=params["rope_theta"],
-        rope_type=params["rope_type"],
-        factor=params.get("factor", 1.0),
-        low_freq_factor=params.get("low_freq_factor", 1.0),
-        high_freq_factor=params.get("high_freq_factor", 4.0),
-        original_max_position_embeddings=params.get("original_max_position_embeddings", 8192),
-    )
+        ref, ref_scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+    rope = _parse_rope({"rope_parameters": params, "max_position_embeddings": 8192}, "test")
     ours = rope_inv_freq(head_dim, rope)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
+    if params["rope_type"] != "default":
+        assert rope_attention_scale(rope) == pytest.approx(ref_scale, rel=1e-12)
     if params["rope_type"] != "default":
         assert not torch.allclose(ours, rope_inv_freq(head_dim, RopeConfig(theta=rope.theta)))
 

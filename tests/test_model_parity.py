@@ -97,6 +97,7 @@ def test_text_prompt_uses_tokenizer_and_matches(checkpoints, llms):
     [
         ("llama-rope-linear", {}),
         ("llama-rope-llama3", {}),
+        ("qwen2-rope-yarn", {}),
         ("mistral-sliding", {"sliding_window": None}),
         ("qwen2-sliding", {"use_sliding_window": False}),
     ],

@@ -23,7 +23,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 # Architectures whose sliding window is switched by ``use_sliding_window`` (Qwen's spelling).
 QWEN_WINDOWED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,14 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # YaRN (layers/rotary.py): the ramp's bounds in rotations, and the cos/sin scale — given,
+    # or from factor (and mscale / mscale_all_dim where both are given).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -188,18 +196,39 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
             f"{source}: rope type {rope_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    factor = float(params.get("factor", 1.0))
+    # As transformers: a top-level original_max_position_embeddings (Phi-3's spelling) wins.
+    original = raw.get(
+        "original_max_position_embeddings",
+        params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192)),
+    )
+    factor = params.get("factor", 1.0)
+    if factor is None and rope_type == "yarn":  # DeepSeek-V3's spelling: the length ratio
+        factor = raw.get("max_position_embeddings", original) / original
+    factor = float(factor) if isinstance(factor, (int, float)) else float("nan")
     if rope_type != "default" and not (factor > 0 and math.isfinite(factor)):
-        raise ConfigError(f"{source}: rope scaling factor must be > 0, got {factor}")
+        raise ConfigError(f"{source}: rope scaling factor must be > 0, got {params.get('factor')}")
+
+    def optional(key: str) -> float | None:
+        value = params.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{source}: rope {key} must be a number ≥ 0, got {value!r}")
+        return float(value)
+
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
         factor=factor,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))
-        ),
+        original_max_position_embeddings=int(original),
+        beta_fast=optional("beta_fast") or 32.0,  # transformers: a 0 or null means the default
+        beta_slow=optional("beta_slow") or 1.0,
+        attention_factor=optional("attention_factor"),
+        mscale=optional("mscale"),
+        mscale_all_dim=optional("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
     )
 
 

@@ -1,10 +1,16 @@
-"""Rotary position embeddings (RoPE) with the ``linear`` and ``llama3`` frequency scalings.
+"""Rotary position embeddings (RoPE) with the ``linear``, ``llama3`` and ``yarn`` scalings.
 
 Each pair of channels (i, i + d/2) of a head is rotated by the angle pos · inv_freq[i]. The
-scalings only change inv_freq:
+scalings change inv_freq:
   linear: every frequency divided by ``factor`` (positions stretched uniformly);
   llama3: long wavelengths (low frequencies) divided by ``factor``, short ones kept, and the band
-          in between interpolated smoothly between the two.
+          in between interpolated smoothly between the two;
+  yarn:   the same idea with the band set in rotations over the pretraining length (a pair
+          that turns more than ``beta_fast`` times in it keeps its frequency, one that turns
+          fewer than ``beta_slow`` times is divided by ``factor``, linear in the pair index
+          between), and cos/sin scaled by an attention factor (0.1·ln(factor) + 1 unless
+          given), which scales every q·k by its square: the paper's temperature (Peng et al.,
+          2023, "YaRN: Efficient Context Window Extension of Large Language Models").
 """
 
 from __future__ import annotations
@@ -20,12 +26,52 @@ from shardlm.config import RopeConfig
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     """Inverse frequencies (float32, length head_dim/2) for the given scaling."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (rope.theta**exponents)
+    wavelength_steps = rope.theta**exponents  # θ^(2i/d)
+    inv_freq = 1.0 / wavelength_steps
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_scale(inv_freq, rope)
+    if rope.rope_type == "yarn":
+        return _yarn_scale(wavelength_steps, head_dim, rope)
     return inv_freq
+
+
+def rope_attention_scale(rope: RopeConfig) -> float:
+    """What cos and sin are multiplied by: 1, except YaRN's attention factor."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+
+    def mscale(weight: float = 1.0) -> float:
+        return 1.0 if rope.factor <= 1 else 0.1 * weight * math.log(rope.factor) + 1.0
+
+    if rope.mscale and rope.mscale_all_dim:  # DeepSeek's form: a ratio of two such factors
+        return mscale(rope.mscale) / mscale(rope.mscale_all_dim)
+    return mscale()
+
+
+def _yarn_scale(wavelength_steps: torch.Tensor, head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    # Pair i turns old_len · inv_freq[i] / 2π times over the pretraining length; the pair index
+    # where that count equals r is d · ln(old_len / (2π r)) / (2 ln θ). Between the indices for
+    # beta_fast (fast pairs, kept) and beta_slow (slow pairs, divided by factor) the weight of
+    # the kept frequency falls linearly.
+    def index_for(rotations: float) -> float:
+        old_len = rope.original_max_position_embeddings
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = index_for(rope.beta_fast), index_for(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a one-point band: avoid dividing by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    kept = 1 - ramp  # 1 for the fast pairs, 0 for the slow ones
+    # 1 / (factor · θ^(2i/d)) rounded as transformers rounds it (not inv_freq / factor).
+    divided, inv_freq = 1.0 / (rope.factor * wavelength_steps), 1.0 / wavelength_steps
+    return divided * (1 - kept) + inv_freq * kept
 
 
 def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
@@ -61,8 +107,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
+        scale = rope_attention_scale(rope)
+        self.register_buffer("cos", (angles.cos() * scale).to(dtype), persistent=False)
+        self.register_buffer("sin", (angles.sin() * scale).to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x of shape [tokens, heads, head_dim] by each token's position."""
