@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shardlm import LLM
-from shardlm.errors import CheckpointError, ConfigError
+from shardlm.errors import CheckpointError, ConfigError, ParamError
 
 
 @pytest.fixture
@@ -92,10 +92,37 @@ def test_index_listing_a_missing_shard(ckpt_copy):
             {"rope_parameters": {"rope_type": "yarn", "factor": 4, "beta_fast": "fast"}},
             "rope beta_fast must be a number ≥ 0, got 'fast'",
         ),
+        ({"rope_parameters": {"rope_type": "yarn"}}, "rope type 'yarn' needs a factor"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4, "attention_factor": 0}},
+            "rope attention_factor must be a number > 0, got 0",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4}, "rope_theta": 1},
+            "rope_theta must be a number > 1, got 1",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 4,
+                    "original_max_position_embeddings": 0,
+                }
+            },
+            "rope original_max_position_embeddings must be an integer ≥ 1, got 0",
+        ),
+        (
+            {
+                "rope_parameters": {"rope_type": "linear", "factor": 2, "rope_theta": 1e6},
+                "rope_scaling": {"rope_type": "yarn", "factor": 4},
+            },
+            "rope_parameters ('linear') and rope_scaling ('yarn') disagree; keep one of them",
+        ),
         ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
     ],
 )
 def test_unsupported_configs(ckpt_copy, change, expected):
+    """One line naming the field, never a Python error from inside the math."""
     config = json.loads((ckpt_copy / "config.json").read_text())
     config.update(change)
     (ckpt_copy / "config.json").write_text(json.dumps(config))
@@ -132,3 +159,28 @@ def test_progress_bar_shows_for_large_checkpoints(llama_ckpt, monkeypatch, capsy
     monkeypatch.setattr(loader, "PROGRESS_MIN_BYTES", 0)
     LLM(path, device="cpu")
     assert "Loading weights" in capsys.readouterr().err
+
+
+def test_yarn_extends_the_context_beyond_max_position_embeddings(ckpt_copy):
+    """As Qwen2.5 ships it: max_position_embeddings is the pretraining length, and YaRN's
+    factor is what makes the longer context usable (vLLM's rule)."""
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    plain = config["max_position_embeddings"]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": plain}
+    (ckpt_copy / "config.json").write_text(json.dumps({**config, "rope_scaling": yarn}))
+    with LLM(ckpt_copy, device="cpu", max_model_len=4 * plain) as llm:
+        assert llm.config.max_context == 4 * plain
+        assert llm.runner.model.rotary.cos.shape[0] >= 4 * plain  # tables for every position
+    with pytest.raises(ParamError) as e:
+        LLM(ckpt_copy, device="cpu", max_model_len=4 * plain + 1)
+    assert f"[1, {4 * plain}] (YaRN's original × factor)" in one_line(e.value)
+    # The rope_scaling a user adds beside the rope_parameters transformers 5 saved (rope_type
+    # "default", with rope_theta) is what counts, and keeps that rope_theta.
+    assert "rope_parameters" in config and config["rope_parameters"]["rope_type"] == "default"
+    with LLM(ckpt_copy, device="cpu") as llm:
+        assert llm.config.rope.rope_type == "yarn"
+        assert llm.config.rope.theta == config["rope_parameters"]["rope_theta"]
+    # Other rope types keep max_position_embeddings.
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ParamError):
+        LLM(ckpt_copy, device="cpu", max_model_len=plain + 1)

@@ -78,6 +78,16 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def max_context(self) -> int:
+        """The longest sequence the checkpoint supports: max_position_embeddings, or for YaRN
+        original_max_position_embeddings × factor where that is longer (vLLM's rule: Qwen2.5
+        and Qwen3 keep 32768 / 40960 there and reach 4× with YaRN switched on)."""
+        if self.rope.rope_type == "yarn":
+            scaled = int(self.rope.original_max_position_embeddings * self.rope.factor)
+            return max(self.max_position_embeddings, scaled)
+        return self.max_position_embeddings
+
+    @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -188,48 +198,81 @@ class ModelConfig:
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
     params = dict(raw.get("rope_parameters") or {})
     scaling = raw.get("rope_scaling") or {}
+
+    def kind(d: dict) -> str:
+        return d.get("rope_type", d.get("type", "default"))
+
+    if params and scaling and kind(params) != kind(scaling):
+        # transformers 5 saves rope_parameters (rope_type "default" and rope_theta); a
+        # rope_scaling added by hand, as Qwen's docs say to switch YaRN on, is meant to win.
+        # Two different scalings: which one is meant is not known.
+        if kind(params) != "default":
+            raise ConfigError(
+                f"{source}: rope_parameters ({kind(params)!r}) and rope_scaling "
+                f"({kind(scaling)!r}) disagree; keep one of them"
+            )
+        params = {**params, **scaling}
     params = {**scaling, **params}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 1):
+        raise ConfigError(f"{source}: rope_theta must be a number > 1, got {theta!r}")
+    rope_type = kind(params)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
             f"{source}: rope type {rope_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
+    if rope_type not in ("llama3", "yarn"):  # the only ones reading the fields below
+        factor = _rope_factor(params.get("factor", 1.0), rope_type, source)
+        return RopeConfig(theta=float(theta), rope_type=rope_type, factor=factor)
     # As transformers: a top-level original_max_position_embeddings (Phi-3's spelling) wins.
     original = raw.get(
         "original_max_position_embeddings",
-        params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192)),
+        params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 2048)),
     )
-    factor = params.get("factor", 1.0)
+    if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+        raise ConfigError(
+            f"{source}: rope original_max_position_embeddings must be an integer ≥ 1, "
+            f"got {original!r}"
+        )
+    if "factor" not in params:
+        raise ConfigError(f"{source}: rope type {rope_type!r} needs a factor")
+    factor = params["factor"]
     if factor is None and rope_type == "yarn":  # DeepSeek-V3's spelling: the length ratio
-        factor = raw.get("max_position_embeddings", original) / original
-    factor = float(factor) if isinstance(factor, (int, float)) else float("nan")
-    if rope_type != "default" and not (factor > 0 and math.isfinite(factor)):
-        raise ConfigError(f"{source}: rope scaling factor must be > 0, got {params.get('factor')}")
+        factor = raw.get("max_position_embeddings", 2048) / original
+    factor = _rope_factor(factor, rope_type, source)
 
-    def optional(key: str) -> float | None:
+    def optional(key: str, minimum_exclusive: bool = False) -> float | None:
         value = params.get(key)
         if value is None:
             return None
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{source}: rope {key} must be a number ≥ 0, got {value!r}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 0 or (minimum_exclusive and value == 0):
+            bound = "> 0" if minimum_exclusive else "≥ 0"
+            raise ConfigError(f"{source}: rope {key} must be a number {bound}, got {value!r}")
         return float(value)
 
     return RopeConfig(
-        theta=theta,
+        theta=float(theta),
         rope_type=rope_type,
         factor=factor,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(original),
+        original_max_position_embeddings=original,
         beta_fast=optional("beta_fast") or 32.0,  # transformers: a 0 or null means the default
         beta_slow=optional("beta_slow") or 1.0,
-        attention_factor=optional("attention_factor"),
+        attention_factor=optional("attention_factor", minimum_exclusive=True),
         mscale=optional("mscale"),
         mscale_all_dim=optional("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
     )
+
+
+def _rope_factor(value: Any, rope_type: str, source: str) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if rope_type != "default" and not (ok and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{source}: rope scaling factor must be > 0, got {value!r}")
+    return float(value) if ok else 1.0
 
 
 def _parse_sliding_windows(

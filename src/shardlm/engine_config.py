@@ -116,7 +116,7 @@ class ModelOptions:
         None,
         "longest sequence, prompt + output",
         check=int_in(1, 2**31),
-        default_text="max_position_embeddings",
+        default_text="max_position_embeddings (YaRN: original × factor)",
     )
     skip_tokenizer_init: bool = option(
         False, "no tokenizer: prompts and outputs are token ids only"
@@ -462,12 +462,13 @@ class EngineConfig:
                 "model", f"model {str(m.model)!r} is not a directory (expected a checkpoint dir)"
             )
         config = ModelConfig.from_pretrained(path)
-        limit = config.max_position_embeddings
+        limit = config.max_context
         if m.max_model_len is not None and m.max_model_len > limit:
+            source = "YaRN's original × factor" if limit > config.max_position_embeddings else ""
             raise ParamError(
                 "max_model_len",
-                f"max_model_len must be an integer in [1, {limit}] (max_position_embeddings), "
-                f"got {m.max_model_len}",
+                f"max_model_len must be an integer in [1, {limit}] "
+                f"({source or 'max_position_embeddings'}), got {m.max_model_len}",
             )
         tp = p.tensor_parallel_size
         check_tensor_parallel(config, tp)

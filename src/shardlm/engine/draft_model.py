@@ -93,10 +93,10 @@ class DraftModelProposer:
         draft = ModelConfig.from_pretrained(path)
         check_draft(path, draft, target, tokenizer)
         max_len = engine.model.max_model_len
-        if draft.max_position_embeddings < max_len:
+        if draft.max_context < max_len:
             raise ParamError(
                 FIELD,
-                f"{FIELD}: the draft's max_position_embeddings {draft.max_position_embeddings} "
+                f"{FIELD}: the draft's longest context {draft.max_context} "
                 f"is below the target's max_model_len {max_len}; lower max_model_len",
             )
         block_size = engine.cache.block_size
