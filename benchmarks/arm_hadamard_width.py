@@ -171,7 +171,7 @@ def main() -> None:
             make_outlier_checkpoint(work, args)
             texts = stdlib_prompts(args.prompts)
         with LLM(work, dtype="float32", enable_prefix_caching=False) as base:
-            tokens, prompts, targets, _ = calibrate_and_reference(base, work, args.positions, texts)
+            tokens, prompts, targets = calibrate_and_reference(base, work, args.positions, texts)
             # MLP inputs over a whole reference sequence (prompt and continuation).
             inputs = mlp_inputs(base, prompts[0] + targets[0])
             width = base.runner.model.config.intermediate_size

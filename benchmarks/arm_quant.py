@@ -71,12 +71,12 @@ def calibrate_and_reference(
 ) -> tuple:
     """Calibrate ``base`` (the float32 model of the checkpoint in ``work``) on a stdlib module
     and save the statistics beside it; then the reference the configurations are compared
-    with: (calibration tokens, prompt ids, float32 greedy tokens, MLP inputs) — prompt ids and
-    greedy tokens as lists (one per text of ``prompt_texts``, default: textwrap.py's first 400
-    characters), the MLP inputs those of the first prompt."""
+    with: (calibration tokens, prompt ids, float32 greedy tokens) — prompt ids and greedy
+    tokens as lists, one per text of ``prompt_texts`` (default: textwrap.py's first 400
+    characters)."""
     from shardlm.calibration import CALIBRATION_FILE, save_calibration, token_windows
     from shardlm.entrypoints.arm_tools import collect_absmax
-    from shardlm.quality import greedy_tokens, mlp_inputs
+    from shardlm.quality import greedy_tokens
 
     data = Path(argparse.__file__).read_text()  # calibration text: a stdlib module
     windows = token_windows(base.tokenizer.encode(data), 512, 32)
@@ -86,7 +86,7 @@ def calibrate_and_reference(
         prompt_texts = [textwrap.dedent(Path(textwrap.__file__).read_text()[:400])]
     prompts = [base.encode_prompt(text) for text in prompt_texts]
     targets = [greedy_tokens(base, prompt, positions) for prompt in prompts]
-    return tokens, prompts, targets, mlp_inputs(base, prompts[0])
+    return tokens, prompts, targets
 
 
 def main() -> None:
@@ -101,14 +101,15 @@ def main() -> None:
     args = p.parse_args()
 
     from shardlm import LLM
-    from shardlm.quality import mlp_output_errors, token_agreement
+    from shardlm.quality import mlp_inputs, mlp_output_errors, token_agreement
 
     work = Path(tempfile.mkdtemp())
     try:
         make_outlier_checkpoint(work, args)
         with LLM(work, dtype="float32", enable_prefix_caching=False) as base:
-            tokens, prompts, targets, inputs = calibrate_and_reference(base, work, args.positions)
+            tokens, prompts, targets = calibrate_and_reference(base, work, args.positions)
             prompt, target = prompts[0], targets[0]
+            inputs = mlp_inputs(base, prompt)
             rows = []
             for name, kwargs in CONFIGS.items():
                 kwargs = {"dtype": "float32", **kwargs}

@@ -95,11 +95,12 @@ ALLOWED_4XX = [
 # chat_template_kwargs, a message's reasoning_content, ...). The spec lets a request carry any
 # extra property, so the fuzzer sends them with values of every type; one shardlm cannot read
 # is a 400 naming it (pydantic's "Input should be ..."), never a 5xx or a silent ignore.
+SPEC_TEXT = SPEC.read_text()
 EXTENSIONS = {
     name
     for model in (ChatCompletionRequest, CompletionRequest, ChatMessage)
     for name in model.model_fields
-    if f'"{name}"' not in SPEC.read_text()
+    if f'"{name}"' not in SPEC_TEXT
 }
 
 
@@ -187,7 +188,7 @@ def check_stream(spec: dict, operation_id: str, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def spec() -> dict:
-    return with_known_deviations(json.loads(SPEC.read_text()))
+    return with_known_deviations(json.loads(SPEC_TEXT))
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,16 @@ def load_kv_absmax(path: str | Path, config: ModelConfig) -> KVAbsMax | None:
 
 
 @contextmanager
+def _hooked(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Keep ``handles`` registered while the context is open, remove them on exit."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def down_proj_inputs(
     model: torch.nn.Module, sink: Callable[[int, torch.Tensor], None]
 ) -> Iterator[None]:
@@ -192,11 +202,8 @@ def down_proj_inputs(
         )
         for n, layer in enumerate(model.layers)
     ]
-    try:
+    with _hooked(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class AbsMaxRecorder:
@@ -239,11 +246,8 @@ def attention_kv(
     handles = [
         layer.self_attn.register_forward_pre_hook(hook(n)) for n, layer in enumerate(model.layers)
     ]
-    try:
+    with _hooked(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class KVAbsMaxRecorder:
